@@ -1,0 +1,52 @@
+"""Checkpoint files: atomic writes and loading nerfstudio checkpoints on torch >= 2.6.
+
+A checkpoint is never visible half-written: it is written to a temporary file in the same
+directory, flushed to disk, then renamed over the final name (rename is atomic on POSIX), and
+the directory entry is synced.  A run killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` so that ``path`` holds either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def allow_nerfstudio_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read nerfstudio checkpoints.
+
+    nerfstudio's schedulers store numpy float64 learning rates; the unpickler refuses numpy
+    scalars unless they are allow-listed.  These are plain value types, safe to allow.
+    """
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is None:  # torch < 2.4 has no weights_only default to worry about
+        return
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    scalar = numpy_core.multiarray.scalar
+    dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    add_safe_globals([scalar, np.dtype, *dtype_classes])

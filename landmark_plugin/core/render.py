@@ -1,0 +1,210 @@
+"""One partial render: a set of Gaussians, one camera, sorted by (leaf position, depth).
+
+This is the unit every caller composes: the single-device model renders all its leaves as one
+partial, a rank renders its own leaves as one partial, and ``composite`` joins partials in the
+camera's leaf order.  Two backends compute the same function:
+
+- ``gsplat``: gsplat's CUDA projection, SH and rasteriser.  gsplat sorts tile intersections by
+  (tile, depth); we re-key them by (tile, leaf position, depth) before its rasteriser runs, so
+  one launch renders all leaves of the partial in leaf order (the one-pass multi-leaf rule).
+- ``torch``: the pure-torch reference in ``raster_ref`` (CPU, and the twin in GPU tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from landmark_plugin.core.raster_ref import (
+    RasterSettings,
+    gaussian_colors,
+    project_gaussians,
+    rasterize,
+)
+
+Backend = Literal["auto", "gsplat", "torch"]
+
+
+class Gaussians(NamedTuple):
+    """Activated Gaussian parameters (what a rasteriser consumes)."""
+
+    means: Float[Tensor, "N 3"]
+    quats: Float[Tensor, "N 4"]  # wxyz, not necessarily normalised
+    scales: Float[Tensor, "N 3"]  # linear scales (exp of the log-scale parameters)
+    opacities: Float[Tensor, "N"]  # in [0, 1]
+    sh: Float[Tensor, "N K 3"]  # SH coefficients, or K=1 with plain colours when sh_degree is None
+
+
+@dataclass
+class Partial:
+    """A premultiplied partial image and what densification needs from it."""
+
+    color: Float[Tensor, "H W D"]  # sum_i c_i a_i T_i (RGB, then expected-depth numerator if asked)
+    transmittance: Float[Tensor, "H W 1"]  # prod_i (1 - a_i)
+    means2d: Float[Tensor, "1 N 2"]  # screen means; their .grad / .absgrad drive densification
+    radii: Int[Tensor, "1 N"]  # 0 for culled Gaussians
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["gsplat", "torch"]:
+    """``auto`` picks gsplat on CUDA tensors and the torch reference elsewhere."""
+    if backend == "auto":
+        return "gsplat" if device.type == "cuda" else "torch"
+    if backend == "gsplat" and device.type != "cuda":
+        raise ValueError("backend='gsplat' needs CUDA tensors; use backend='torch' (or 'auto') on CPU")
+    return backend
+
+
+def camera_center(viewmat: Float[Tensor, "4 4"]) -> Float[Tensor, "3"]:
+    """World position of the camera of a world->camera matrix."""
+    R, t = viewmat[:3, :3], viewmat[:3, 3]
+    return -R.transpose(0, 1) @ t
+
+
+def render_partial(
+    gaussians: Gaussians,
+    leaf_position: Int[Tensor, "N"],
+    viewmat: Float[Tensor, "4 4"],
+    K: Float[Tensor, "3 3"],
+    width: int,
+    height: int,
+    sh_degree: Optional[int],
+    settings: RasterSettings = RasterSettings(),
+    with_depth: bool = False,
+    backend: Backend = "auto",
+    absgrad: bool = False,
+) -> Partial:
+    """Render ``gaussians`` as one partial, sorted per pixel by (leaf_position, depth).
+
+    Args:
+        gaussians: activated parameters, N Gaussians.
+        leaf_position: [N] position of each Gaussian's leaf in the camera's front-to-back leaf order.
+        viewmat: [4, 4] world->camera (OpenCV: x right, y down, z forward).
+        K: [3, 3] pinhole intrinsics for a ``width`` x ``height`` image.
+        sh_degree: SH degree to evaluate, or None when ``gaussians.sh`` holds plain colours [N, 1, 3].
+        with_depth: append the camera-z channel (its composite / (1 - T) is the expected depth).
+        absgrad: gsplat only: also accumulate |per-pixel gradient| into ``means2d.absgrad``.
+    """
+    which = resolve_backend(backend, gaussians.means.device)
+    if which == "gsplat":
+        return _render_partial_gsplat(
+            gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad
+        )
+    return _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth)
+
+
+def _colors(gaussians: Gaussians, campos: Tensor, sh_degree: Optional[int]) -> Tensor:
+    if sh_degree is None:
+        return gaussians.sh[:, 0, :]
+    return gaussian_colors(gaussians.sh, gaussians.means, campos, sh_degree)
+
+
+def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth):
+    proj = project_gaussians(
+        gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings
+    )
+    means2d = proj.means2d[None]  # the tensor whose gradient densification reads
+    proj = proj._replace(means2d=means2d[0])
+    colors = _colors(gaussians, camera_center(viewmat), sh_degree)
+    if with_depth:
+        colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
+    color, transmittance = rasterize(proj, colors, gaussians.opacities, width, height, settings, group=leaf_position)
+    return Partial(color, transmittance, means2d, proj.radii[None])
+
+
+def _render_partial_gsplat(
+    gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad
+):
+    from gsplat.cuda._wrapper import (
+        fully_fused_projection,
+        isect_offset_encode,
+        isect_tiles,
+        rasterize_to_pixels,
+        spherical_harmonics,
+    )
+
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        gaussians.means,
+        None,
+        gaussians.quats,
+        gaussians.scales,
+        viewmat[None],
+        K[None],
+        width,
+        height,
+        eps2d=settings.eps2d,
+        near_plane=settings.near_plane,
+        far_plane=settings.far_plane,
+        radius_clip=settings.radius_clip,
+        packed=False,
+    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
+    campos = camera_center(viewmat)
+    if sh_degree is None:
+        colors = gaussians.sh[None, :, 0, :]
+    else:
+        dirs = gaussians.means[None] - campos
+        colors = spherical_harmonics(sh_degree, dirs, gaussians.sh[None], masks=radii > 0)
+        colors = torch.clamp_min(colors + 0.5, 0.0)
+    if with_depth:
+        colors = torch.cat([colors, depths[..., None]], dim=-1)
+
+    tile = settings.tile_size
+    tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
+    num_positions = int(leaf_position.max().item()) + 1 if leaf_position.numel() else 1
+    if num_positions <= 1:
+        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tiles_x, tiles_y, sort=True)
+        offsets = isect_offset_encode(isect_ids, 1, tiles_x, tiles_y)
+    else:
+        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tiles_x, tiles_y, sort=False)
+        offsets, flatten_ids = _sort_by_tile_leaf_depth(
+            isect_ids, flatten_ids, leaf_position, num_positions, tiles_x * tiles_y
+        )
+        offsets = offsets.view(1, tiles_y, tiles_x)
+    render, alpha = rasterize_to_pixels(
+        means2d,
+        conics,
+        colors,
+        gaussians.opacities[None],
+        width,
+        height,
+        tile,
+        offsets,
+        flatten_ids,
+        absgrad=absgrad,
+    )
+    return Partial(render[0], 1.0 - alpha[0], means2d, radii)
+
+
+def _sort_by_tile_leaf_depth(
+    isect_ids: Int[Tensor, "M"],
+    flatten_ids: Int[Tensor, "M"],
+    leaf_position: Int[Tensor, "N"],
+    num_positions: int,
+    num_tiles: int,
+) -> tuple[Tensor, Tensor]:
+    """Sort one camera's tile intersections by (tile, leaf position, depth).
+
+    gsplat's key is ``tile_id << 32 | depth_bits`` (one camera: no camera bits).  Positive
+    float32 depths order like their bit patterns, so inserting the leaf position between the
+    tile and the depth bits gives the lexicographic key in one int64 sort.
+
+    Returns:
+        offsets [num_tiles] int32 (first intersection of each tile) and the sorted flatten_ids.
+    """
+    position_bits = max(1, (num_positions - 1).bit_length())
+    tile_bits = max(1, num_tiles.bit_length())
+    if 32 + position_bits + tile_bits > 63:
+        raise ValueError(f"{num_positions} leaf positions and {num_tiles} tiles do not fit a 64-bit sort key")
+    tile_id = isect_ids >> 32
+    depth_bits = isect_ids & 0xFFFFFFFF
+    position = leaf_position[flatten_ids.long()].to(torch.int64)
+    key = (tile_id << (32 + position_bits)) | (position << 32) | depth_bits
+    key, order = torch.sort(key)
+    sorted_tiles = key >> (32 + position_bits)
+    tiles = torch.arange(num_tiles, device=key.device, dtype=sorted_tiles.dtype)
+    offsets = torch.searchsorted(sorted_tiles, tiles).to(torch.int32)
+    return offsets, flatten_ids[order].contiguous()

@@ -1,0 +1,295 @@
+"""retina-gs on one device: splatfacto's Gaussians, owned by the leaves of a kd-tree.
+
+The model is a thin adapter over core/: each Gaussian belongs to the leaf holding its mean,
+the camera's leaf order sorts the leaves front to back, ``render_partial`` renders all leaves
+in one pass sorted by (leaf position, depth), and ``composite`` adds the background.  On one
+device that single partial is the whole image; the distributed pipeline renders one partial
+per rank and composites them with the same function.
+
+Everything else (losses, metrics, densification through gsplat's DefaultStrategy, optimiser
+groups, export) is splatfacto's, inherited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Literal, Optional, Tuple, Type, Union
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import (
+    RGB2SH,
+    SplatfactoModel,
+    SplatfactoModelConfig,
+    get_viewmat,
+    num_sh_bases,
+    random_quat_tensor,
+)
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from landmark_plugin.core.composite import composite, expected_depth
+from landmark_plugin.core.order import camera_leaf_order
+from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
+from landmark_plugin.core.raster_ref import RasterSettings
+from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
+from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
+from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
+
+# Splatfacto's densification threshold assumes gsplat's absgrad; the torch reference has only
+# the plain gradient, whose norm is smaller (gradients of opposite sign cancel).  3DGS's own
+# threshold for the plain gradient is 2e-4.
+PLAIN_GRAD_DENSIFY_THRESH = 0.0002
+
+
+@dataclass
+class RetinaGSModelConfig(SplatfactoModelConfig):
+    """retina-gs: Gaussians partitioned by a kd-tree into 2**tree_depth leaves."""
+
+    _target: Type = field(default_factory=lambda: RetinaGSModel)
+    tree_depth: int = 2
+    """kd-tree depth: the Gaussians are owned by 2**tree_depth leaves (whole subtrees go to ranks)."""
+    split_axes: Literal["widest", "xy"] = "widest"
+    """Split each kd-tree node on its widest axis, or alternate x and y (aerial captures)."""
+    mode: Literal["plain"] = "plain"
+    """plain: each Gaussian is rendered by its own leaf only, and the composite equals one render
+    sorted by (leaf order, depth)."""
+    backend: Literal["auto", "gsplat", "torch"] = "auto"
+    """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
+    strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
+    """Ownership upkeep: re-assigning Gaussians that left their leaf, rebuilding the tree."""
+
+
+class RetinaGSModel(SplatfactoModel):
+    """Splatfacto whose Gaussians are grouped by kd-tree leaf and rendered in leaf order."""
+
+    config: RetinaGSModelConfig
+
+    def populate_modules(self) -> None:
+        # splatfacto's populate_modules allocates the seed colours with .cuda(); ours is the
+        # same initialisation on whatever device the model lives on.
+        means = self._initial_means()
+        distances, _ = self.k_nearest_sklearn(means, 3)
+        scales = torch.log(torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp_min(1e-7).repeat(1, 3))
+        num_points = means.shape[0]
+        features_dc, features_rest = self._initial_colors(num_points)
+        self.gauss_params = torch.nn.ParameterDict(
+            {
+                "means": torch.nn.Parameter(means),
+                "scales": torch.nn.Parameter(scales),
+                "quats": torch.nn.Parameter(random_quat_tensor(num_points)),
+                "features_dc": torch.nn.Parameter(features_dc),
+                "features_rest": torch.nn.Parameter(features_rest),
+                "opacities": torch.nn.Parameter(torch.logit(0.1 * torch.ones(num_points, 1))),
+            }
+        )
+        self._populate_helpers()
+        tree = build_kdtree(means, self.config.tree_depth, axis_rule=self.config.split_axes)
+        self._set_tree(tree)
+        self.leaf_ids = assign_leaves(tree, means)
+
+    def _initial_means(self) -> torch.Tensor:
+        if self.seed_points is not None and not self.config.random_init:
+            return self.seed_points[0].float().clone()
+        return (torch.rand((self.config.num_random, 3)) - 0.5) * self.config.random_scale
+
+    def _initial_colors(self, num_points: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        dim_sh = num_sh_bases(self.config.sh_degree)
+        has_colors = self.seed_points is not None and not self.config.random_init and self.seed_points[1].shape[0] > 0
+        if not has_colors:
+            return torch.rand(num_points, 3), torch.zeros(num_points, dim_sh - 1, 3)
+        rgb = self.seed_points[1].float() / 255.0
+        dc = RGB2SH(rgb) if self.config.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
+        return dc, torch.zeros(num_points, dim_sh - 1, 3)
+
+    def _populate_helpers(self) -> None:
+        """Camera optimiser, metrics, background and densification strategy, as splatfacto builds them."""
+        from nerfstudio.models.splatfacto import SSIM, get_color
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
+        with offline_safe_lpips():
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
+        self.step = 0
+        self.crop_box = None
+        if self.config.background_color == "random":
+            self.background_color = torch.tensor([0.1490, 0.1647, 0.2157])  # viser's background
+        else:
+            self.background_color = get_color(self.config.background_color)
+        if self.config.use_bilateral_grid:
+            raise ValueError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
+        self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+        self._backend_checked = False
+
+    # ---- the tree -------------------------------------------------------------------------
+    def _set_tree(self, tree: KDTree) -> None:
+        """Keep the tree as buffers so it is saved in, and restored from, checkpoints."""
+        for name, value in (
+            ("tree_bounds", tree.bounds),
+            ("tree_split_axis", tree.split_axis),
+            ("tree_split_value", tree.split_value),
+        ):
+            self.register_buffer(name, value.detach().clone(), persistent=True)
+
+    @property
+    def tree(self) -> KDTree:
+        return KDTree(
+            bounds=self.tree_bounds,
+            split_axis=self.tree_split_axis,
+            split_value=self.tree_split_value,
+            depth=self.config.tree_depth,
+        )
+
+    def refresh_ownership(self, rebuild: bool = False) -> None:
+        """Give every Gaussian to the leaf that holds its mean; optionally rebalance the tree first."""
+        with torch.no_grad():
+            if rebuild:
+                self._set_tree(build_kdtree(self.means.detach(), self.config.tree_depth, axis_rule=self.config.split_axes))
+            self.leaf_ids = assign_leaves(self.tree, self.means.detach())
+
+    def leaf_counts(self) -> torch.Tensor:
+        return torch.bincount(self.leaf_ids, minlength=2**self.config.tree_depth)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
+        # Parameters change size during training: allocate them at the checkpoint's size, and
+        # the tree buffers likewise (a rebuilt tree keeps the same shape, a changed depth not).
+        self.step = 30000
+        for name in list(self.gauss_params.keys()):
+            shape = dict[f"gauss_params.{name}"].shape
+            self.gauss_params[name] = torch.nn.Parameter(torch.zeros(shape, device=self.device))
+        for name in ("tree_bounds", "tree_split_axis", "tree_split_value"):
+            if name in dict:
+                self.register_buffer(name, torch.zeros_like(dict[name], device=self.device))
+        result = torch.nn.Module.load_state_dict(self, dict, **kwargs)
+        self.refresh_ownership()
+        return result
+
+    # ---- rendering ------------------------------------------------------------------------
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, list]]:
+        if not isinstance(camera, Cameras):
+            raise TypeError("retina-gs renders Cameras, not ray bundles")
+        if self.training:
+            assert camera.shape[0] == 1, "one camera per step"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+        if self.leaf_ids.shape[0] != self.num_points or self.leaf_ids.device != self.means.device:
+            self.refresh_ownership()
+
+        keep = None
+        if self.crop_box is not None and not self.training:
+            keep = self.crop_box.within(self.means).squeeze(-1)
+            if keep.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+
+        downscale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / downscale)
+        viewmat = get_viewmat(camera_to_world)[0]
+        K = camera.get_intrinsics_matrices()[0].to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        self.last_size = (height, width)
+        camera.rescale_output_resolution(downscale)
+
+        with_depth = self.config.output_depth_during_training or not self.training
+        partial = self._render_leaves(viewmat, K, width, height, with_depth, keep)
+
+        background = self._get_background_color()
+        channels = partial.color.shape[-1]
+        full_background = torch.cat([background, background.new_zeros(channels - 3)])
+        image, transmittance = composite([partial.color], [partial.transmittance], full_background)
+        alpha = 1.0 - transmittance
+        rgb = torch.clamp(image[..., :3], 0.0, 1.0)
+        depth = None
+        if with_depth:
+            depth = expected_depth(partial.color[..., 3:4], transmittance)
+            depth = torch.where(alpha > 0, depth, depth.detach().max())
+        if background.shape[0] == 3 and not self.training:
+            background = background.expand(height, width, 3)
+        return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
+
+    def _render_leaves(self, viewmat, K, width, height, with_depth, keep: Optional[torch.Tensor]):
+        """All leaves in one partial, sorted by (camera leaf order, depth)."""
+        order = camera_leaf_order(self.tree, camera_center(viewmat))  # [L] leaf ids, front to back
+        position_of_leaf = torch.empty_like(order)
+        position_of_leaf[order] = torch.arange(order.numel(), device=order.device)
+        leaf_position = position_of_leaf[self.leaf_ids]
+        gaussians = self.activated_gaussians()
+        if keep is not None:
+            gaussians = Gaussians(*(t[keep] for t in gaussians))
+            leaf_position = leaf_position[keep]
+        backend = resolve_backend(self.config.backend, self.means.device)
+        self._note_backend(backend)
+        sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree) if self.config.sh_degree > 0 else None
+        partial = render_partial(
+            gaussians,
+            leaf_position,
+            viewmat,
+            K,
+            width,
+            height,
+            sh_degree,
+            RasterSettings(),
+            with_depth=with_depth,
+            backend=backend,
+            absgrad=self.strategy.absgrad and backend == "gsplat",
+        )
+        self.info = {
+            "means2d": partial.means2d,
+            "radii": partial.radii,
+            "width": width,
+            "height": height,
+            "n_cameras": 1,
+            "gaussian_ids": None,
+        }
+        if self.training and keep is None:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+        return partial
+
+    def activated_gaussians(self) -> Gaussians:
+        """Parameters as the rasteriser wants them (linear scales, opacities in [0, 1])."""
+        if self.config.sh_degree > 0:
+            sh = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1)
+        else:
+            sh = torch.sigmoid(self.features_dc)[:, None, :]
+        return Gaussians(
+            means=self.means,
+            quats=self.quats,
+            scales=torch.exp(self.scales),
+            opacities=torch.sigmoid(self.opacities).squeeze(-1),
+            sh=sh,
+        )
+
+    def _note_backend(self, backend: str) -> None:
+        """On the torch backend densify on the plain gradient (no absgrad there), and say so once."""
+        if self._backend_checked:
+            return
+        self._backend_checked = True
+        if backend == "torch" and self.strategy.absgrad:
+            self.strategy.absgrad = False
+            self.strategy.grow_grad2d = PLAIN_GRAD_DENSIFY_THRESH
+            CONSOLE.print(
+                "retina-gs: rendering with the torch reference rasteriser (no CUDA); densifying on the "
+                f"plain screen gradient with threshold {PLAIN_GRAD_DENSIFY_THRESH}"
+            )
+
+    # ---- densification and ownership ------------------------------------------------------
+    def step_post_backward(self, step):
+        super().step_post_backward(step)
+        if self.config.strategy.refreshes_at(step, self.config):
+            self.refresh_ownership(rebuild=self.config.strategy.rebuilds_at(step))
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        metrics = super().get_metrics_dict(outputs, batch)
+        if self.training:
+            counts = self.leaf_counts()
+            metrics["leaf_count_max_over_mean"] = counts.max().float() / counts.float().mean().clamp_min(1.0)
+        return metrics
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        return without_unavailable_lpips(metrics), images

@@ -1,0 +1,73 @@
+"""Method specifications of retina-gs (registered as nerfstudio entry points in pyproject.toml)."""
+
+from __future__ import annotations
+
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from landmark_plugin.gaussians.datamanager import RetinaGSDataManagerConfig
+from landmark_plugin.gaussians.model import RetinaGSModelConfig
+from landmark_plugin.trainer import LandmarkTrainerConfig
+
+
+def gaussian_optimizers(max_steps: int) -> dict:
+    """splatfacto's learning rates; the schedules end at ``max_steps`` (the trainer re-targets
+    them to ``--max-num-iterations``)."""
+
+    def adam(lr: float) -> AdamOptimizerConfig:
+        return AdamOptimizerConfig(lr=lr, eps=1e-15)
+
+    return {
+        "means": {"optimizer": adam(1.6e-4), "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps)},
+        "features_dc": {"optimizer": adam(0.0025), "scheduler": None},
+        "features_rest": {"optimizer": adam(0.0025 / 20), "scheduler": None},
+        "opacities": {"optimizer": adam(0.05), "scheduler": None},
+        "scales": {"optimizer": adam(0.005), "scheduler": None},
+        "quats": {"optimizer": adam(0.001), "scheduler": None},
+        "camera_opt": {
+            "optimizer": adam(1e-4),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
+        },
+    }
+
+
+def retina_gs_config(method_name: str, max_steps: int, model: RetinaGSModelConfig) -> LandmarkTrainerConfig:
+    """One retina-gs trainer; the variants differ only in ``model`` and ``max_steps``."""
+    return LandmarkTrainerConfig(
+        method_name=method_name,
+        steps_per_eval_image=100,
+        steps_per_eval_batch=0,
+        steps_per_save=2000,
+        steps_per_eval_all_images=1000,
+        max_num_iterations=max_steps,
+        mixed_precision=False,
+        pipeline=VanillaPipelineConfig(
+            datamanager=RetinaGSDataManagerConfig(
+                dataparser=NerfstudioDataParserConfig(load_3D_points=True),
+                cache_images_type="uint8",
+            ),
+            model=model,
+        ),
+        optimizers=gaussian_optimizers(max_steps),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host="127.0.0.1"),
+        vis="viewer",
+    )
+
+
+retina_gs = MethodSpecification(
+    config=retina_gs_config("retina-gs", 30000, RetinaGSModelConfig(tree_depth=2)),
+    description="RetinaGS: Gaussian splatting partitioned by a kd-tree, composited front to back in leaf order.",
+)
+
+retina_gs_small = MethodSpecification(
+    config=retina_gs_config(
+        "retina-gs-small",
+        3000,
+        RetinaGSModelConfig(tree_depth=2, sh_degree=1, warmup_length=200, refine_every=100, stop_split_at=2500, num_downscales=0),
+    ),
+    description="retina-gs for quick runs and CPU: 3000 steps, SH degree 1, full resolution from the start.",
+)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install landmark_plugin into it.
+# usage: scripts/install.sh [--test]      VENV=path overrides the location (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip setuptools wheel
+# torch first, pinned with its matching torchvision: left to nerfstudio's loose requirement
+# pip would pick a torchvision that may not import beside the torch it picks.  These builds
+# run on CPU and use CUDA when a GPU is present.
+if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
+  case "$(uname -m)" in
+    aarch64|arm64) "$py" -m pip install -q torch==2.9.1 torchvision==0.24.1 ;;
+    *)             "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1 ;;
+  esac
+fi
+"$py" -m pip install -q -e ".$extras"
+"$py" - <<'PY'
+import torch, nerfstudio, gsplat, viser
+print(f"installed: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "
+      f"gsplat {gsplat.__version__}, viser {viser.__version__}")
+PY
