@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import Callable, List, Optional, Type
+
+import torch
 
 from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -55,6 +58,23 @@ class LandmarkTrainer(Trainer):
             "scalers": self.grad_scaler.state_dict(),
         }
 
+    def run_steps(self, first_step: int, num_steps: int, after_step: Optional[Callable[[int], None]] = None) -> List[float]:
+        """Train ``num_steps`` steps exactly as ``train()`` does (callbacks included), without
+        its logging, viewer, eval and checkpoint side jobs; returns the losses.  Benchmarks and
+        tests drive training through this."""
+        losses = []
+        for step in range(first_step, first_step + num_steps):
+            self.pipeline.train()
+            for callback in self.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+            loss, _, _ = self.train_iteration(step)
+            for callback in self.callbacks:
+                callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+            losses.append(float(loss))
+            if after_step is not None:
+                after_step(step)
+        return losses
+
     def setup_optimizers(self):
         if self.config.schedules_follow_max_iterations:
             for group in self.config.optimizers.values():
@@ -81,3 +101,26 @@ class LandmarkTrainer(Trainer):
             self.config.load_step = step
             CONSOLE.print(f"Resuming from {self.config.load_dir / f'step-{step:09d}.ckpt'}")
         super()._load_checkpoint()
+        self._rebind_optimizers()
+
+    def _rebind_optimizers(self) -> None:
+        """Point every optimiser at the model's current parameter tensors.
+
+        Models whose parameters change size (Gaussians after densification) allocate new
+        tensors when a checkpoint is loaded, but the optimisers were built before the load and
+        still hold the old ones, with the loaded Adam state keyed by them: the first
+        densification then indexes past their end.  Move each group's state to the new tensors.
+        """
+        current = self.pipeline.get_param_groups()
+        for name, optimizer in self.optimizers.optimizers.items():
+            params = current.get(name)
+            if params is None:
+                continue
+            for group in optimizer.param_groups:
+                if len(group["params"]) != len(params):
+                    continue
+                for old, new in zip(group["params"], params):
+                    if old is not new and old in optimizer.state:
+                        optimizer.state[new] = optimizer.state.pop(old)
+                group["params"] = list(params)
+            self.optimizers.parameters[name] = list(params)

@@ -21,6 +21,12 @@ if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
   esac
 fi
 "$py" -m pip install -q -e ".$extras"
+# nerfstudio pulls nuscenes-devkit, which asks for the GUI opencv-python; both wheels install
+# cv2 and overwrite each other.  Keep only the pinned headless build.
+if "$py" -m pip show -q opencv-python >/dev/null 2>&1; then
+  "$py" -m pip uninstall -q -y opencv-python
+  "$py" -m pip install -q --force-reinstall --no-deps opencv-python-headless==4.10.0.84
+fi
 "$py" - <<'PY'
 import torch, nerfstudio, gsplat, viser
 print(f"installed: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "

@@ -1,0 +1,1 @@
+"""Dataparsers (synthetic-city, matrixcity), the city generator, and input validation."""

@@ -1,0 +1,237 @@
+"""Collectives of the distributed retina-gs step; each takes its ``Comm`` explicitly.
+
+- ``exchange_partials``: every rank's cropped partials travel to the owners of their cameras
+  in one ``all_to_all_single``, inside an autograd Function whose backward sends the
+  gradients back the same way (reverse splits).  Sizes come from the ``ExchangePlan`` that
+  every rank builds identically, so no size exchange is needed.
+- ``all_reduce_sum`` / ``all_reduce_grads_``: replicated values and gradients, packed into
+  one buffer per call.
+- ``all_to_all_rows`` / ``all_gather_rows``: variable-length row exchanges (migration of
+  Gaussians with their optimiser moments, gathering means for a tree rebuild, tests).
+
+Each returns early when ``world_size == 1``.  Every call is wrapped in ``groups.guard`` so a
+dead or hung peer surfaces as ``RankFailure`` with a clear message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from landmark_plugin.distributed.groups import Comm, guard
+
+Rect = Tuple[int, int, int, int]  # (x0, y0, x1, y1), half open (raster_ref.Window)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (camera, part) partial: rendered by ``source``, composited by ``owner``."""
+
+    camera: int
+    part: int
+    source: int
+    owner: int
+    rect: Rect
+    channels: int
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        x0, y0, x1, y1 = self.rect
+        return (y1 - y0, x1 - x0, self.channels)
+
+    @property
+    def numel(self) -> int:
+        h, w, c = self.shape
+        return h * w * c
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """Who sends which cropped partial to whom; identical on every rank.
+
+    Attributes:
+        tasks: every non-empty task of the batch, in one global order.
+        world_size: R.
+    """
+
+    tasks: Tuple[Task, ...]
+    world_size: int
+
+    def sends(self, rank: int) -> List[int]:
+        """Task ids ``rank`` sends, grouped by destination rank (the all_to_all layout)."""
+        return sorted((i for i, t in enumerate(self.tasks) if t.source == rank), key=lambda i: (self.tasks[i].owner, i))
+
+    def recvs(self, rank: int) -> List[int]:
+        """Task ids ``rank`` receives, grouped by source rank."""
+        return sorted((i for i, t in enumerate(self.tasks) if t.owner == rank), key=lambda i: (self.tasks[i].source, i))
+
+    def splits(self, rank: int) -> Tuple[List[int], List[int]]:
+        """Element counts ``rank`` sends to / receives from every rank."""
+        send, recv = [0] * self.world_size, [0] * self.world_size
+        for t in self.tasks:
+            if t.source == rank:
+                send[t.owner] += t.numel
+            if t.owner == rank:
+                recv[t.source] += t.numel
+        return send, recv
+
+
+def _all_to_all_flat(comm: Comm, flat: Tensor, send: List[int], recv: List[int], what: str) -> Tensor:
+    out = flat.new_empty(sum(recv))
+    with guard(comm, what):
+        dist.all_to_all_single(out, flat.contiguous(), recv, send, group=comm.group)
+    return out
+
+
+class _ExchangePartials(torch.autograd.Function):
+    """Forward: local partials -> owners.  Backward: owners' gradients -> renderers."""
+
+    @staticmethod
+    def forward(ctx, comm: Comm, plan: ExchangePlan, anchor: Tensor, *local: Tensor):  # type: ignore[override]
+        ctx.comm, ctx.plan = comm, plan
+        ctx.local_shapes = [x.shape for x in local]
+        send, recv = plan.splits(comm.rank)
+        flat = torch.cat([x.reshape(-1) for x in local]) if local else anchor.new_zeros(0)
+        received = _all_to_all_flat(comm, flat, send, recv, "exchange partials (forward)")
+        ids = plan.recvs(comm.rank)
+        pieces = torch.split(received, [plan.tasks[i].numel for i in ids]) if ids else []
+        outs = tuple(p.view(plan.tasks[i].shape) for p, i in zip(pieces, ids))
+        return (anchor.clone(), *outs)
+
+    @staticmethod
+    def backward(ctx, anchor_grad: Tensor, *grads: Tensor):  # type: ignore[override]
+        comm, plan = ctx.comm, ctx.plan
+        send, recv = plan.splits(comm.rank)
+        flat = torch.cat([g.reshape(-1) for g in grads]) if grads else anchor_grad.new_zeros(0)
+        # The reverse exchange: what we received, we send back, and vice versa.
+        returned = _all_to_all_flat(comm, flat, recv, send, "exchange partials (backward)")
+        pieces = torch.split(returned, [s.numel() for s in ctx.local_shapes]) if ctx.local_shapes else []
+        local_grads = tuple(p.view(s) for p, s in zip(pieces, ctx.local_shapes))
+        return (None, None, anchor_grad, *local_grads)
+
+
+def exchange_partials(
+    comm: Comm, plan: ExchangePlan, local: Dict[int, Float[Tensor, "h w C"]], anchor: Tensor
+) -> Tuple[Dict[int, Float[Tensor, "h w C"]], Tensor]:
+    """Send every local cropped partial to its camera's owner; receive the partials we own.
+
+    Args:
+        plan: the batch's tasks (the same object on every rank).
+        local: task id -> [h, w, C] partial (colour channels then transmittance) for every
+            task this rank sends, cropped to ``task.rect``.
+        anchor: a scalar that requires grad; the returned anchor must enter the loss (e.g.
+            ``0 * anchor``) so that every rank runs the backward collective even when it
+            renders or owns nothing this step.
+
+    Returns:
+        task id -> received [h, w, C] partial for every task this rank owns, and the anchor.
+    """
+    if comm.is_single:
+        return {i: local[i] for i in plan.recvs(0)}, anchor
+    ids = plan.sends(comm.rank)
+    for i in ids:
+        if tuple(local[i].shape) != plan.tasks[i].shape:
+            raise ValueError(f"task {i}: partial has shape {tuple(local[i].shape)}, plan says {plan.tasks[i].shape}")
+    outs = _ExchangePartials.apply(comm, plan, anchor, *[local[i] for i in ids])
+    return dict(zip(plan.recvs(comm.rank), outs[1:])), outs[0]
+
+
+def all_reduce_sum(comm: Comm, tensors: Sequence[Tensor], what: str = "all_reduce") -> List[Tensor]:
+    """Sums of every tensor over ranks (one packed all_reduce; inputs are not modified)."""
+    if comm.is_single or not tensors:
+        return [t.clone() for t in tensors]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    with guard(comm, what):
+        dist.all_reduce(flat, group=comm.group)
+    pieces = torch.split(flat, [t.numel() for t in tensors])
+    return [p.view(t.shape) for p, t in zip(pieces, tensors)]
+
+
+def all_reduce_grads_(comm: Comm, params: Sequence[Tensor]) -> None:
+    """Sum the gradients of replicated parameters over ranks, in place.
+
+    Every rank must pass the same parameters in the same order; a missing gradient counts
+    as zero (a rank that did not see a camera contributes nothing to its pose correction).
+    """
+    if comm.is_single or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    summed = all_reduce_sum(comm, grads, "all_reduce replicated gradients")
+    for p, g in zip(params, summed):
+        p.grad = g
+
+
+def all_reduce_ints(comm: Comm, values: Int[Tensor, "..."], what: str = "all_reduce ints") -> Int[Tensor, "..."]:
+    """Sum an integer tensor over ranks (schedules, counts)."""
+    if comm.is_single:
+        return values.clone()
+    out = values.clone()
+    with guard(comm, what):
+        dist.all_reduce(out, group=comm.group)
+    return out
+
+
+def all_to_all_rows(comm: Comm, rows: Float[Tensor, "N D"], dest: Int[Tensor, " N"]) -> Tuple[Tensor, Tensor]:
+    """Send every row to rank ``dest[row]``.
+
+    Returns:
+        The [M, D] rows this rank receives, grouped by source rank (each source's rows in its
+        original order), and [M] the source rank of every received row.
+    """
+    if comm.is_single:
+        return rows[torch.argsort(dest, stable=True)], torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
+    order = torch.argsort(dest, stable=True)
+    counts = torch.bincount(dest, minlength=comm.world_size).to(torch.int64)
+    recv_counts = torch.empty_like(counts)
+    with guard(comm, "all_to_all row counts"):
+        dist.all_to_all_single(recv_counts, counts, group=comm.group)
+    width = rows.shape[1]
+    out = _all_to_all_flat(
+        comm,
+        rows[order].reshape(-1),
+        [int(c) * width for c in counts.tolist()],
+        [int(c) * width for c in recv_counts.tolist()],
+        "all_to_all rows",
+    )
+    source = torch.repeat_interleave(torch.arange(comm.world_size, device=rows.device), recv_counts.to(rows.device))
+    return out.view(-1, width), source
+
+
+def all_gather_rows(comm: Comm, rows: Float[Tensor, "N D"], what: str = "all_gather rows") -> Float[Tensor, "M D"]:
+    """Concatenate every rank's rows in rank order (ranks may hold different counts)."""
+    if comm.is_single:
+        return rows.clone()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(comm.world_size)]
+    with guard(comm, what + " (counts)"):
+        dist.all_gather(counts, count, group=comm.group)
+    sizes = [int(c) for c in counts]
+    padded = rows.new_zeros((max(sizes),) + tuple(rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(comm.world_size)]
+    with guard(comm, what):
+        dist.all_gather(gathered, padded.contiguous(), group=comm.group)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def broadcast_tensor(comm: Comm, value: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
+    """``value`` of rank ``src`` on every rank (same shape and dtype everywhere)."""
+    if comm.is_single:
+        return value
+    out = value.clone()
+    with guard(comm, what):
+        dist.broadcast(out, src=src, group=comm.group)
+    return out
+
+
+def barrier(comm: Comm, what: str = "barrier", device: Optional[torch.device] = None) -> None:
+    """A barrier that fails with ``RankFailure`` instead of hanging (an all_reduce of one int:
+    gloo's barrier does not take the group timeout on every version)."""
+    if comm.is_single:
+        return
+    all_reduce_ints(comm, torch.zeros(1, dtype=torch.int64, device=device), what)

@@ -1,0 +1,86 @@
+"""``landmark-merge CONFIG``: shards of a distributed retina-gs run -> one checkpoint + a .ply.
+
+The merged checkpoint is an ordinary nerfstudio checkpoint written into the run's
+``nerfstudio_models/``, so ``ns-render``, ``ns-eval`` and ``ns-viewer --load-config CONFIG``
+load it in one process.  The .ply uses the standard 3DGS vertex layout (x y z, normals,
+f_dc_*, f_rest_*, opacity, scale_*, rot_*), what ``ns-export gaussian-splat`` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import tyro
+import yaml
+
+from landmark_plugin.checkpoints import atomic_torch_save
+from landmark_plugin.distributed.checkpoint import GAUSS_PREFIX, latest_complete_step, load_shards, merge_shards
+
+
+def write_gaussians_ply(path: Path, pipeline_state: Dict[str, torch.Tensor]) -> int:
+    """Write the Gaussians of a (merged) pipeline state dict as a 3DGS .ply; returns N."""
+    from plyfile import PlyData, PlyElement
+
+    g = {k[len(GAUSS_PREFIX) :]: v.detach().cpu().float() for k, v in pipeline_state.items() if k.startswith(GAUSS_PREFIX)}
+    n = g["means"].shape[0]
+    columns = {"x": g["means"][:, 0], "y": g["means"][:, 1], "z": g["means"][:, 2]}
+    for axis in ("nx", "ny", "nz"):
+        columns[axis] = torch.zeros(n)
+    for i in range(3):
+        columns[f"f_dc_{i}"] = g["features_dc"][:, i]
+    rest = g["features_rest"].transpose(1, 2).reshape(n, -1)  # channel-major, as 3DGS stores it
+    for i in range(rest.shape[1]):
+        columns[f"f_rest_{i}"] = rest[:, i]
+    columns["opacity"] = g["opacities"].reshape(n)
+    for i in range(3):
+        columns[f"scale_{i}"] = g["scales"][:, i]
+    for i in range(4):
+        columns[f"rot_{i}"] = g["quats"][:, i]
+    vertex = np.empty(n, dtype=[(name, "<f4") for name in columns])
+    for name, value in columns.items():
+        vertex[name] = value.numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PlyData([PlyElement.describe(vertex, "vertex")], text=False).write(str(path))
+    return n
+
+
+@dataclass
+class Merge:
+    """Merge the sharded checkpoint of a distributed run into one checkpoint and a .ply."""
+
+    config: tyro.conf.Positional[Path]
+    """The run's config.yml."""
+    step: Optional[int] = None
+    """Step to merge (default: the newest step whose shards are all written)."""
+    ply: Optional[Path] = None
+    """Where to write the .ply (default: <run>/splat.ply); --no-write-ply skips it."""
+    write_ply: bool = True
+    """Also export the Gaussians as a standard 3DGS .ply."""
+
+    def main(self) -> Path:
+        base_dir = self.config.parent
+        trainer_config = yaml.load(self.config.read_text(), Loader=yaml.Loader)
+        step = self.step if self.step is not None else latest_complete_step(base_dir)
+        if step is None:
+            raise SystemExit(f"no complete sharded checkpoint under {base_dir / 'shards'}")
+        merged = merge_shards(load_shards(base_dir, step))
+        out = base_dir / trainer_config.relative_model_dir / f"step-{step:09d}.ckpt"
+        atomic_torch_save(merged, out)
+        print(f"merged the shards of step {step} into {out}")
+        if self.write_ply:
+            ply = self.ply or base_dir / "splat.ply"
+            n = write_gaussians_ply(ply, merged["pipeline"])
+            print(f"wrote {n} Gaussians to {ply}")
+        return out
+
+
+def entrypoint() -> None:
+    tyro.cli(Merge).main()
+
+
+if __name__ == "__main__":
+    entrypoint()

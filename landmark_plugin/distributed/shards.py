@@ -1,0 +1,131 @@
+"""A rank's Gaussians as rows: selecting, replacing and migrating them with their optimiser state.
+
+Every per-Gaussian quantity travels together: the parameters in ``model.gauss_params``, their
+Adam moments (``exp_avg``, ``exp_avg_sq``; the step count is per optimiser and identical on
+every rank) and the densification statistics of gsplat's strategy (``grad2d``, ``count``,
+``radii``).  ``migrate_`` moves rows whose mean left this rank's parts to their new owner
+with one ``all_to_all``, optionally after rebuilding the kd-tree from all current means.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from landmark_plugin.core.partition import assign_leaves, build_kdtree
+from landmark_plugin.core.schedule import Parts
+from landmark_plugin.distributed.collectives import all_gather_rows, all_to_all_rows
+from landmark_plugin.distributed.groups import Comm
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STRATEGY_STATS = ("grad2d", "count", "radii")
+Layout = List[Tuple[str, str, Tuple[int, ...]]]  # (group name, kind, trailing shape)
+
+
+def owner_ranks(model, parts: Parts, means: Optional[Tensor] = None) -> Tensor:
+    """[N] rank owning every Gaussian: the rank of the part holding the leaf of its mean."""
+    leaf = assign_leaves(model.tree, model.means if means is None else means)
+    part_rank = torch.as_tensor(parts.rank, device=leaf.device)
+    return part_rank[parts.leaf_part().to(leaf.device)[leaf]]
+
+
+def _set_param(model, optimizers: Optional[Dict], name: str, value: Tensor, moments: Dict[str, Tensor]) -> None:
+    """Replace one Gaussian parameter, re-pointing its optimiser at the new tensor."""
+    old = model.gauss_params[name]
+    new = torch.nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+    model.gauss_params[name] = new
+    if optimizers is None or name not in optimizers:
+        return
+    opt = optimizers[name]
+    state = opt.state.pop(old, {})
+    opt.param_groups[0]["params"] = [new]
+    if state or moments:
+        state = dict(state)
+        for kind in MOMENTS:
+            if kind in moments:
+                state[kind] = moments[kind].to(old.dtype).contiguous()
+        state.setdefault("step", torch.zeros((), dtype=torch.float32))
+        opt.state[new] = state
+
+
+def gaussian_rows(model, optimizers: Optional[Dict], strategy_state: Optional[Dict]) -> Tuple[Tensor, Layout]:
+    """Every per-Gaussian quantity of the shard as one [N, D] matrix (model dtype) and its layout.
+
+    Missing moments / statistics are zeros, so every rank has the same layout.
+    """
+    columns, layout = [], []
+    n = model.num_points
+    for name, param in model.gauss_params.items():
+        tail = tuple(param.shape[1:])
+        columns.append(param.detach().reshape(n, -1))
+        layout.append((name, "param", tail))
+        state = optimizers[name].state.get(param, {}) if optimizers and name in optimizers else {}
+        for kind in MOMENTS:
+            value = state.get(kind)
+            columns.append((value if value is not None else torch.zeros_like(param)).detach().reshape(n, -1))
+            layout.append((name, kind, tail))
+    for key in STRATEGY_STATS:
+        if strategy_state is not None and key in strategy_state:
+            value = strategy_state[key]
+            columns.append((value if value is not None else torch.zeros(n, device=model.device)).reshape(n, 1))
+            layout.append((key, "stat", ()))
+    dtype = model.means.dtype
+    return torch.cat([c.to(dtype) for c in columns], dim=1), layout
+
+
+def set_gaussian_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], rows: Tensor, layout: Layout) -> None:
+    """Inverse of ``gaussian_rows``: the shard becomes exactly ``rows``."""
+    n, col = rows.shape[0], 0
+    values: Dict[Tuple[str, str], Tensor] = {}
+    for name, kind, tail in layout:
+        width = int(torch.tensor(tail).prod()) if tail else 1
+        values[(name, kind)] = rows[:, col : col + width].reshape((n,) + tail)
+        col += width
+    for name in list(model.gauss_params.keys()):
+        moments = {kind: values[(name, kind)] for kind in MOMENTS if (name, kind) in values}
+        has_state = optimizers is not None and name in optimizers and bool(optimizers[name].state)
+        _set_param(model, optimizers, name, values[(name, "param")], moments if has_state else {})
+    for key in STRATEGY_STATS:
+        if strategy_state is not None and (key, "stat") in values:
+            strategy_state[key] = values[(key, "stat")].reshape(n).float().contiguous()
+
+
+def select_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], index: Tensor) -> None:
+    """Keep only the rows ``index`` of the shard (parameters, moments, statistics)."""
+    rows, layout = gaussian_rows(model, optimizers, strategy_state)
+    set_gaussian_rows_(model, optimizers, strategy_state, rows[index], layout)
+    model.refresh_ownership()
+
+
+def shard_(comm: Comm, model, parts: Parts) -> None:
+    """Drop every Gaussian another rank owns (used once, right after the identical
+    initialisation of the full model on every rank)."""
+    if comm.is_single:
+        return
+    keep = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
+    select_rows_(model, None, None, keep)
+
+
+def migrate_(comm: Comm, model, optimizers: Optional[Dict], strategy_state: Optional[Dict], parts: Parts, rebuild: bool) -> int:
+    """Send every Gaussian to the rank owning its mean's leaf; optionally rebuild the tree first.
+
+    The rebuild gathers all means (in rank order, so every rank builds the identical tree).
+    After the call the shard holds, in source-rank order, exactly the Gaussians of this
+    rank's parts, and ``model.leaf_ids`` is current.
+
+    Returns:
+        The number of Gaussians that left this rank.
+    """
+    with torch.no_grad():
+        if rebuild:
+            all_means = all_gather_rows(comm, model.means.detach(), "gather means for the tree rebuild")
+            model._set_tree(build_kdtree(all_means, model.config.tree_depth, axis_rule=model.config.split_axes))
+        dest = owner_ranks(model, parts)
+        leaving = int((dest != comm.rank).sum())
+        rows, layout = gaussian_rows(model, optimizers, strategy_state)
+        received, _ = all_to_all_rows(comm, rows, dest)
+        set_gaussian_rows_(model, optimizers, strategy_state, received, layout)
+        model.refresh_ownership()
+    return leaving

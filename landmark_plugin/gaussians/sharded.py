@@ -1,0 +1,272 @@
+"""One rank's share of a retina-gs model and the distributed step over it.
+
+``ShardedRetina`` wraps a ``RetinaGSModel`` that holds only the Gaussians of this rank's parts
+(whole subtrees, ``core.schedule.Parts``).  Per batch of cameras:
+
+1. (batches of more than one camera) every rank projects its Gaussians for the queued
+   cameras; a part is visible iff one of its Gaussians has a non-zero radius (exactly the
+   rasteriser's cull), and the visibility matrix is summed over ranks;
+2. ``pack_cameras`` / ``assign_owners`` fix the batch and the owner of every camera;
+3. every rank renders one partial per (camera, own visible part) with ``render_partial``
+   (sorted by leaf position, then depth), crops it to ``content_rect`` (outside it the
+   partial is exactly empty), and the rectangles are summed over ranks into the plan;
+4. ``exchange_partials`` moves the crops to the owners (autograd-aware); an owner pastes
+   them into full frames, composites them in the camera's part order with ``composite``,
+   adds the background and computes splatfacto's loss.
+
+The composite of the parts' partials in part order equals the single-process render sorted
+by (leaf order, depth), so images, loss and gradients equal the single-process model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from jaxtyping import Bool
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import get_viewmat
+from torch import Tensor
+
+from landmark_plugin.core.composite import composite, expected_depth, paste_partial
+from landmark_plugin.core.order import camera_leaf_order, order_positions
+from landmark_plugin.core.raster_ref import RasterSettings, project_gaussians
+from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
+from landmark_plugin.core.schedule import Parts, assign_owners, content_rect, pack_cameras, part_order
+from landmark_plugin.distributed.collectives import ExchangePlan, Task, all_reduce_ints, all_reduce_sum, exchange_partials
+from landmark_plugin.distributed.groups import Comm
+
+
+@dataclass
+class View:
+    """One camera as the rasteriser sees it (after pose correction and downscaling)."""
+
+    viewmat: Tensor  # [4, 4]
+    K: Tensor  # [3, 3]
+    width: int
+    height: int
+    positions: Tensor  # [L] place of every leaf in the camera's front-to-back order
+    part_order: List[int]  # parts front to back
+
+
+@dataclass
+class StepRecord:
+    """What densification needs after backward: per rendered camera, the screen means of
+    the local Gaussians (their .grad) and radii, scattered over all local rows."""
+
+    means2d: List[Tuple[Tensor, Tensor, int]] = field(default_factory=list)  # (means2d [1,n,2], index [n], camera)
+    radii: Dict[int, Tensor] = field(default_factory=dict)  # camera -> [N] radii
+    num_cameras: int = 0
+    width: int = 0
+    height: int = 0
+
+
+class ShardedRetina:
+    """The distributed forward of a sharded ``RetinaGSModel`` (see module docstring)."""
+
+    def __init__(self, comm: Comm, model, settings: RasterSettings = RasterSettings()):
+        self.comm = comm
+        self.model = model
+        self.settings = settings
+        self.parts = Parts.of(model.config.tree_depth, comm.world_size)
+        self.my_parts = self.parts.of_rank(comm.rank)
+        self.leaf_part = self.parts.leaf_part()
+        self.record = StepRecord()
+
+    # ---- ownership ------------------------------------------------------------------------
+    def local_part_index(self) -> Dict[int, Tensor]:
+        """Part -> [n] rows of the local Gaussians it owns (by the model's stored leaf ids)."""
+        part = self.leaf_part.to(self.model.leaf_ids.device)[self.model.leaf_ids]
+        return {s: torch.nonzero(part == s).flatten() for s in self.my_parts}
+
+    # ---- cameras --------------------------------------------------------------------------
+    def view(self, camera: Cameras) -> View:
+        """Pose (camera optimiser applied in training), intrinsics and leaf order of one camera."""
+        model = self.model
+        dtype = model.means.dtype
+        c2w = model.camera_optimizer.apply_to_camera(camera) if model.training else camera.camera_to_worlds
+        downscale = model._get_downscale_factor() if model.training else 1
+        camera.rescale_output_resolution(1 / downscale)
+        K = camera.get_intrinsics_matrices()[0].to(model.device, dtype)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(downscale)
+        viewmat = get_viewmat(c2w.to(model.device, dtype))[0]
+        order = camera_leaf_order(model.tree, camera_center(viewmat))
+        return View(viewmat, K, width, height, order_positions(order), part_order(order.cpu(), self.parts))
+
+    def sh_degree(self) -> Optional[int]:
+        """The SH degree the model renders with at its current step (as ``_render_leaves``)."""
+        cfg = self.model.config
+        return min(self.model.step // cfg.sh_degree_interval, cfg.sh_degree) if cfg.sh_degree > 0 else None
+
+    @torch.no_grad()
+    def visibility(self, cameras: Cameras) -> Bool[Tensor, "P S"]:
+        """Which part contributes to which camera: a Gaussian with radius 0 draws nothing."""
+        visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
+        g = self.model.activated_gaussians()
+        for p in range(len(cameras)):
+            v = self.view(cameras[p : p + 1])
+            radii = self._radii(g, v)
+            for s, index in self.local_part_index().items():
+                visible[p, s] = int(bool((radii[index] > 0).any()))
+        return all_reduce_ints(self.comm, visible, "visibility") > 0
+
+    def _radii(self, g: Gaussians, v: View) -> Tensor:
+        if resolve_backend(self.model.config.backend, g.means.device) == "gsplat":
+            from gsplat.cuda._wrapper import fully_fused_projection
+
+            s = self.settings
+            radii = fully_fused_projection(
+                g.means, None, g.quats, g.scales, v.viewmat[None], v.K[None], v.width, v.height,
+                eps2d=s.eps2d, near_plane=s.near_plane, far_plane=s.far_plane, radius_clip=s.radius_clip,
+            )[0]
+            return radii[0]
+        return project_gaussians(g.means, g.quats, g.scales, v.viewmat, v.K, v.width, v.height, self.settings).radii
+
+    # ---- one batch ------------------------------------------------------------------------
+    def plan_batch(self, cameras: Cameras, max_batch_size: int, max_load: int) -> Tuple[int, Tensor, Tensor]:
+        """Batch size B, [B, S] visibility and [B] owners for the queued ``cameras``."""
+        if max_batch_size == 1 or len(cameras) == 1:
+            # One camera: nothing to balance, and every part is rendered (an invisible part
+            # gives an empty partial that is never sent), so no projection pass is needed.
+            visible = torch.ones(1, len(self.parts), dtype=torch.bool)
+            return 1, visible, assign_owners(visible, self.parts.rank, self.comm.world_size)
+        visible = self.visibility(cameras[:max_batch_size])
+        size = pack_cameras(visible, self.parts.rank, self.comm.world_size, max_batch_size, max_load)
+        return size, visible[:size], assign_owners(visible[:size], self.parts.rank, self.comm.world_size)
+
+    def forward(
+        self, cameras: Cameras, visible: Tensor, owners: Tensor, with_depth: bool
+    ) -> Tuple[Dict[int, Dict[str, Tensor]], Tensor]:
+        """Render, exchange and composite a batch.
+
+        Args:
+            cameras: B cameras (the same on every rank).
+            visible: [B, S] parts to render per camera.
+            owners: [B] owner rank of every camera.
+
+        Returns:
+            camera -> splatfacto-style outputs for every camera this rank owns, and the
+            exchange anchor (a scalar that must enter the loss, see ``exchange_partials``).
+        """
+        views = [self.view(cameras[b : b + 1]) for b in range(len(cameras))]
+        local, rects = self._render_local(views, visible, with_depth)
+        summed = all_reduce_ints(self.comm, rects, "partial rectangles")  # [B, S, 4]
+        channels = (4 if with_depth else 3) + 1
+        tasks = []
+        for b in range(len(cameras)):
+            for s in range(len(self.parts)):
+                x0, y0, x1, y1 = summed[b, s].tolist()
+                if x1 > x0 and y1 > y0:
+                    tasks.append(Task(b, s, self.parts.rank[s], int(owners[b]), (x0, y0, x1, y1), channels))
+        plan = ExchangePlan(tuple(tasks), self.comm.world_size)
+        index = {(t.camera, t.part): i for i, t in enumerate(tasks)}
+        sent = {index[k]: crop for k, crop in local.items() if k in index}
+        anchor = self.model.means.new_zeros((), requires_grad=True)
+        received, anchor = exchange_partials(self.comm, plan, sent, anchor)
+        outputs = {}
+        for b in range(len(cameras)):
+            if int(owners[b]) == self.comm.rank:
+                crops = {tasks[i].part: (received[i], tasks[i].rect) for i in received if tasks[i].camera == b}
+                outputs[b] = self._composite(views[b], crops, with_depth)
+        return outputs, anchor
+
+    def _render_local(self, views: List[View], visible: Tensor, with_depth: bool):
+        """Every visible own part of every camera, cropped; rectangles in a [B, S, 4] table."""
+        model = self.model
+        g = model.activated_gaussians()
+        rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
+        local: Dict[Tuple[int, int], Tensor] = {}
+        backend = resolve_backend(model.config.backend, model.means.device)
+        model._note_backend(backend)
+        record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height)
+        for b, v in enumerate(views):
+            for s, index in self.local_part_index().items():
+                if not bool(visible[b, s]) or index.numel() == 0:
+                    continue
+                whole = index.numel() == model.num_points  # one part per rank: no gather needed
+                part = g if whole else Gaussians(*(t[index] for t in g))
+                partial = render_partial(
+                    part, v.positions[model.leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
+                    self.settings, with_depth=with_depth, backend=backend,
+                    absgrad=model.strategy.absgrad and backend == "gsplat",
+                )
+                if model.training and partial.means2d.requires_grad:
+                    partial.means2d.retain_grad()
+                    record.means2d.append((partial.means2d, index, b))
+                    radii = record.radii.setdefault(b, torch.zeros(model.num_points, dtype=torch.int32, device=model.device))
+                    radii[index] = partial.radii[0].to(torch.int32)
+                packed = torch.cat([partial.color, partial.transmittance], dim=-1)  # [H, W, D + 1]
+                x0, y0, x1, y1 = content_rect(partial.color, partial.transmittance)
+                if x1 > x0:
+                    rects[b, s] = torch.tensor([x0, y0, x1, y1])
+                    local[(b, s)] = packed[y0:y1, x0:x1]
+        self.record = record
+        return local, rects
+
+    def _composite(self, v: View, crops: Dict[int, Tuple[Tensor, tuple]], with_depth: bool) -> Dict[str, Tensor]:
+        """Owner side: paste the parts' crops and composite them front to back."""
+        model = self.model
+        background = model._get_background_color().to(model.means.dtype)
+        channels = 4 if with_depth else 3
+        colors, trans = [], []
+        for s in v.part_order:
+            if s in crops:
+                crop, window = crops[s]
+                c, t = paste_partial(crop[..., :channels], crop[..., channels:], window, v.width, v.height)
+                colors.append(c)
+                trans.append(t)
+        if not colors:  # nothing visible: an empty partial keeps composite's contract
+            colors = [model.means.new_zeros(v.height, v.width, channels)]
+            trans = [model.means.new_ones(v.height, v.width, 1)]
+        full_background = torch.cat([background, background.new_zeros(channels - 3)])
+        image, transmittance = composite(colors, trans, full_background)
+        alpha = 1.0 - transmittance
+        out = {"rgb": torch.clamp(image[..., :3], 0.0, 1.0), "accumulation": alpha, "background": background}
+        out["depth"] = None
+        if with_depth:
+            premult_depth = sum(
+                (c[..., 3:4] * torch.prod(torch.stack(trans[:k]), 0) if k else c[..., 3:4]) for k, c in enumerate(colors)
+            )
+            depth = expected_depth(premult_depth, transmittance)
+            out["depth"] = torch.where(alpha > 0, depth, depth.detach().max())
+        return out
+
+    # ---- loss -----------------------------------------------------------------------------
+    def batch_loss(
+        self,
+        cameras: Cameras,
+        visible: Tensor,
+        owners: Tensor,
+        batch_of: Callable[[int], Dict[str, Tensor]],
+    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[int, Dict[str, Tensor]]]:
+        """Loss of a batch: mean over its B cameras of splatfacto's per-camera loss.
+
+        Each owner sums its cameras' losses; the returned ``main_loss`` carries the global
+        value (summed over ranks) for logging and the local graph for backward.
+
+        Args:
+            batch_of: camera -> nerfstudio batch dict ({"image": [H, W, 3|4], ...}); called
+                only for cameras this rank owns (only they need their image).
+
+        Returns:
+            loss dict, metrics dict (reduced over ranks) and the owned cameras' outputs.
+        """
+        model = self.model
+        with_depth = model.config.output_depth_during_training or not model.training
+        outputs, anchor = self.forward(cameras, visible, owners, with_depth)
+        size = len(cameras)
+        local = 0.0 * anchor
+        psnr = model.means.new_zeros(())
+        for b, out in outputs.items():
+            data = batch_of(b)
+            local = local + model.get_loss_dict(out, data)["main_loss"] / size
+            psnr = psnr + model.get_metrics_dict(out, data)["psnr"].detach().to(psnr) / size
+        total_loss, total_psnr, count = all_reduce_sum(
+            self.comm,
+            [local.detach(), psnr, torch.tensor(float(model.num_points), dtype=psnr.dtype, device=psnr.device)],
+            "loss and metrics",
+        )
+        main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
+        return {"main_loss": main_loss}, {"psnr": total_psnr, "gaussian_count": count}, outputs

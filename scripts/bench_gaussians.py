@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""retina-gs against splatfacto on the same data, side by side in one process.
+
+For each scene and method: train ``--steps`` steps with nerfstudio's Trainer (same data,
+same seed, same schedule), time the steps after a warm-up (CUDA synchronised), record peak GPU
+memory, then evaluate PSNR / SSIM / LPIPS on the held-out images.  Prints a table of ratios
+(retina-gs / splatfacto) last and writes everything as JSON.
+
+    python scripts/bench_gaussians.py --scenes cup city --steps 5000 --json bench.json
+    python scripts/bench_gaussians.py --smoke          # CPU: a few steps of retina-gs only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scene_dataparser(scene: str, data_root: Path, work: Path):
+    """(dataparser config, description) for a named scene."""
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    from landmark_plugin.data.city import CityConfig
+    from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
+
+    if scene == "cup":
+        path = data_root / "cup_colmap"
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: pass --data-root pointing at the shared data folder")
+        return ColmapDataParserConfig(data=path, downscale_factor=4, eval_mode="interval", eval_interval=8), "cup_colmap images_4 (200x150)"
+    if scene == "city":
+        city = CityConfig(num_images=120, width=320, height=240)
+        return SyntheticCityDataParserConfig(data=work / "city-bench", city=city), "synthetic city, 120 images 320x240"
+    if scene == "tiny-city":
+        city = CityConfig(num_images=10, width=96, height=72)
+        return SyntheticCityDataParserConfig(data=work / "city-tiny", city=city), "tiny synthetic city"
+    raise SystemExit(f"unknown scene {scene}")
+
+
+def method_config(method: str, dataparser, steps: int, out: Path):
+    from nerfstudio.configs.method_configs import all_methods
+
+    config = copy.deepcopy(all_methods[method])
+    config.max_num_iterations = steps
+    for group in config.optimizers.values():  # the same schedule shape for every method
+        if group.get("scheduler") is not None and hasattr(group["scheduler"], "max_steps"):
+            group["scheduler"].max_steps = steps
+    config.pipeline.datamanager.dataparser = dataparser
+    config.pipeline.datamanager.data = dataparser.data
+    config.output_dir = out
+    config.vis = "tensorboard"
+    config.steps_per_eval_image = 10**9
+    config.steps_per_eval_batch = 10**9
+    config.steps_per_eval_all_images = 10**9
+    config.steps_per_save = 10**9
+    config.save_only_latest_checkpoint = True
+    config.machine.seed = 42
+    config.set_timestamp()
+    return config
+
+
+def run_one(method: str, dataparser, steps: int, out: Path, device: str) -> Dict:
+    from nerfstudio.utils import writer
+
+    config = method_config(method, dataparser, steps, out)
+    config.machine.device_type = "cuda" if device == "cuda" else "cpu"
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    writer.setup_local_writer(config.logging, max_iter=steps)  # quiet: no viewer, no event files
+    pipeline = trainer.pipeline
+    warmup = min(100, steps // 5)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: List[float] = []
+    clock = [time.perf_counter()]
+
+    def tick(step: int) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if step >= warmup:
+            times.append(now - clock[0])
+        clock[0] = now
+
+    run_steps(trainer, steps, tick)
+    pipeline.eval()
+    metrics = pipeline.get_average_eval_image_metrics(step=steps)
+    return {
+        "method": method,
+        "steps": steps,
+        "step_ms_median": 1000 * statistics.median(times) if times else math.nan,
+        "step_ms_mean": 1000 * statistics.fmean(times) if times else math.nan,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan,
+        "num_gaussians": int(pipeline.model.num_points),
+        **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
+
+
+def run_steps(trainer, steps: int, after_step) -> None:
+    """Our trainer has run_steps; splatfacto's plain Trainer gets the same loop borrowed."""
+    from landmark_plugin.trainer import LandmarkTrainer
+
+    LandmarkTrainer.run_steps(trainer, 0, steps, after_step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", nargs="+", default=["cup", "city"])
+    parser.add_argument("--methods", nargs="+", default=["splatfacto", "retina-gs"])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
+    args = parser.parse_args()
+    if args.smoke:
+        args.scenes, args.methods, args.steps = ["tiny-city"], ["retina-gs"], 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    results = []
+    for scene in args.scenes:
+        dataparser, description = scene_dataparser(scene, args.data_root, args.work)
+        for method in args.methods:
+            torch.manual_seed(42)
+            row = run_one(method, dataparser, args.steps, args.work / "runs", device)
+            row.update(scene=scene, scene_description=description, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: List[Dict]) -> None:
+    print(f"\n{'scene':10} {'method':12} {'steps':>6} {'ms/step':>8} {'mem GB':>7} {'#gauss':>9} {'PSNR':>7} {'SSIM':>6}")
+    for r in results:
+        print(
+            f"{r['scene']:10} {r['method']:12} {r['steps']:6d} {r['step_ms_median']:8.2f} {r['peak_mem_gb']:7.2f} "
+            f"{r['num_gaussians']:9d} {r.get('psnr', math.nan):7.2f} {r.get('ssim', math.nan):6.3f}"
+        )
+    by_scene: Dict[str, Dict[str, Dict]] = {}
+    for r in results:
+        by_scene.setdefault(r["scene"], {})[r["method"]] = r
+    for scene, rows in by_scene.items():
+        if "retina-gs" in rows and "splatfacto" in rows:
+            ours, ref = rows["retina-gs"], rows["splatfacto"]
+            print(
+                f"{scene}: retina-gs/splatfacto step time {ours['step_ms_median'] / ref['step_ms_median']:.3f}x, "
+                f"PSNR {ours.get('psnr', math.nan) - ref.get('psnr', math.nan):+.2f} dB"
+            )
+
+
+if __name__ == "__main__":
+    main()

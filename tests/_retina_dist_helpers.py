@@ -1,0 +1,90 @@
+"""Shared pieces of the distributed retina-gs tests: an identical tiny model on every process,
+float64 cameras and target images, and the single-process reference step."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+
+
+W, H = 32, 24
+NUM_CAMERAS = 6
+LRS = {"means": 1.6e-3, "features_dc": 0.0025, "features_rest": 0.0025 / 20, "opacities": 0.05, "scales": 0.005, "quats": 0.001}
+
+
+def make_model(num_points: int = 300, depth: int = 2, seed: int = 0):
+    """A float64 RetinaGSModel, identical on every process (seeded), densification off."""
+    from nerfstudio.data.scene_box import SceneBox
+
+    from landmark_plugin.gaussians.model import RetinaGSModelConfig
+
+    g = torch.Generator().manual_seed(seed)
+    pts = (torch.rand(num_points, 3, generator=g) - 0.5) * 2
+    rgb = (torch.rand(num_points, 3, generator=g) * 255).to(torch.uint8)
+    config = RetinaGSModelConfig(
+        tree_depth=depth, sh_degree=1, background_color="white", stop_split_at=0, num_downscales=0, backend="torch"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = config.setup(
+            scene_box=SceneBox(aabb=torch.tensor([[-1.0, -1, -1], [1, 1, 1]])),
+            num_train_data=NUM_CAMERAS,
+            seed_points=(pts, rgb),
+        )
+    model = model.to(torch.float64)
+    model.train()
+    model.optimizers = {}
+    return model
+
+
+def make_cameras(num: int = NUM_CAMERAS):
+    """Cameras on a circle around the unit cube looking at its centre (float64)."""
+    from nerfstudio.cameras.cameras import Cameras
+
+    c2ws = []
+    for i in range(num):
+        a = 2 * math.pi * i / num
+        eye = torch.tensor([2.6 * math.cos(a), 2.6 * math.sin(a), 1.2 + 0.3 * (i % 2)], dtype=torch.float64)
+        forward = -eye / eye.norm()
+        right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+        right = right / right.norm()
+        up = torch.linalg.cross(right, forward)
+        c2ws.append(torch.cat([torch.stack([right, up, -forward], dim=1), eye[:, None]], dim=1))
+    full = lambda v: torch.full((num, 1), float(v), dtype=torch.float64)  # noqa: E731
+    return Cameras(
+        camera_to_worlds=torch.stack(c2ws), fx=full(28), fy=full(28), cx=full(W / 2), cy=full(H / 2),
+        width=torch.full((num, 1), W), height=torch.full((num, 1), H),
+    )
+
+
+def target_image(index: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(500 + index)
+    return torch.rand(H, W, 3, generator=g, dtype=torch.float64)
+
+
+def make_optimizers(model) -> Dict[str, torch.optim.Adam]:
+    return {name: torch.optim.Adam([model.gauss_params[name]], lr=lr, eps=1e-15) for name, lr in LRS.items()}
+
+
+def step_optimizers(model, optimizers) -> None:
+    """Adam step on every group; a shard that drew nothing still steps with zero gradients
+    (as the single-process model, whose every parameter is in the graph)."""
+    for name, opt in optimizers.items():
+        p = model.gauss_params[name]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+
+def reference_step(model, cameras, indices: List[int]):
+    """Single-process: mean of splatfacto's loss over the cameras, with the whole model."""
+    loss, images = 0.0, []
+    for i in indices:
+        out = model.get_outputs(cameras[i : i + 1])
+        images.append(out["rgb"].detach())
+        loss = loss + model.get_loss_dict(out, {"image": target_image(i)})["main_loss"] / len(indices)
+    loss.backward()
+    return float(loss), images
