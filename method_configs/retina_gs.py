@@ -1,4 +1,17 @@
-"""Method specifications of retina-gs (registered as nerfstudio entry points in pyproject.toml)."""
+"""Method specifications of retina-gs (registered as nerfstudio entry points in pyproject.toml).
+
+One method name serves one process and several: the pipeline (``DistributedRetinaPipeline``)
+and trainer (``RetinaTrainer``) behave as nerfstudio's ``VanillaPipeline`` / our
+``LandmarkTrainer`` when the run has one rank, and shard the Gaussians by kd-tree subtree
+when it has several (torchrun or ``landmark-train`` on CPU and GPU; ``ns-train
+--machine.num-devices N`` on GPU):
+
+    torchrun --nproc-per-node 2 -m landmark_plugin.distributed.train retina-gs --data DATA ... synthetic-city
+    landmark-merge outputs/.../config.yml    # one checkpoint for ns-eval / ns-render / ns-viewer, plus a .ply
+
+The multi-rank knobs are ``--pipeline.max-batch-size``, ``--pipeline.max-load``,
+``--pipeline.repartition-every`` and ``--pipeline.collective-timeout-s``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +19,12 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from landmark_plugin.gaussians.datamanager import RetinaGSDataManagerConfig
+from landmark_plugin.gaussians.distributed_pipeline import DistributedRetinaPipelineConfig
 from landmark_plugin.gaussians.model import RetinaGSModelConfig
-from landmark_plugin.trainer import LandmarkTrainerConfig
+from landmark_plugin.gaussians.trainer import RetinaTrainerConfig
 
 
 def gaussian_optimizers(max_steps: int) -> dict:
@@ -35,9 +48,9 @@ def gaussian_optimizers(max_steps: int) -> dict:
     }
 
 
-def retina_gs_config(method_name: str, max_steps: int, model: RetinaGSModelConfig) -> LandmarkTrainerConfig:
+def retina_gs_config(method_name: str, max_steps: int, model: RetinaGSModelConfig) -> RetinaTrainerConfig:
     """One retina-gs trainer; the variants differ only in ``model`` and ``max_steps``."""
-    return LandmarkTrainerConfig(
+    return RetinaTrainerConfig(
         method_name=method_name,
         steps_per_eval_image=100,
         steps_per_eval_batch=0,
@@ -45,7 +58,7 @@ def retina_gs_config(method_name: str, max_steps: int, model: RetinaGSModelConfi
         steps_per_eval_all_images=1000,
         max_num_iterations=max_steps,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=DistributedRetinaPipelineConfig(
             datamanager=RetinaGSDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",

@@ -76,7 +76,7 @@ def _spans_split_planes(params, tree) -> int:
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 @pytest.mark.parametrize("camera", ["outside", "inside"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_composite_equals_single_render(depth, camera, seed):
     params, tree, viewmat, K = _scene(seed, depth, camera)
     settings = RasterSettings(min_transmittance=0.0)
@@ -111,7 +111,7 @@ def test_composite_with_early_termination_is_bounded(depth, camera):
         bound = colors.abs().max() * (single_t - comp_t)
         assert ((comp_c - single_c).abs() <= bound + EXACT).all()
         unstopped = single_t[..., 0] > settings.min_transmittance / (1 - settings.alpha_max)
-        assert (comp_c - single_c)[unstopped].abs().max() <= EXACT
+        assert ((comp_c - single_c).abs() * unstopped[..., None]).max() <= EXACT
         assert (single_t < settings.min_transmittance / (1 - settings.alpha_max)).any()
         diff_seen = max(diff_seen, float((comp_c - single_c).abs().max()))
     # Sanity: the bound is not vacuous here, and the effect is small in practice.
@@ -149,14 +149,17 @@ def test_cropped_partials_composite_like_full():
     full_c, full_t = rasterize_groups(
         proj, params["colors"], params["opacities"], position, tree.num_leaves, WIDTH, HEIGHT, settings
     )
-    pasted = []
+    pasted, windows = [], []
     for k in range(tree.num_leaves):
         idx = (position == k).nonzero()[:, 0]
         sub = proj.take(idx)
         window = footprint_window(sub, WIDTH, HEIGHT, settings.tile_size)
-        crop = rasterize(sub, params["colors"][idx], params["opacities"][idx], WIDTH, HEIGHT, settings, window=window)
+        crop = rasterize(
+            sub, params["colors"][idx], params["opacities"][idx], WIDTH, HEIGHT, settings, window=window
+        )
         pasted.append(paste_partial(*crop, window, WIDTH, HEIGHT))
-    assert any(w != (0, 0, WIDTH, HEIGHT) for w in [footprint_window(proj.take((position == k).nonzero()[:, 0]), WIDTH, HEIGHT) for k in range(8)])
+        windows.append(window)
+    assert any(w != (0, 0, WIDTH, HEIGHT) for w in windows), "some leaves must be cropped"
     got = composite([p[0] for p in pasted], [p[1] for p in pasted])
     want = composite(full_c, full_t)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)

@@ -98,9 +98,17 @@ def test_gsplat_backend_equals_torch_twin(depth):
         grads = torch.autograd.grad(loss, list(gaussians))
         outs[backend] = (part.color.detach(), part.transmittance.detach(), grads)
     (c1, t1, g1), (c2, t2, g2) = outs["gsplat"], outs["torch"]
-    assert (c1[..., :3] - c2[..., :3]).abs().max() <= 1e-4
-    assert (c1[..., 3] - c2[..., 3]).abs().max() <= 1e-4 * max(1.0, c2[..., 3].abs().max().item())
-    assert (t1 - t2).abs().max() <= 1e-4
+    # Both run in float32 with hard thresholds (alpha >= 1/255, T > 1e-4): a Gaussian sitting on
+    # a threshold can be kept by one and dropped by the other, which moves that pixel by up to
+    # about alpha_min * |colour|.  So: nearly every pixel within 1e-4, and the rare flips bounded.
+    for name, a, b, scale in (
+        ("rgb", c1[..., :3], c2[..., :3], 1.0),
+        ("depth", c1[..., 3], c2[..., 3], float(c2[..., 3].abs().max().clamp_min(1.0))),
+        ("transmittance", t1, t2, 1.0),
+    ):
+        err = ((a - b).abs() / scale).flatten()
+        assert torch.quantile(err, 0.999) <= 1e-4, f"{name}: 99.9% quantile {torch.quantile(err, 0.999):.2e}"
+        assert err.max() <= 4.0 / 255.0, f"{name}: max error {err.max():.2e} exceeds a threshold flip"
     for name, a, b in zip(Gaussians._fields, g1, g2):
         scale = b.abs().max().clamp_min(1e-8)
         assert ((a - b).abs().max() / scale) <= 1e-3, f"gradient of {name} differs"

@@ -23,7 +23,7 @@ from torch import Tensor
 AxisRule = Literal["widest", "xy"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors would be ambiguous
 class KDTree:
     """A complete kd-tree of ``depth`` levels over the box ``bounds``.
 
@@ -231,7 +231,8 @@ def _split_level(
     m, device = boxes.shape[0], node.device
     none_left, none_right = -1, 2**codes.bits
     if node.shape[0] == 0:  # no points: every node splits at its box midpoint
-        return _split_values(codes, torch.full_like(axis, none_left), torch.full_like(axis, none_right), boxes, axis)
+        no_key = torch.full_like(axis, none_left), torch.full_like(axis, none_right)
+        return _split_values(codes, *no_key, boxes, axis)
     for a, b in _spans(node.shape[0]):
         key[a:b] = codes.keys[:, a:b].gather(0, axis[node[a:b]][None])[0]
     threshold = _segmented_weighted_median(key, node, weights, m, codes.bits)

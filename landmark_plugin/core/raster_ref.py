@@ -3,12 +3,7 @@
 It reproduces ``gsplat.rasterization(rasterize_mode="classic", packed=False)`` for one
 pinhole camera, on CPU or GPU, in float32 or float64:
 
-* projection (``fully_fused_projection``): covariance from a normalised quaternion and
-  linear scales, EWA Jacobian with camera-space x/z, y/z clamped to 1.3 x the half field
-  of view beyond the principal point, ``eps2d`` added to the 2D covariance, conic = its
-  inverse, radius = ceil(3 sqrt(b + sqrt(max(0.01, b^2 - det)))) with b = trace / 2, and
-  radius 0 for depth outside [near, far], det <= 0, radius <= radius_clip, or a footprint
-  square fully off-screen;
+* projection (``fully_fused_projection``): see ``core/projection.py``;
 * tile binning (``isect_tiles``): a Gaussian is a candidate for the pixels of every tile
   its [mean2d - radius, mean2d + radius] square touches, in (depth, index) order per tile;
 * per pixel (``rasterize_to_pixels``), centre (x + 0.5, y + 0.5): sigma = 0.5 (a dx^2 +
@@ -18,176 +13,52 @@ pinhole camera, on CPU or GPU, in float32 or float64:
 
 Output is the premultiplied colour sum_i c_i a_i T_i (no background) and the final T.
 
-Vectorised in two passes.  Pass 1 (no grad) evaluates every (pixel, candidate) of a chunk
-of tiles in a padded [tiles, tile_px, K] layout and decides which candidates are kept
-(the decision is piecewise constant, so it needs no gradient).  Pass 2 recomputes alpha
-with grad only for the kept (pixel, Gaussian) entries and composites them with an
-exclusive cumulative product per pixel, so no 1 / (1 - alpha) appears in the forward.
+Vectorised without per-tile padding.  For every Gaussian, only the pixels of its tiles
+inside the ellipse where alpha can reach alpha_min are generated (an exact pruning: all
+other pixels are skipped by gsplat too), row interval by row interval, in front-to-back
+order.  alpha is computed once, with autograd; the entries are grouped by pixel (stable
+sort), gsplat's early termination becomes a mask from a no-grad cumulative product (the
+decision is piecewise constant), and the kept entries are composited with an exclusive
+cumulative product per pixel, so no 1 / (1 - alpha) appears in the forward pass.  Large
+windows are processed in bands of pixel rows to bound memory.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from landmark_plugin.core.projection import (  # re-exported: the reference's public API
+    Projection,
+    RasterSettings,
+    perspective_projection,
+    project_gaussians,
+    quat_scale_to_covar,
+    world_to_camera,
+)
 from landmark_plugin.core.sh import camera_center, gaussian_colors
 
+__all__ = [
+    "Projection",
+    "RasterSettings",
+    "Window",
+    "footprint_window",
+    "perspective_projection",
+    "project_gaussians",
+    "quat_scale_to_covar",
+    "rasterize",
+    "rasterize_groups",
+    "render_ref",
+    "sort_rank",
+    "tile_ranges",
+    "world_to_camera",
+]
+
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, half-open
-
-
-@dataclass(frozen=True)
-class RasterSettings:
-    """Constants of the rasterisation rule (gsplat 1.4.0 defaults)."""
-
-    near_plane: float = 0.01
-    """Gaussians with camera depth below this are culled."""
-    far_plane: float = 1e10
-    """Gaussians with camera depth above this are culled."""
-    eps2d: float = 0.3
-    """Screen-space blur added to the 2D covariance diagonal (pixels^2)."""
-    tile_size: int = 16
-    """Tile edge in pixels; candidates are binned per tile."""
-    alpha_min: float = 1.0 / 255.0
-    """Contributions with a smaller alpha are skipped."""
-    alpha_max: float = 0.999
-    """Alpha is clamped to this."""
-    min_transmittance: float = 1e-4
-    """A pixel ends before the Gaussian that would drop T to this or below; 0 disables."""
-    radius_clip: float = 0.0
-    """Gaussians with a screen radius (pixels) at or below this are culled."""
-    chunk_elements: int = 2**21
-    """Memory bound: (pixel, candidate) pairs evaluated at once in the no-grad pass."""
-
-
-class Projection(NamedTuple):
-    """Screen-space Gaussians of one camera (rows with radius 0 are culled)."""
-
-    means2d: Float[Tensor, "N 2"]
-    conics: Float[Tensor, "N 3"]
-    depths: Float[Tensor, " N"]
-    radii: Int[Tensor, " N"]
-
-    def take(self, index: Int[Tensor, " M"]) -> "Projection":
-        """The rows ``index`` (differentiable)."""
-        return Projection(*(t[index] for t in self))
-
-
-def quat_scale_to_covar(
-    quats: Float[Tensor, "N 4"], scales: Float[Tensor, "N 3"]
-) -> Float[Tensor, "N 3 3"]:
-    """World covariance R S S^T R^T from wxyz quaternions (normalised here) and scales."""
-    w, x, y, z = F.normalize(quats, p=2, dim=-1).unbind(-1)
-    rot = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(-1, 3, 3)
-    m = rot * scales[:, None, :]
-    return m @ m.transpose(-1, -2)
-
-
-def world_to_camera(
-    means: Float[Tensor, "N 3"], covars: Float[Tensor, "N 3 3"], viewmat: Float[Tensor, "4 4"]
-) -> tuple[Float[Tensor, "N 3"], Float[Tensor, "N 3 3"]]:
-    """Means and covariances in camera space (viewmat = world-to-camera)."""
-    rot, trans = viewmat[:3, :3], viewmat[:3, 3]
-    return means @ rot.T + trans, rot @ covars @ rot.T
-
-
-def perspective_projection(
-    means_c: Float[Tensor, "N 3"],
-    covars_c: Float[Tensor, "N 3 3"],
-    K: Float[Tensor, "3 3"],
-    width: int,
-    height: int,
-) -> tuple[Float[Tensor, "N 2"], Float[Tensor, "N 2 2"]]:
-    """EWA projection of camera-space Gaussians with positive depth.
-
-    The Jacobian uses x/z and y/z clamped to the field of view widened by 30 % of its
-    half-angle tangent on each side (gsplat's limits), which keeps far off-axis splats
-    from exploding; the mean itself is projected unclamped.
-    """
-    x, y, z = means_c.unbind(-1)
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    lim_x_pos = (width - cx) / fx + 0.3 * (0.5 * width / fx)
-    lim_x_neg = cx / fx + 0.3 * (0.5 * width / fx)
-    lim_y_pos = (height - cy) / fy + 0.3 * (0.5 * height / fy)
-    lim_y_neg = cy / fy + 0.3 * (0.5 * height / fy)
-    rz = 1.0 / z
-    tx = z * torch.minimum(torch.maximum(x * rz, -lim_x_neg), lim_x_pos)
-    ty = z * torch.minimum(torch.maximum(y * rz, -lim_y_neg), lim_y_pos)
-    zero = torch.zeros_like(z)
-    jac = torch.stack(
-        [fx * rz, zero, -fx * tx * rz * rz, zero, fy * rz, -fy * ty * rz * rz], dim=-1
-    ).reshape(-1, 2, 3)
-    cov2d = jac @ covars_c @ jac.transpose(-1, -2)
-    means2d = torch.stack([fx * x * rz + cx, fy * y * rz + cy], dim=-1)
-    return means2d, cov2d
-
-
-def project_gaussians(
-    means: Float[Tensor, "N 3"],
-    quats: Float[Tensor, "N 4"],
-    scales: Float[Tensor, "N 3"],
-    viewmat: Float[Tensor, "4 4"],
-    K: Float[Tensor, "3 3"],
-    width: int,
-    height: int,
-    settings: RasterSettings = RasterSettings(),
-) -> Projection:
-    """gsplat's ``fully_fused_projection`` (classic, unpacked) for one camera.
-
-    Args:
-        means: [N, 3] world centres.
-        quats: [N, 4] wxyz rotations, not necessarily normalised.
-        scales: [N, 3] linear scales.
-        viewmat: [4, 4] world-to-camera (OpenCV convention).
-        K: [3, 3] pinhole intrinsics.
-        width, height: image size in pixels.
-        settings: near/far, eps2d, radius_clip.
-
-    Returns:
-        Projection with [N, 2] means2d, [N, 3] conics (a, b, c of the inverse blurred
-        covariance), [N] camera depths and [N] int32 radii (0 = culled).
-    """
-    means_c, covars_c = world_to_camera(means, quat_scale_to_covar(quats, scales), viewmat)
-    depth = means_c[:, 2]
-    depth_ok = (depth >= settings.near_plane) & (depth <= settings.far_plane)
-    # Culled rows get a harmless depth so no inf / nan can reach the backward pass.
-    safe_c = torch.where(depth_ok[:, None], means_c, torch.ones_like(means_c))
-    means2d, cov2d = perspective_projection(safe_c, covars_c, K.to(means), width, height)
-    a = cov2d[:, 0, 0] + settings.eps2d
-    b = cov2d[:, 0, 1]
-    c = cov2d[:, 1, 1] + settings.eps2d
-    det = a * c - b * b
-    det_ok = det > 0
-    inv_det = 1.0 / torch.where(det_ok, det, torch.ones_like(det))
-    conics = torch.stack([c * inv_det, -b * inv_det, a * inv_det], dim=-1)
-    radius = _screen_radius(a.detach(), c.detach(), det.detach())
-    mx, my = means2d[:, 0].detach(), means2d[:, 1].detach()
-    on_screen = (mx + radius > 0) & (mx - radius < width) & (my + radius > 0) & (my - radius < height)
-    keep = depth_ok & det_ok & (radius > settings.radius_clip) & on_screen
-    radii = torch.where(keep, radius, torch.zeros_like(radius)).to(torch.int32)
-    return Projection(means2d=means2d, conics=conics, depths=depth, radii=radii)
-
-
-def _screen_radius(
-    a: Float[Tensor, " N"], c: Float[Tensor, " N"], det: Float[Tensor, " N"]
-) -> Float[Tensor, " N"]:
-    """ceil(3 sigma) of the larger eigenvalue, the 0.01 floor under the discriminant as
-    in gsplat (it also keeps sqrt away from negative rounding noise)."""
-    b = 0.5 * (a + c)
-    v1 = b + torch.sqrt(torch.clamp_min(b * b - det, 0.01))
-    return torch.ceil(3.0 * torch.sqrt(torch.clamp_min(v1, 0.0)))
 
 
 def sort_rank(
@@ -247,12 +118,13 @@ def _level_set(
     """Largest sigma at which alpha can still reach alpha_min, slightly inflated.
 
     alpha >= alpha_min needs opacity exp(-sigma) >= alpha_min, i.e. sigma <= ln(opacity /
-    alpha_min).  The inflation (1e-3 relative plus 1e-3) covers float32 rounding of sigma
-    and exp in the rasteriser, so the bound never drops a pixel the rasteriser keeps.
+    alpha_min).  The inflation (1e-2 relative plus 1e-2) covers float32 rounding of sigma
+    (whose terms can cancel for elongated splats) and of exp in the rasteriser, so the
+    bound never drops a pixel the rasteriser keeps.
     """
     o = opacities.detach().to(torch.float64)
     s = torch.log(o / settings.alpha_min)
-    return torch.where(o > 0, s + 1e-3 * s.abs() + 1e-3, torch.full_like(s, -1.0))
+    return torch.where(o > 0, s + 1e-2 * s.abs() + 1e-2, torch.full_like(s, -1.0))
 
 
 def _ranges(lo: Tensor, hi: Tensor, count: Tensor) -> tuple[Int[Tensor, " M"], Int[Tensor, " M"]]:
@@ -262,8 +134,18 @@ def _ranges(lo: Tensor, hi: Tensor, count: Tensor) -> tuple[Int[Tensor, " M"], I
     return item, lo[item] + offset
 
 
+class _Rows(NamedTuple):
+    """Per (Gaussian, pixel row): the half-open x range where it can count, rows in
+    front-to-back (rank) order of their Gaussians."""
+
+    gaussian: Int[Tensor, " R"]
+    y: Int[Tensor, " R"]
+    x_lo: Int[Tensor, " R"]
+    x_hi: Int[Tensor, " R"]
+
+
 @torch.no_grad()
-def _candidates(
+def _candidate_rows(
     proj: Projection,
     opacities: Float[Tensor, " N"],
     rank: Int[Tensor, " N"],
@@ -271,8 +153,8 @@ def _candidates(
     height: int,
     settings: RasterSettings,
     window: Window,
-) -> tuple[Int[Tensor, " E"], Int[Tensor, " E"], Int[Tensor, " E"]]:
-    """(Gaussian, x, y) of every pixel where a Gaussian can count, in ``rank`` order.
+) -> _Rows:
+    """Where each Gaussian must be evaluated, row by row.
 
     gsplat evaluates a Gaussian at every pixel of the tiles its radius square touches
     (``tile_ranges``) and skips it where alpha < alpha_min, where it changes nothing.  So
@@ -308,35 +190,84 @@ def _candidates(
     x_hi = torch.floor(centre + half - 0.5).long() + 2
     x_lo = torch.maximum(x_lo, (tiles[row_g, 0] * ts).clamp(min=x0))
     x_hi = torch.minimum(x_hi, (tiles[row_g, 1] * ts).clamp(max=x1))
-    row_pix, xs = _ranges(x_lo, x_hi, (x_hi - x_lo).clamp(min=0))
-    return order[row_g[row_pix]], xs, row_y[row_pix]
+    return _Rows(order[row_g], row_y, x_lo, x_hi.clamp(min=x_lo))
+
+
+def _bands(rows: _Rows, window: Window, budget: int) -> list[tuple[int, int]]:
+    """Split the window's pixel rows into bands of about ``budget`` candidates each."""
+    x0, y0, x1, y1 = window
+    per_row = torch.zeros(y1 - y0, dtype=torch.int64, device=rows.y.device)
+    per_row.index_add_(0, rows.y - y0, rows.x_hi - rows.x_lo)
+    ends = torch.cumsum(per_row, 0)
+    bands, start = [], 0
+    while start < y1 - y0:
+        done = int(ends[start - 1]) if start > 0 else 0
+        stop = int(torch.searchsorted(ends, done + budget, right=True))
+        stop = min(max(stop, start + 1), y1 - y0)
+        bands.append((y0 + start, y0 + stop))
+        start = stop
+    return bands
 
 
 def _alpha(
-    means2d: Float[Tensor, "*b 2"],
-    conics: Float[Tensor, "*b 3"],
-    opacities: Float[Tensor, " *b"],
-    px: Float[Tensor, " *b"],
-    py: Float[Tensor, " *b"],
+    geometry: Float[Tensor, "E 6"],
+    px: Float[Tensor, " E"],
+    py: Float[Tensor, " E"],
     settings: RasterSettings,
-) -> tuple[Float[Tensor, " *b"], Bool[Tensor, " *b"]]:
+) -> tuple[Float[Tensor, " E"], Bool[Tensor, " E"]]:
     """alpha of a Gaussian at a pixel centre and whether it counts (sigma >= 0 and
-    alpha >= alpha_min), gsplat's formula term by term."""
-    dx, dy = means2d[..., 0] - px, means2d[..., 1] - py
-    sigma = 0.5 * (conics[..., 0] * dx * dx + conics[..., 2] * dy * dy) + conics[..., 1] * dx * dy
-    alpha = torch.clamp_max(opacities * torch.exp(-sigma), settings.alpha_max)
+    alpha >= alpha_min), gsplat's formula term by term.
+
+    Args:
+        geometry: [E, 6] mean2d x, y, conic a, b, c and opacity per entry.
+        px, py: [E] pixel centres.
+    """
+    mx, my, a, b, c, opacity = geometry.unbind(-1)  # one stack in backward, not six slices
+    dx, dy = mx - px, my - py
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    alpha = torch.clamp_max(opacity * torch.exp(-sigma), settings.alpha_max)
     return alpha, (sigma >= 0) & (alpha >= settings.alpha_min)
 
 
-def _pixel_runs(
-    pixel: Int[Tensor, " E"],
-) -> tuple[Int[Tensor, " R"], Int[Tensor, " E"], Int[Tensor, " E"], int]:
-    """For entries grouped by pixel: the distinct pixels, each entry's run and its slot
-    within the run, and the longest run (for a padded [runs, slots] layout)."""
+class _Runs(NamedTuple):
+    """Entries grouped by pixel ("runs"), front to back within a run."""
+
+    pixel: Int[Tensor, " R"]  # the pixel of every run
+    length: Int[Tensor, " R"]
+    run: Int[Tensor, " E"]  # run of every entry
+    slot: Int[Tensor, " E"]  # place of every entry within its run
+
+
+def _pixel_runs(pixel: Int[Tensor, " E"]) -> _Runs:
     pix_run, run_len = torch.unique_consecutive(pixel, return_counts=True)
     run = torch.repeat_interleave(torch.arange(pix_run.shape[0], device=pixel.device), run_len)
     slot = torch.arange(pixel.shape[0], device=pixel.device) - (torch.cumsum(run_len, 0) - run_len)[run]
-    return pix_run, run, slot, int(run_len.max()) if run_len.numel() else 1
+    return _Runs(pix_run, run_len, run, slot)
+
+
+def _run_products(factor: Float[Tensor, " E"], runs: _Runs) -> tuple[Float[Tensor, " E"], Float[Tensor, " R"]]:
+    """Per run, the product of the factors before each entry (exclusive) and of all of
+    them; differentiable, and sequential like gsplat's loop (no log / exp, no division).
+
+    Runs are padded to [runs, longest] only within buckets of similar length (up to a
+    power of two), so one crowded pixel does not pad every other pixel to its length.
+    """
+    bucket = torch.ceil(torch.log2(runs.length.to(torch.float64))).long()  # length <= 2**bucket
+    entry_bucket = bucket[runs.run]
+    t_before = factor.new_zeros(factor.shape[0])
+    t_total = factor.new_zeros(runs.length.shape[0])
+    for b in torch.unique(bucket).tolist():
+        run_ids = (bucket == b).nonzero()[:, 0]
+        entries = (entry_bucket == b).nonzero()[:, 0]
+        local = torch.full_like(runs.length, -1)
+        local[run_ids] = torch.arange(run_ids.shape[0], device=run_ids.device)
+        row, col = local[runs.run[entries]], runs.slot[entries]
+        padded = factor.new_ones(run_ids.shape[0], 2**b).index_put((row, col), factor[entries])
+        incl = torch.cumprod(padded, dim=1)
+        excl = torch.cat([torch.ones_like(incl[:, :1]), incl[:, :-1]], dim=1)
+        t_before = t_before.index_put((entries,), excl[row, col])
+        t_total = t_total.index_put((run_ids,), incl[:, -1])
+    return t_before, t_total
 
 
 @torch.no_grad()
@@ -349,12 +280,10 @@ def _kept_by_termination(
     the prefix before the first entry that would take T to min_transmittance or below
     (that entry is excluded too).
     """
-    if min_transmittance <= 0:
+    if min_transmittance <= 0 or alpha.numel() == 0:
         return torch.ones_like(pixel, dtype=torch.bool)
-    pix_run, run, slot, width = _pixel_runs(pixel)
-    one_minus = torch.ones(pix_run.shape[0], width, dtype=alpha.dtype, device=alpha.device)
-    one_minus[run, slot] = 1.0 - alpha
-    return torch.cumprod(one_minus, dim=1)[run, slot] > min_transmittance
+    t_before, _ = _run_products(1.0 - alpha, _pixel_runs(pixel))
+    return t_before * (1.0 - alpha) > min_transmittance
 
 
 def _accumulate(
@@ -365,15 +294,14 @@ def _accumulate(
 ) -> tuple[Float[Tensor, "P D"], Float[Tensor, " P"]]:
     """sum_i c_i a_i T_i and the final T per pixel, T_i the exclusive product of (1 - a_j)
     along the pixel (entries grouped by pixel, front first); differentiable."""
-    pix_run, run, slot, width = _pixel_runs(pixel)
-    one_minus = torch.ones(pix_run.shape[0], width, dtype=alpha.dtype, device=alpha.device)
-    one_minus = one_minus.index_put((run, slot), 1.0 - alpha)
-    t_incl = torch.cumprod(one_minus, dim=1)  # [runs, width]
-    t_excl = torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
-    weight = alpha * t_excl[run, slot]
-    premult = colors.new_zeros(num_pixels, colors.shape[1]).index_add(0, pixel, weight[:, None] * colors)
-    trans = alpha.new_ones(num_pixels).index_put((pix_run,), t_incl[:, -1])
-    return premult, trans
+    premult = colors.new_zeros(num_pixels, colors.shape[1])
+    trans = alpha.new_ones(num_pixels)
+    if alpha.numel() == 0:
+        return premult, trans
+    runs = _pixel_runs(pixel)
+    t_before, t_final = _run_products(1.0 - alpha, runs)
+    premult = premult.index_add(0, pixel, (alpha * t_before)[:, None] * colors)
+    return premult, trans.index_put((runs.pixel,), t_final)
 
 
 def rasterize(
@@ -413,21 +341,49 @@ def rasterize(
     if colors.shape[0] == 0 or h == 0 or w == 0:
         return colors.new_zeros(h, w, colors.shape[1]) + anchor, colors.new_ones(h, w, 1) + anchor
     rank = sort_rank(proj.depths, group)
-    g, xs, ys = _candidates(proj, opacities, rank, width, height, settings, window)
-    # One gather (and one scatter in backward) for all per-Gaussian inputs.
-    packed = torch.cat([proj.means2d, proj.conics, opacities[:, None].to(colors), colors], dim=1)[g]
-    dtype = packed.dtype
-    alpha, valid = _alpha(
-        packed[:, 0:2], packed[:, 2:5], packed[:, 5], xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings
-    )
-    # Candidates come in rank order; a stable sort by pixel keeps that order per pixel.
+    rows = _candidate_rows(proj, opacities, rank, width, height, settings, window)
+    # One gather (and one scatter in backward) for the per-Gaussian geometry.
+    geometry = torch.cat([proj.means2d, proj.conics, opacities[:, None].to(proj.means2d)], dim=1)
+    colors_out, trans_out = [], []
+    for band_y0, band_y1 in _bands(rows, window, settings.max_candidates):
+        in_band = (rows.y >= band_y0) & (rows.y < band_y1)
+        band_rows = _Rows(*(t[in_band] for t in rows))
+        c, t = _rasterize_band(geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings)
+        colors_out.append(c)
+        trans_out.append(t)
+    premult, trans = torch.cat(colors_out), torch.cat(trans_out)
+    return premult + anchor, trans + anchor
+
+
+def _rasterize_band(
+    geometry: Float[Tensor, "N 6"],
+    colors: Float[Tensor, "N D"],
+    rows: _Rows,
+    band: Window,
+    settings: RasterSettings,
+) -> tuple[Float[Tensor, "h w D"], Float[Tensor, "h w 1"]]:
+    """Rasterise the candidate rows of one band of the window.
+
+    Args:
+        geometry: [N, 6] per Gaussian: mean2d (2), conic (3), opacity.
+        colors: [N, D] per Gaussian features.
+        rows: candidate rows inside the band, in front-to-back order.
+        band: (x0, y0, x1, y1) of the band.
+        settings: rasterisation constants.
+    """
+    x0, y0, x1, y1 = band
+    h, w = y1 - y0, x1 - x0
+    row, xs = _ranges(rows.x_lo, rows.x_hi, rows.x_hi - rows.x_lo)
+    g, ys = rows.gaussian[row], rows.y[row]
+    dtype = geometry.dtype
+    alpha, valid = _alpha(geometry[g], xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
+    # Candidates come in front-to-back order; a stable sort by pixel keeps it per pixel.
     pixel = (ys - y0) * w + (xs - x0)
     by_pixel = torch.sort(torch.where(valid, pixel, h * w), stable=True).indices[: int(valid.sum())]
     alpha, pixel = alpha[by_pixel], pixel[by_pixel]
     kept = _kept_by_termination(alpha.detach(), pixel, settings.min_transmittance)
-    order = by_pixel[kept]
-    premult, trans = _accumulate(packed[order, 6:], alpha[kept], pixel[kept], h * w)
-    return (premult + anchor).reshape(h, w, -1), (trans + anchor).reshape(h, w, 1)
+    premult, trans = _accumulate(colors[g[by_pixel[kept]]], alpha[kept], pixel[kept], h * w)
+    return premult.reshape(h, w, -1), trans.reshape(h, w, 1)
 
 
 def rasterize_groups(

@@ -77,6 +77,7 @@ def render_partial(
     with_depth: bool = False,
     backend: Backend = "auto",
     absgrad: bool = False,
+    num_leaf_positions: Optional[int] = None,
 ) -> Partial:
     """Render ``gaussians`` as one partial, sorted per pixel by (leaf_position, depth).
 
@@ -88,11 +89,16 @@ def render_partial(
         sh_degree: SH degree to evaluate, or None when ``gaussians.sh`` holds plain colours [N, 1, 3].
         with_depth: append the camera-z channel (its composite / (1 - T) is the expected depth).
         absgrad: gsplat only: also accumulate |per-pixel gradient| into ``means2d.absgrad``.
+        num_leaf_positions: an upper bound on ``leaf_position`` (e.g. the number of leaves);
+            given, it spares a device->host sync per render.
     """
     which = resolve_backend(backend, gaussians.means.device)
     if which == "gsplat":
+        if num_leaf_positions is None:
+            num_leaf_positions = int(leaf_position.max().item()) + 1 if leaf_position.numel() else 1
         return _render_partial_gsplat(
-            gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad
+            gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad,
+            num_leaf_positions,
         )
     return _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth)
 
@@ -117,7 +123,7 @@ def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, s
 
 
 def _render_partial_gsplat(
-    gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad
+    gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad, num_leaf_positions
 ):
     from gsplat.cuda._wrapper import (
         fully_fused_projection,
@@ -154,7 +160,7 @@ def _render_partial_gsplat(
 
     tile = settings.tile_size
     tiles_x, tiles_y = math.ceil(width / tile), math.ceil(height / tile)
-    num_positions = int(leaf_position.max().item()) + 1 if leaf_position.numel() else 1
+    num_positions = num_leaf_positions
     if num_positions <= 1:
         _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tiles_x, tiles_y, sort=True)
         offsets = isect_offset_encode(isect_ids, 1, tiles_x, tiles_y)

@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -151,3 +151,50 @@ def shard_for_rank(merged: Dict, tree: KDTree, rank: int, world_size: int) -> Di
     out = select_rows(merged, owner == rank)
     out["rank"], out["world_size"] = rank, world_size
     return out
+
+
+def tree_of_state(state: Dict, depth: int) -> KDTree:
+    """The kd-tree of a shard, merged or single-process checkpoint (its ``tree`` entry, else
+    the model's tree buffers)."""
+    if state.get("tree") is not None:
+        return KDTree.from_dict(state["tree"])
+    pipeline = state["pipeline"]
+    return KDTree(
+        bounds=pipeline["_model.tree_bounds"],
+        split_axis=pipeline["_model.tree_split_axis"],
+        split_value=pipeline["_model.tree_split_value"],
+        depth=depth,
+    )
+
+
+def find_shards(load_dir: Path) -> Optional[Tuple[Path, Optional[int]]]:
+    """Where a ``--load-dir`` points at a sharded checkpoint: (run directory, step or None).
+
+    ``load_dir`` may be the run directory, its ``shards/`` or one ``shards/step-*`` folder
+    (which fixes the step).  None when it holds no complete sharded step.
+    """
+    load_dir = Path(load_dir)
+    step: Optional[int] = None
+    if (match := STEP_DIR.match(load_dir.name)) and load_dir.parent.name == "shards":
+        base, step = load_dir.parent.parent, int(match.group(1))
+    elif load_dir.name == "shards":
+        base = load_dir.parent
+    else:
+        base = load_dir
+    return (base, step) if latest_complete_step(base) is not None else None
+
+
+def remove_steps_except(base_dir: Path, keep: int) -> None:
+    """Delete every complete sharded step but ``keep`` (save_only_latest_checkpoint).
+
+    The manifest goes first, so a step being deleted never looks complete.
+    """
+    root = Path(base_dir) / "shards"
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match is None or int(match.group(1)) == keep:
+            continue
+        (path / "complete.json").unlink(missing_ok=True)
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()

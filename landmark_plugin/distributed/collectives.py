@@ -8,15 +8,19 @@
   one buffer per call.
 - ``all_to_all_rows`` / ``all_gather_rows``: variable-length row exchanges (migration of
   Gaussians with their optimiser moments, gathering means for a tree rebuild, tests).
+- ``broadcast_object`` / ``all_gather_objects``: small picklable values (a run's timestamp,
+  evaluation metrics).
 
 Each returns early when ``world_size == 1``.  Every call is wrapped in ``groups.guard`` so a
-dead or hung peer surfaces as ``RankFailure`` with a clear message.
+dead or hung peer surfaces as ``RankFailure`` with a clear message.  NCCL reduces CUDA tensors
+only: bookkeeping tensors that live on the CPU (schedules, counts) travel through the current
+CUDA device and come back (``_to_comm`` / ``_from_comm``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,11 +85,23 @@ class ExchangePlan:
         return send, recv
 
 
+def _to_comm(comm: Comm, value: Tensor) -> Tensor:
+    """``value`` on a device the backend can communicate (CUDA for NCCL)."""
+    if comm.backend == "nccl" and not value.is_cuda:
+        return value.to(torch.device("cuda", torch.cuda.current_device()))
+    return value
+
+
+def _from_comm(value: Tensor, like: Tensor) -> Tensor:
+    return value if value.device == like.device else value.to(like.device)
+
+
 def _all_to_all_flat(comm: Comm, flat: Tensor, send: List[int], recv: List[int], what: str) -> Tensor:
-    out = flat.new_empty(sum(recv))
+    source = _to_comm(comm, flat.contiguous())
+    out = source.new_empty(sum(recv))
     with guard(comm, what):
-        dist.all_to_all_single(out, flat.contiguous(), recv, send, group=comm.group)
-    return out
+        dist.all_to_all_single(out, source, recv, send, group=comm.group)
+    return _from_comm(out, flat)
 
 
 class _ExchangePartials(torch.autograd.Function):
@@ -145,10 +161,10 @@ def all_reduce_sum(comm: Comm, tensors: Sequence[Tensor], what: str = "all_reduc
     """Sums of every tensor over ranks (one packed all_reduce; inputs are not modified)."""
     if comm.is_single or not tensors:
         return [t.clone() for t in tensors]
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    flat = _to_comm(comm, torch.cat([t.detach().reshape(-1) for t in tensors]))
     with guard(comm, what):
         dist.all_reduce(flat, group=comm.group)
-    pieces = torch.split(flat, [t.numel() for t in tensors])
+    pieces = torch.split(_from_comm(flat, tensors[0]), [t.numel() for t in tensors])
     return [p.view(t.shape) for p, t in zip(pieces, tensors)]
 
 
@@ -170,10 +186,10 @@ def all_reduce_ints(comm: Comm, values: Int[Tensor, "..."], what: str = "all_red
     """Sum an integer tensor over ranks (schedules, counts)."""
     if comm.is_single:
         return values.clone()
-    out = values.clone()
+    out = _to_comm(comm, values.clone())
     with guard(comm, what):
         dist.all_reduce(out, group=comm.group)
-    return out
+    return _from_comm(out, values)
 
 
 def all_to_all_rows(comm: Comm, rows: Float[Tensor, "N D"], dest: Int[Tensor, " N"]) -> Tuple[Tensor, Tensor]:
@@ -186,10 +202,11 @@ def all_to_all_rows(comm: Comm, rows: Float[Tensor, "N D"], dest: Int[Tensor, " 
     if comm.is_single:
         return rows[torch.argsort(dest, stable=True)], torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
     order = torch.argsort(dest, stable=True)
-    counts = torch.bincount(dest, minlength=comm.world_size).to(torch.int64)
+    counts = _to_comm(comm, torch.bincount(dest, minlength=comm.world_size).to(torch.int64))
     recv_counts = torch.empty_like(counts)
     with guard(comm, "all_to_all row counts"):
         dist.all_to_all_single(recv_counts, counts, group=comm.group)
+    counts, recv_counts = counts.cpu(), recv_counts.cpu()
     width = rows.shape[1]
     out = _all_to_all_flat(
         comm,
@@ -206,27 +223,51 @@ def all_gather_rows(comm: Comm, rows: Float[Tensor, "N D"], what: str = "all_gat
     """Concatenate every rank's rows in rank order (ranks may hold different counts)."""
     if comm.is_single:
         return rows.clone()
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    count = _to_comm(comm, torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device))
     counts = [torch.zeros_like(count) for _ in range(comm.world_size)]
     with guard(comm, what + " (counts)"):
         dist.all_gather(counts, count, group=comm.group)
     sizes = [int(c) for c in counts]
-    padded = rows.new_zeros((max(sizes),) + tuple(rows.shape[1:]))
+    padded = _to_comm(comm, rows.new_zeros((max(sizes),) + tuple(rows.shape[1:])))
     padded[: rows.shape[0]] = rows
     gathered = [torch.empty_like(padded) for _ in range(comm.world_size)]
     with guard(comm, what):
         dist.all_gather(gathered, padded.contiguous(), group=comm.group)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    return _from_comm(torch.cat([g[:n] for g, n in zip(gathered, sizes)]), rows)
 
 
 def broadcast_tensor(comm: Comm, value: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
     """``value`` of rank ``src`` on every rank (same shape and dtype everywhere)."""
     if comm.is_single:
         return value
-    out = value.clone()
+    out = _to_comm(comm, value.clone())
     with guard(comm, what):
         dist.broadcast(out, src=src, group=comm.group)
+    return _from_comm(out, value)
+
+
+def broadcast_object(comm: Comm, value: Any, src: int = 0, what: str = "broadcast object") -> Any:
+    """Rank ``src``'s picklable ``value`` on every rank (``value`` is ignored elsewhere)."""
+    if comm.is_single:
+        return value
+    box = [value if comm.rank == src else None]
+    with guard(comm, what):
+        dist.broadcast_object_list(box, src=src, group=comm.group, device=_object_device(comm))
+    return box[0]
+
+
+def all_gather_objects(comm: Comm, value: Any, what: str = "all_gather objects") -> List[Any]:
+    """Every rank's picklable ``value``, in rank order."""
+    if comm.is_single:
+        return [value]
+    out: List[Any] = [None] * comm.world_size
+    with guard(comm, what):
+        dist.all_gather_object(out, value, group=comm.group)
     return out
+
+
+def _object_device(comm: Comm) -> Optional[torch.device]:
+    return torch.device("cuda", torch.cuda.current_device()) if comm.backend == "nccl" else None
 
 
 def barrier(comm: Comm, what: str = "barrier", device: Optional[torch.device] = None) -> None:

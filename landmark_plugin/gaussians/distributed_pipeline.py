@@ -1,47 +1,75 @@
-"""nerfstudio pipeline for model-parallel retina-gs: a thin adapter over ``ShardedRetina``.
+"""nerfstudio pipeline for retina-gs on one or several processes: a thin adapter over ``ShardedRetina``.
 
-Differences from ``VanillaPipeline``: no DDP wrapper (each rank's model holds only the
-Gaussians of its subtrees, and only their optimiser state); the model is initialised
-identically on every rank (fixed seed) and then sharded; each step takes a camera batch packed
-under ``max_batch_size`` / ``max_load`` from a camera queue that is the same on every rank
-(a seeded permutation per epoch), and each rank reads only the images of the cameras it owns.
+One process (``ns-train``, ``ns-eval``, ``ns-render``, ``ns-viewer``): exactly
+``VanillaPipeline`` over a ``RetinaGSModel`` holding every Gaussian.
 
-Status: training steps run through ``ShardedRetina`` (tested for exactness in
-tests/test_distributed_retina.py); densification statistics, migration at refinement steps,
-sharded saving in the trainer and distributed evaluation are not wired in yet.
+Several processes (torchrun, ``landmark-train``, or nerfstudio's launcher on GPUs), differences
+from ``VanillaPipeline``:
+- no DDP wrapper: each rank's model holds only the Gaussians of its subtrees and only their
+  optimiser state; the model is initialised identically on every rank (``init_seed``) and
+  then sharded;
+- training: a camera batch packed under ``max_batch_size`` / ``max_load`` from a camera queue
+  that is the same on every rank (a seeded permutation per epoch); each rank reads only the
+  images of the cameras it owns; loss and metrics are reduced over ranks for logging;
+- after the optimiser step (``step_post_backward``): gsplat's strategy densifies and prunes
+  this rank's Gaussians from the batch's screen gradients, then at refinement steps (and every
+  ``repartition_every`` steps) Gaussians that left this rank's region migrate to their owner,
+  after rebuilding the tree when the model's ``strategy.rebuild_tree_every`` says so;
+- ``sync_gradients_`` (called by ``RetinaTrainer`` before every optimiser step) gives every
+  Gaussian a gradient (zeros where nothing was drawn, so Adam steps every rank the same way)
+  and sums the gradients of replicated parameters (camera optimiser) over ranks;
+- evaluation is collective: every rank renders its partial of each eval camera, the camera's
+  owner composites it and computes the metrics, and the metrics are gathered on every rank
+  (images for the logger stay on rank 0).
 """
 
 from __future__ import annotations
 
 import datetime
+import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Type
+from pathlib import Path
+from time import time
+from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import torch
+import torchvision.utils as vutils
+import tyro
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.models.splatfacto import SplatfactoModel
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
+from landmark_plugin.distributed.collectives import all_gather_objects, all_reduce_grads_, broadcast_object
 from landmark_plugin.distributed.groups import init_comm
-from landmark_plugin.distributed.shards import shard_
+from landmark_plugin.distributed.shards import migrate_, shard_
 from landmark_plugin.gaussians.sharded import ShardedRetina
 
 
 @dataclass
 class DistributedRetinaPipelineConfig(VanillaPipelineConfig):
-    """retina-gs with the Gaussians sharded over ranks by kd-tree subtrees."""
+    """retina-gs with the Gaussians sharded over ranks by kd-tree subtrees (one rank: VanillaPipeline)."""
 
     _target: Type = field(default_factory=lambda: DistributedRetinaPipeline)
     max_batch_size: int = 4
-    """Most cameras per step (RetinaGS's batch size)."""
+    """Several ranks: most cameras per step (RetinaGS's batch size)."""
     max_load: int = 4
-    """Most render tasks (camera x own visible subtree) any rank gets per step."""
+    """Several ranks: most render tasks (camera x own visible subtree) any rank gets per step."""
     repartition_every: int = 0
-    """Migrate Gaussians that left their rank's region every this many steps (0: only at refinement)."""
+    """Several ranks: also migrate Gaussians that left their rank's region every this many steps
+    (they always migrate at refinement steps)."""
     collective_timeout_s: float = 600.0
     """A collective waiting longer than this for a peer fails with a clear error instead of hanging."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process group backend: NCCL on CUDA, gloo on CPU (auto)."""
     init_seed: int = 0
     """Seed of the model initialisation and of the camera queue (identical on every rank)."""
+    world_size: tyro.conf.Suppress[int] = 1
+    """Recorded by the trainer: the number of ranks the run trained on (loading on another
+    number re-assigns subtrees)."""
+    tree: tyro.conf.Suppress[Optional[dict]] = None
+    """Recorded by the trainer: the kd-tree at setup (each sharded checkpoint's complete.json
+    holds the tree at its step)."""
 
 
 class DistributedRetinaPipeline(VanillaPipeline):
@@ -51,6 +79,8 @@ class DistributedRetinaPipeline(VanillaPipeline):
 
     def __init__(self, config: DistributedRetinaPipelineConfig, device: str, test_mode="val", world_size: int = 1,
                  local_rank: int = 0, grad_scaler=None):
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))  # NCCL talks through the current device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)  # identical initial model on every rank
             # world_size=1: VanillaPipeline would otherwise wrap the model in DDP.
@@ -63,6 +93,11 @@ class DistributedRetinaPipeline(VanillaPipeline):
         self._queue: List[int] = []
         self._epoch = 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.comm.world_size > 1
+
+    # ---- training -------------------------------------------------------------------------
     def _next_pool(self, size: int) -> List[int]:
         num = len(self.datamanager.train_dataset)
         while len(self._queue) < size:
@@ -71,7 +106,17 @@ class DistributedRetinaPipeline(VanillaPipeline):
             self._epoch += 1
         return self._queue[:size]
 
+    def camera_queue_state(self) -> Dict:
+        """The camera queue (saved in checkpoints so a resumed run takes the same batches)."""
+        return {"queue": list(self._queue), "epoch": self._epoch}
+
+    def load_camera_queue_state(self, state: Optional[Dict]) -> None:
+        if state:
+            self._queue, self._epoch = list(state["queue"]), int(state["epoch"])
+
     def get_train_loss_dict(self, step: int):
+        if not self.distributed:
+            return super().get_train_loss_dict(step)
         dm = self.datamanager
         cameras = dm.train_dataset.cameras
         pool = self._next_pool(self.config.max_batch_size)
@@ -89,12 +134,145 @@ class DistributedRetinaPipeline(VanillaPipeline):
         loss_dict, metrics_dict, outputs = self.sharded.batch_loss(batch_cameras, visible, owners, batch_of)
         return outputs, loss_dict, metrics_dict
 
+    def sync_gradients_(self) -> None:
+        """Before the optimiser step: make every rank's gradients what one process would have.
+
+        A Gaussian this rank did not draw gets a zero gradient (Adam then steps it, as the
+        single-process model steps every Gaussian), and replicated parameters' gradients are
+        summed over ranks (each owner only saw its own cameras).
+        """
+        if not self.distributed:
+            return
+        for param in self.model.gauss_params.values():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        names = set(self.model.gauss_params.keys())
+        groups = self.get_param_groups()
+        replicated = [p for name in sorted(groups) if name not in names for p in groups[name]]
+        all_reduce_grads_(self.comm, replicated)
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        if not self.distributed:
+            return callbacks
+        # The model's own post-backward callback densifies from a one-camera render and
+        # refreshes ownership in place; ours densifies from the batch and migrates across ranks.
+        kept = [cb for cb in callbacks if cb.func != self.model.step_post_backward]
+        return kept + [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward)]
+
+    def step_post_backward(self, step: int) -> None:
+        """Densify / prune this rank's Gaussians, then migrate those that left its region."""
+        model = self.model
+        info = self.sharded.strategy_info()
+        if info is not None:
+            model.info = info
+            SplatfactoModel.step_post_backward(model, step)
+        policy = model.config.strategy
+        every = self.config.repartition_every
+        rebuild = policy.rebuilds_at(step)
+        if rebuild or policy.refreshes_at(step, model.config) or (every > 0 and step > 0 and step % every == 0):
+            migrate_(self.comm, model, model.optimizers, model.strategy_state, self.sharded.parts, rebuild=rebuild)
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _render_for_owners(self, cameras: Cameras, owners: torch.Tensor) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Collective: every rank renders its parts of ``cameras``; returns the owned composites."""
+        visible = torch.ones(len(cameras), len(self.sharded.parts), dtype=torch.bool)
+        with torch.no_grad():
+            outputs, _ = self.sharded.forward(cameras, visible, owners, with_depth=True)
+        return outputs
+
+    def _eval_data(self, index: int) -> Dict[str, torch.Tensor]:
+        data = dict(self.datamanager.cached_eval[index])
+        data["image"] = data["image"].to(self.device)
+        return data
+
+    def _eval_cameras(self, indices: List[int]) -> Cameras:
+        return self.datamanager.eval_dataset.cameras[torch.tensor(indices)].to(self.device)
+
+    def _next_eval_index(self) -> int:
+        """Rank 0's pick of an eval image, the same on every rank."""
+        choice = random.randrange(len(self.datamanager.eval_dataset)) if self.comm.is_main else None
+        return int(broadcast_object(self.comm, choice, what="eval image index"))
+
+    def get_eval_loss_dict(self, step: int):
+        if not self.distributed:
+            return super().get_eval_loss_dict(step)
+        self.eval()
+        index = self._next_eval_index()
+        outputs = self._render_for_owners(self._eval_cameras([index]), torch.zeros(1, dtype=torch.int64))
+        values = None
+        if self.comm.is_main:
+            data = self._eval_data(index)
+            metrics = self.model.get_metrics_dict(outputs[0], data)
+            losses = self.model.get_loss_dict(outputs[0], data, metrics)
+            values = ({k: float(v) for k, v in losses.items()}, {k: float(v) for k, v in metrics.items()})
+        losses, metrics = broadcast_object(self.comm, values, what="eval loss")
+        self.train()
+        as_tensors = lambda d: {k: torch.tensor(v) for k, v in d.items()}  # noqa: E731
+        return outputs.get(0, {}), as_tensors(losses), as_tensors(metrics)
+
     def get_eval_image_metrics_and_images(self, step: int):
-        if self.world_size > 1:
-            raise NotImplementedError("distributed evaluation is not implemented yet; merge the shards and run ns-eval")
-        return super().get_eval_image_metrics_and_images(step)
+        if not self.distributed:
+            return super().get_eval_image_metrics_and_images(step)
+        self.eval()
+        index = self._next_eval_index()
+        camera = self._eval_cameras([index])
+        outputs = self._render_for_owners(camera, torch.zeros(1, dtype=torch.int64))
+        metrics, images = None, {}
+        if self.comm.is_main:
+            metrics, images = self.model.get_image_metrics_and_images(outputs[0], self._eval_data(index))
+            metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = dict(broadcast_object(self.comm, metrics, what="eval image metrics"))
+        metrics["num_rays"] = int((camera.height * camera.width).sum().item())
+        self.train()
+        return metrics, images
+
+    def get_average_eval_image_metrics(
+        self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
+    ):
+        """Every eval image once: owners round robin over ranks, ``max_batch_size`` cameras per
+        collective render; per-image metrics are gathered on every rank, then averaged."""
+        if not self.distributed:
+            return super().get_average_eval_image_metrics(step, output_path, get_std)
+        self.eval()
+        if output_path is not None:
+            output_path.mkdir(exist_ok=True, parents=True)
+        num, chunk = len(self.datamanager.eval_dataset), max(1, self.config.max_batch_size)
+        mine: List[Tuple[int, Dict[str, float]]] = []
+        for first in range(0, num, chunk):
+            indices = list(range(first, min(first + chunk, num)))
+            cameras = self._eval_cameras(indices)
+            owners = torch.tensor([i % self.comm.world_size for i in indices], dtype=torch.int64)
+            start = time()
+            outputs = self._render_for_owners(cameras, owners)
+            seconds = (time() - start) / len(indices)
+            for b, out in outputs.items():
+                index = indices[b]
+                metrics, images = self.model.get_image_metrics_and_images(out, self._eval_data(index))
+                if output_path is not None:
+                    for key, image in images.items():
+                        vutils.save_image(image.permute(2, 0, 1).cpu(), output_path / f"eval_{key}_{index:04d}.png")
+                metrics = {k: float(v) for k, v in metrics.items()}
+                rays = float(cameras.height[b].item() * cameras.width[b].item())
+                metrics["num_rays_per_sec"] = rays / max(seconds, 1e-9)
+                metrics["fps"] = 1.0 / max(seconds, 1e-9)
+                mine.append((index, metrics))
+        rows = sorted(row for part in all_gather_objects(self.comm, mine, "eval metrics") for row in part)
+        self.train()
+        result: Dict[str, float] = {}
+        for key in rows[0][1]:
+            values = torch.tensor([m[key] for _, m in rows], dtype=torch.float64)
+            if get_std:
+                std, mean = torch.std_mean(values)
+                result[key], result[f"{key}_std"] = float(mean), float(std)
+            else:
+                result[key] = float(values.mean())
+        return result
 
     def get_average_image_metrics(self, *args, **kwargs):
-        if self.world_size > 1:
-            raise NotImplementedError("distributed evaluation is not implemented yet; merge the shards and run ns-eval")
+        if self.distributed:
+            raise NotImplementedError(
+                "with several ranks use get_average_eval_image_metrics (collective), or merge the shards "
+                "(landmark-merge CONFIG) and run ns-eval in one process"
+            )
         return super().get_average_image_metrics(*args, **kwargs)

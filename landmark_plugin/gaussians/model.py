@@ -28,7 +28,7 @@ from nerfstudio.models.splatfacto import (
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.core.composite import composite, expected_depth
-from landmark_plugin.core.order import camera_leaf_order
+from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
@@ -136,6 +136,15 @@ class RetinaGSModel(SplatfactoModel):
             self.register_buffer(name, value.detach().clone(), persistent=True)
 
     @property
+    def cpu_tree(self) -> KDTree:
+        """The tree on the CPU, cached until the tree buffers change."""
+        key = (id(self.tree_split_value), self.tree_split_value._version)
+        if getattr(self, "_cpu_tree_key", None) != key:
+            self._cpu_tree = self.tree.to("cpu")
+            self._cpu_tree_key = key
+        return self._cpu_tree
+
+    @property
     def tree(self) -> KDTree:
         return KDTree(
             bounds=self.tree_bounds,
@@ -214,10 +223,10 @@ class RetinaGSModel(SplatfactoModel):
 
     def _render_leaves(self, viewmat, K, width, height, with_depth, keep: Optional[torch.Tensor]):
         """All leaves in one partial, sorted by (camera leaf order, depth)."""
-        order = camera_leaf_order(self.tree, camera_center(viewmat))  # [L] leaf ids, front to back
-        position_of_leaf = torch.empty_like(order)
-        position_of_leaf[order] = torch.arange(order.numel(), device=order.device)
-        leaf_position = position_of_leaf[self.leaf_ids]
+        # The walk over the tree is a handful of tiny ops: do it on the CPU copy of the tree and
+        # send only the [L] positions to the device.
+        order = camera_leaf_order(self.cpu_tree, camera_center(viewmat).detach().cpu())  # [L] front to back
+        leaf_position = order_positions(order).to(self.leaf_ids.device, non_blocking=True)[self.leaf_ids]
         gaussians = self.activated_gaussians()
         if keep is not None:
             gaussians = Gaussians(*(t[keep] for t in gaussians))
@@ -237,6 +246,7 @@ class RetinaGSModel(SplatfactoModel):
             with_depth=with_depth,
             backend=backend,
             absgrad=self.strategy.absgrad and backend == "gsplat",
+            num_leaf_positions=2**self.config.tree_depth,
         )
         self.info = {
             "means2d": partial.means2d,

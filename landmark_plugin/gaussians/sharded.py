@@ -52,14 +52,15 @@ class View:
 
 @dataclass
 class StepRecord:
-    """What densification needs after backward: per rendered camera, the screen means of
-    the local Gaussians (their .grad) and radii, scattered over all local rows."""
+    """What densification needs after backward: per rendered (camera, part), the screen means
+    of the local Gaussians (their .grad) and radii, scattered over all local rows."""
 
     means2d: List[Tuple[Tensor, Tensor, int]] = field(default_factory=list)  # (means2d [1,n,2], index [n], camera)
     radii: Dict[int, Tensor] = field(default_factory=dict)  # camera -> [N] radii
     num_cameras: int = 0
     width: int = 0
     height: int = 0
+    sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) of every camera
 
 
 class ShardedRetina:
@@ -180,7 +181,9 @@ class ShardedRetina:
         local: Dict[Tuple[int, int], Tensor] = {}
         backend = resolve_backend(model.config.backend, model.means.device)
         model._note_backend(backend)
-        record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height)
+        record = StepRecord(
+            num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views]
+        )
         for b, v in enumerate(views):
             for s, index in self.local_part_index().items():
                 if not bool(visible[b, s]) or index.numel() == 0:
@@ -204,6 +207,42 @@ class ShardedRetina:
                     local[(b, s)] = packed[y0:y1, x0:x1]
         self.record = record
         return local, rects
+
+    def strategy_info(self) -> Optional[Dict]:
+        """The last training batch as gsplat's strategies read it: ``rasterization``'s ``info``
+        for B cameras over this rank's N Gaussians (unpacked).
+
+        ``means2d`` is a stand-in [B, N, 2] tensor whose ``.grad`` (and ``.absgrad``) holds every
+        (camera, part) render's screen-mean gradient scattered to its rows; Gaussians a camera
+        did not draw have radius 0 there and are skipped by the strategy.  gsplat scales the
+        gradient by ``width / 2 * n_cameras`` (the loss is a mean over the B cameras); a camera
+        of another size is pre-scaled so that it gets its own ``width / 2``.  None when the
+        last forward was not a training batch.
+        """
+        record, model = self.record, self.model
+        if record.num_cameras == 0 or not record.means2d:
+            return None
+        num, n = record.num_cameras, model.num_points
+        grads = model.means.new_zeros(num, n, 2)
+        absgrads = model.means.new_zeros(num, n, 2)
+        for means2d, index, b in record.means2d:
+            w, h = record.sizes[b]
+            scale = means2d.new_tensor([w / record.width, h / record.height])
+            if means2d.grad is not None:
+                grads[b, index] += means2d.grad[0].to(grads) * scale
+            absgrad = getattr(means2d, "absgrad", None)
+            if absgrad is not None:
+                absgrads[b, index] += absgrad[0].to(absgrads) * scale
+        radii = torch.zeros(num, n, dtype=torch.int32, device=model.device)
+        for b, r in record.radii.items():
+            radii[b] = r
+        stand_in = model.means.new_zeros(num, n, 2)
+        stand_in.grad = grads
+        stand_in.absgrad = absgrads
+        return {
+            "means2d": stand_in, "radii": radii, "width": record.width, "height": record.height,
+            "n_cameras": num, "gaussian_ids": None,
+        }
 
     def _composite(self, v: View, crops: Dict[int, Tuple[Tensor, tuple]], with_depth: bool) -> Dict[str, Tensor]:
         """Owner side: paste the parts' crops and composite them front to back."""

@@ -1,0 +1,191 @@
+"""The retina-gs trainer: ``LandmarkTrainer`` on one process, sharded on several.
+
+With one rank it is ``LandmarkTrainer`` (atomic nerfstudio checkpoints in ``nerfstudio_models/``)
+plus the densification statistics and camera queue in the checkpoint.  With several ranks
+(``DistributedRetinaPipeline`` over a process group):
+- before every optimiser step the pipeline's ``sync_gradients_`` runs (zero-filled Gaussian
+  gradients, all-reduced replicated gradients);
+- every rank writes its shard (``distributed.checkpoint.save_shard``: atomic, ``complete.json``
+  once all are written) instead of rank 0 writing one file; ``landmark-merge CONFIG`` turns
+  them into one checkpoint;
+- ``--load-dir`` may name a sharded run (its directory, ``shards/`` or a ``shards/step-*``
+  folder) or a single-process ``nerfstudio_models/``; on the same number of ranks each rank
+  loads its own shard, on another number the shards are merged and re-split by subtree
+  (``shard_for_rank``), then Gaussians that drifted out of their rank's region migrate;
+- config.yml records the world size and the kd-tree at setup; logging is nerfstudio's, from
+  rank 0; the viewer is off (it would render one rank's shard only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Type
+
+import torch
+from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from landmark_plugin.distributed.checkpoint import (
+    find_shards,
+    latest_complete_step,
+    load_shards,
+    merge_shards,
+    read_manifest,
+    remove_steps_except,
+    save_shard,
+    shard_for_rank,
+    shard_path,
+    tree_of_state,
+)
+from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
+from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
+from landmark_plugin.trainer import latest_complete_step as latest_checkpoint_step
+
+# What the viewer-enabled --vis choices become with several ranks.
+WITHOUT_VIEWER = {"viewer": "tensorboard", "viewer_legacy": "tensorboard", "viewer+tensorboard": "tensorboard",
+                  "viewer+wandb": "wandb", "viewer+comet": "comet"}
+
+
+@dataclass
+class RetinaTrainerConfig(LandmarkTrainerConfig):
+    """TrainerConfig of retina-gs (one or several ranks)."""
+
+    _target: Type = field(default_factory=lambda: RetinaTrainer)
+
+
+class _SyncedOptimizers(Optimizers):
+    """nerfstudio's Optimizers whose step first makes the ranks' gradients consistent."""
+
+    def __init__(self, config, param_groups, before_step):
+        super().__init__(config, param_groups)
+        self.before_step = before_step
+
+    def optimizer_scaler_step_some(self, grad_scaler, param_groups: List[str]) -> None:
+        self.before_step()
+        super().optimizer_scaler_step_some(grad_scaler, param_groups)
+
+    def optimizer_step_all(self) -> None:
+        self.before_step()
+        super().optimizer_step_all()
+
+    def optimizer_scaler_step_all(self, grad_scaler) -> None:
+        self.before_step()
+        super().optimizer_scaler_step_all(grad_scaler)
+
+
+class RetinaTrainer(LandmarkTrainer):
+    """LandmarkTrainer that saves and loads sharded checkpoints when the run has several ranks."""
+
+    config: RetinaTrainerConfig
+
+    @property
+    def comm(self) -> Comm:
+        return getattr(self.pipeline, "comm", Comm.single())
+
+    @property
+    def distributed(self) -> bool:
+        return self.comm.world_size > 1
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        if self.world_size > 1 and self.config.vis in WITHOUT_VIEWER:
+            new = WITHOUT_VIEWER[self.config.vis]
+            CONSOLE.print(f"retina-gs on {self.world_size} ranks: the viewer is off (--vis {self.config.vis} -> {new}); "
+                          "merge the shards (landmark-merge CONFIG) and open ns-viewer on the merged run")
+            self.config.vis = new  # type: ignore[assignment]
+        super().setup(test_mode)
+        self._record_layout()
+
+    def _record_layout(self) -> None:
+        """config.yml gets the world size and the tree (rank 0 rewrites the file a CLI saved)."""
+        pipeline_config = self.config.pipeline
+        if not hasattr(pipeline_config, "world_size"):
+            return
+        pipeline_config.world_size = self.comm.world_size
+        pipeline_config.tree = self.pipeline.model.tree.to_dict()
+        if self.comm.is_main and (self.base_dir / "config.yml").exists():
+            self.config.save_config()
+
+    def setup_optimizers(self) -> Optimizers:
+        if not self.distributed:
+            return super().setup_optimizers()
+        super().setup_optimizers()  # re-targets the schedules to --max-num-iterations
+        return _SyncedOptimizers(self.config.optimizers.copy(), self.pipeline.get_param_groups(), self.pipeline.sync_gradients_)
+
+    # ---- saving ---------------------------------------------------------------------------
+    def checkpoint_state(self, step: int) -> dict:
+        state = super().checkpoint_state(step)
+        model = self.pipeline.model
+        state["strategy_state"] = {k: v for k, v in model.strategy_state.items() if k in STRATEGY_STATS}
+        if hasattr(self.pipeline, "camera_queue_state"):
+            state["camera_queue"] = self.pipeline.camera_queue_state()
+        return state
+
+    def save_checkpoint(self, step: int) -> None:
+        if not self.distributed:
+            return super().save_checkpoint(step)
+        save_shard(self.comm, self.base_dir, step, self.checkpoint_state(step), self.pipeline.model.tree)
+        if self.comm.is_main and self.config.save_only_latest_checkpoint:
+            remove_steps_except(self.base_dir, step)
+
+    # ---- loading --------------------------------------------------------------------------
+    def _load_checkpoint(self) -> None:
+        load_dir = self.config.load_dir
+        sharded = find_shards(load_dir) if load_dir is not None else None
+        if sharded is None and not self.distributed:
+            return super()._load_checkpoint()  # a nerfstudio checkpoint (or none) on one process
+        if load_dir is None:
+            if self.config.load_checkpoint is not None:
+                raise ValueError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
+            CONSOLE.print("No checkpoint to load, so training from scratch.")
+            return
+        state = self._read_state(load_dir, sharded)
+        self._apply_state(state)
+        if self.distributed:
+            # Gaussians that drifted out of their rank's region since the last migration move now.
+            model = self.pipeline.model
+            migrate_(self.comm, model, self.optimizers.optimizers, model.strategy_state, self.pipeline.sharded.parts, rebuild=False)
+            self._rebind_optimizers()
+
+    def _read_state(self, load_dir: Path, sharded) -> Dict:
+        """This rank's part of the checkpoint that ``load_dir`` names."""
+        comm = self.comm
+        depth = self.pipeline.model.config.tree_depth
+        if sharded is None:  # a single-process run's nerfstudio_models/
+            step = self.config.load_step if self.config.load_step is not None else latest_checkpoint_step(load_dir)
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt or shards/step-*/complete.json) in {load_dir}")
+            path = Path(load_dir) / f"step-{step:09d}.ckpt"
+            CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from {path}")
+            merged = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            base, step = sharded
+            step = step if step is not None else self.config.load_step
+            step = step if step is not None else latest_complete_step(base)
+            world = int(read_manifest(base, step)["world_size"])
+            CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from the {world} shards of step {step} in {base}")
+            if world == comm.world_size:
+                return torch.load(shard_path(base, step, comm.rank, world), map_location="cpu", weights_only=False)
+            merged = merge_shards(load_shards(base, step))
+        if comm.world_size == 1:
+            return merged
+        return shard_for_rank(merged, tree_of_state(merged, depth), comm.rank, comm.world_size)
+
+    def _apply_state(self, state: Dict) -> None:
+        """nerfstudio's checkpoint loading, plus densification statistics and the camera queue."""
+        self._start_step = state["step"] + 1
+        self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        self.optimizers.load_optimizers(state["optimizers"])
+        if "schedulers" in state and self.config.load_scheduler:
+            self.optimizers.load_schedulers(state["schedulers"])
+        if "scalers" in state:
+            self.grad_scaler.load_state_dict(state["scalers"])
+        self._rebind_optimizers()
+        model = self.pipeline.model
+        for key, value in (state.get("strategy_state") or {}).items():
+            if key in model.strategy_state:
+                model.strategy_state[key] = None if value is None else value.to(model.device)
+        if hasattr(self.pipeline, "load_camera_queue_state"):
+            self.pipeline.load_camera_queue_state(state.get("camera_queue"))
+        CONSOLE.print(f"Done loading the checkpoint of step {state['step']} ({model.num_points} Gaussians on this rank)")
