@@ -5,11 +5,9 @@ share one distributed core.  Importing this package never builds CUDA code.
 """
 
 from landmark_plugin.checkpoints import allow_nerfstudio_checkpoints
-from landmark_plugin.video import use_bundled_ffmpeg_if_missing
 
 __version__ = "0.1.0"
 
 # nerfstudio's ns-render / ns-eval / ns-viewer import this package while reading config.yml,
 # before they torch.load the checkpoint: register the numpy types it holds once, here.
 allow_nerfstudio_checkpoints()
-use_bundled_ffmpeg_if_missing()

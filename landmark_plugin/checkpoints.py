@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save ``obj`` to ``path`` so that ``path`` holds either the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # temp_name_pattern
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -35,6 +35,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def temp_name_pattern(name: str) -> str:
+    """Glob pattern of the temporary files ``atomic_torch_save`` writes for final name ``name``."""
+    return f".{name}.*.tmp"
+
+
+def remove_stale_temp_files(folder: Path, name: str = "step-*.ckpt") -> List[Path]:
+    """Delete the temporary files of killed ``atomic_torch_save`` writes in ``folder`` (they can be
+    as large as a checkpoint).  Call it from the only process writing there, after a save."""
+    stale = sorted(Path(folder).glob(temp_name_pattern(name)))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def allow_nerfstudio_checkpoints() -> None:

@@ -1,24 +1,36 @@
-"""nerfstudio's Trainer with the guarantees long runs need: atomic checkpoints, safe resume,
-and a viewer bound to localhost.
+"""nerfstudio's Trainer with the guarantees long runs need.
+
+- Checkpoints are atomic (temp file, fsync, rename); resume picks the newest complete one.
+- Resuming continues bit for bit: the checkpoint also holds the random streams, the camera
+  sampling order and the densification statistics (landmark_plugin/resume.py).
+- A step whose loss or gradients are NaN / Inf is skipped and reported; too many in a row stop
+  the run naming the step and the parameter groups (landmark_plugin/step_guard.py).
+- A world size larger than the kd-tree's leaf count stops the run before anything is loaded.
+- The viewer binds 127.0.0.1 unless told otherwise.
 
 Everything else (loop, logging, eval, viewer) is nerfstudio's own.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Type
+from typing import Callable, List, Literal, Optional, Type
 
 import torch
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
+from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.checkpoints import atomic_torch_save
+from landmark_plugin import resume
+from landmark_plugin.checkpoints import atomic_torch_save, remove_stale_temp_files
+from landmark_plugin.step_guard import NonFiniteSteps, SkippedStepCallback, find_nonfinite, gradient_norms
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{9})\.ckpt$")
 
@@ -40,15 +52,43 @@ class LandmarkTrainerConfig(TrainerConfig):
     viewer: ViewerConfig = field(default_factory=lambda: ViewerConfig(websocket_host="127.0.0.1"))
     """Viewer settings. Bound to 127.0.0.1 by default: reach it from another machine through an
     SSH tunnel (ssh -L 7007:127.0.0.1:7007 host) or pass --viewer.websocket-host 0.0.0.0 knowingly."""
+    max_consecutive_nonfinite_steps: int = 10
+    """A step whose loss or gradients hold NaN / Inf is skipped (no optimiser step, no
+    densification) and reported; this many skipped in a row stop the run, naming the step and
+    the parameter groups.  0 turns the check off.  With mixed precision, gradient overflow is
+    left to the grad scaler and only the loss is checked."""
+
+
+def check_world_size_fits_tree(config: TrainerConfig, world_size: int) -> None:
+    """Refuse a run whose ranks outnumber the kd-tree's leaves (each rank owns whole subtrees)."""
+    depth = getattr(config.pipeline.model, "tree_depth", None)
+    if depth is None or world_size <= 2**depth:
+        return
+    need = (world_size - 1).bit_length()
+    raise ValueError(
+        f"{world_size} ranks but --pipeline.model.tree-depth {depth} gives only {2**depth} leaves, and every "
+        f"rank needs at least one: use --pipeline.model.tree-depth {need} or more, or at most {2**depth} ranks"
+    )
 
 
 class LandmarkTrainer(Trainer):
-    """Trainer whose checkpoints are written atomically (temp file, fsync, rename)."""
+    """Trainer with atomic checkpoints, bit-exact resume and skipping of non-finite steps."""
 
     config: LandmarkTrainerConfig
 
+    def __init__(self, config: LandmarkTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(config, local_rank, world_size)
+        self.nonfinite = NonFiniteSteps(config.max_consecutive_nonfinite_steps)
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        check_world_size_fits_tree(self.config, self.world_size)  # before any data or device work
+        super().setup(test_mode)
+        # A skipped step must not feed densification (or any other after-step bookkeeping).
+        self.callbacks = [SkippedStepCallback(callback, self.nonfinite.was_skipped) for callback in self.callbacks]
+
     def checkpoint_state(self, step: int) -> dict:
-        """Everything a resume needs, in nerfstudio's checkpoint layout."""
+        """Everything a resume needs: nerfstudio's checkpoint layout plus ``resume`` (random
+        streams, camera order, densification statistics; tensors and plain values only)."""
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
         return {
             "step": step,
@@ -56,6 +96,7 @@ class LandmarkTrainer(Trainer):
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.optimizers.items()},
             "schedulers": {k: v.state_dict() for k, v in self.optimizers.schedulers.items()},
             "scalers": self.grad_scaler.state_dict(),
+            "resume": resume.capture(pipeline),
         }
 
     def run_steps(self, first_step: int, num_steps: int, after_step: Optional[Callable[[int], None]] = None) -> List[float]:
@@ -83,25 +124,107 @@ class LandmarkTrainer(Trainer):
                     scheduler.max_steps = self.config.max_num_iterations
         return super().setup_optimizers()
 
+    def train_iteration(self, step: int):
+        """nerfstudio's iteration (zero grads, loss, backward, optimiser and scheduler step),
+        except that a step with a non-finite loss or gradient is skipped and reported."""
+        accumulation = self.gradient_accumulation_steps
+        groups = list(self.optimizers.parameters.keys())
+        self.optimizers.zero_grad_some([g for g in groups if step % accumulation[g] == 0])
+        device_type = self.device.split(":")[0]
+        with torch.autocast(device_type="cpu" if device_type == "mps" else device_type, enabled=self.mixed_precision):
+            _, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
+            loss = functools.reduce(torch.add, loss_dict.values())
+        self.grad_scaler.scale(loss).backward()  # type: ignore[union-attr]
+        if self._skip_if_nonfinite(step, loss_dict):
+            return loss, loss_dict, metrics_dict
+        self.optimizers.optimizer_scaler_step_some(
+            self.grad_scaler, [g for g in groups if step % accumulation[g] == accumulation[g] - 1]
+        )
+        if self.config.log_gradients:
+            metrics_dict.update(gradient_norms(self.pipeline.model))
+        scale = self.grad_scaler.get_scale()
+        self.grad_scaler.update()
+        if scale <= self.grad_scaler.get_scale():  # the scaler did not skip the step for overflow
+            self.optimizers.scheduler_step_all(step)
+        return loss, loss_dict, metrics_dict
+
+    def _skip_if_nonfinite(self, step: int, loss_dict: dict) -> bool:
+        """Check the step; on NaN / Inf drop its gradients, report it, and say to skip it."""
+        if self.nonfinite.limit <= 0:
+            return False
+        check_gradients = not self.grad_scaler.is_enabled()  # else overflow is the scaler's business
+        found = find_nonfinite(loss_dict, self.optimizers.optimizers if check_gradients else {})
+        if not self._on_any_rank(found.any):
+            self.nonfinite.passed()
+            return False
+        self.optimizers.zero_grad_all()
+        message = self.nonfinite.skipped(step, found)  # raises once too many are in a row
+        CONSOLE.print(f"[bold yellow]{message}")
+        writer.put_scalar(name="Skipped steps (non-finite)", scalar=self.nonfinite.total, step=step)
+        return True
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (all ranks must skip together)."""
+        comm = getattr(self.pipeline, "comm", None)
+        if comm is None or comm.world_size == 1:
+            return flag
+        from landmark_plugin.distributed.collectives import all_reduce_ints
+
+        return bool(all_reduce_ints(comm, torch.tensor([int(flag)]), "non-finite step check").item() > 0)
+
+    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         atomic_torch_save(self.checkpoint_state(step), ckpt_path)
+        remove_stale_temp_files(self.checkpoint_dir)  # left by writes that were killed
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
                 if old != ckpt_path:
                     old.unlink()
 
-    def _load_checkpoint(self) -> None:
-        # nerfstudio parses every file name in load_dir as a step; a temp file left by a killed
-        # write would crash it.  Resolve the newest complete checkpoint ourselves.
-        if self.config.load_dir is not None and self.config.load_step is None:
-            step = latest_complete_step(self.config.load_dir)
+    def checkpoint_to_load(self) -> Optional[Path]:
+        """--load-checkpoint, or the newest complete checkpoint of --load-dir (or --load-step)."""
+        if self.config.load_dir is not None:
+            # nerfstudio parses every file name in load_dir as a step; a temp file left by a
+            # killed write would crash it.  Resolve the newest complete checkpoint ourselves.
+            step = self.config.load_step
+            if step is None:
+                step = latest_complete_step(self.config.load_dir)
             if step is None:
                 raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt) in {self.config.load_dir}")
-            self.config.load_step = step
-            CONSOLE.print(f"Resuming from {self.config.load_dir / f'step-{step:09d}.ckpt'}")
-        super()._load_checkpoint()
+            path = Path(self.config.load_dir) / f"step-{step:09d}.ckpt"
+        elif self.config.load_checkpoint is not None:
+            path = Path(self.config.load_checkpoint)
+        else:
+            return None
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_to_load()
+        if path is None:
+            CONSOLE.print("No checkpoint to load, so training from scratch.")
+            return
+        # weights_only: what ns-eval / ns-render do on torch >= 2.6, so a checkpoint that
+        # resumes is one they can read too.
+        self.restore_state(torch.load(path, map_location="cpu", weights_only=True))
+        CONSOLE.print(f"Resumed from {path}; training continues at step {self._start_step}")
+
+    def restore_state(self, state: dict) -> None:
+        """Load a ``checkpoint_state`` dict: parameters, optimisers, schedulers, grad scaler,
+        then the resume state (random streams, camera order, densification statistics)."""
+        self._start_step = state["step"] + 1
+        self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        self.optimizers.load_optimizers(state["optimizers"])
+        if "schedulers" in state and self.config.load_scheduler:
+            self.optimizers.load_schedulers(state["schedulers"])
+        if "scalers" in state:
+            self.grad_scaler.load_state_dict(state["scalers"])
         self._rebind_optimizers()
+        if not resume.restore(self.pipeline, state.get("resume")):
+            CONSOLE.print("The checkpoint has no resume state (random streams, camera order): training "
+                          "continues from its parameters, but not bit for bit as an unbroken run would")
 
     def _rebind_optimizers(self) -> None:
         """Point every optimiser at the model's current parameter tensors.

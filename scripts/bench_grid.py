@@ -9,7 +9,7 @@ peak GPU memory, and PSNR / SSIM (/ LPIPS when its weights are available) over a
 images.  Writes JSON and prints a table last.
 
     python scripts/bench_grid.py --seconds 600 --json bench_grid.json     # GPU: city + lego
-    python scripts/bench_grid.py --smoke                                   # CPU: tiny city, seconds
+    python scripts/bench_grid.py --smoke                                   # CPU: tiny city, 4 steps
 """
 
 from __future__ import annotations
@@ -157,12 +157,14 @@ def evaluate(trainer) -> Dict:
 def run_one(method: str, scene: str, args) -> Dict:
     parser, description, overrides = scene_setup(scene, args.work, args.lego, args.smoke)
     out = args.work / "runs"
-    calibrate = make_trainer(method_config(method, parser, overrides, 10**9, out, args.smoke, args.rays))
-    train_for(calibrate, math.inf, args.calibration_steps // 3)  # warm-up: allocator, kernels
-    timed = train_for(calibrate, math.inf, args.calibration_steps)
-    seconds_per_step = timed["train_seconds"] / max(timed["steps"], 1)
-    del calibrate
-    planned = max(1, int(args.seconds / seconds_per_step))
+    if args.steps is not None:
+        planned = args.steps
+    else:
+        calibrate = make_trainer(method_config(method, parser, overrides, 10**9, out, args.smoke, args.rays))
+        train_for(calibrate, math.inf, max(1, args.calibration_steps // 3))  # warm-up: allocator, kernels
+        timed = train_for(calibrate, math.inf, args.calibration_steps)
+        del calibrate
+        planned = max(1, int(args.seconds * timed["steps"] / timed["train_seconds"]))
 
     torch.manual_seed(args.seed)
     trainer = make_trainer(method_config(method, parser, overrides, planned, out, args.smoke, args.rays))
@@ -221,19 +223,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=None, help="city and/or lego (smoke: city)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seconds", type=float, default=None, help="training time per method (default 600; smoke 3)")
+    parser.add_argument("--seconds", type=float, default=None, help="training time per method (default 600; smoke 30)")
     parser.add_argument("--rays", type=int, default=None, help="rays per step (default 4096; smoke 64)")
-    parser.add_argument("--calibration-steps", type=int, default=None, help="timed steps to estimate s/step")
+    parser.add_argument("--calibration-steps", type=int, default=60, help="timed steps to estimate s/step")
+    parser.add_argument("--steps", type=int, default=None, help="fixed max steps instead of calibrating (smoke: 4)")
     parser.add_argument("--lego", type=Path, default=None, help="lego_synthetic folder (default ../shared/data)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench-grid"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, tiny models, seconds")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, tiny models, 4 steps")
     args = parser.parse_args()
     args.scenes = args.scenes or (["city"] if args.smoke else ["city", "lego"])
-    args.seconds = args.seconds if args.seconds is not None else (3.0 if args.smoke else 600.0)
+    args.seconds = args.seconds if args.seconds is not None else (30.0 if args.smoke else 600.0)
     args.rays = args.rays or (64 if args.smoke else 4096)
-    args.calibration_steps = args.calibration_steps or (3 if args.smoke else 60)
+    if args.smoke and args.steps is None:  # no calibration run: keep the CPU test short
+        args.steps = 4
     if args.lego is None:
         candidates = [REPO.parent / "shared" / "data" / "lego_synthetic", REPO / "shared" / "data" / "lego_synthetic"]
         args.lego = next((c for c in candidates if c.exists()), None)

@@ -27,6 +27,11 @@ if "$py" -m pip show -q opencv-python >/dev/null 2>&1; then
   "$py" -m pip uninstall -q -y opencv-python
   "$py" -m pip install -q --force-reinstall --no-deps opencv-python-headless==4.10.0.84
 fi
+# ns-render writes video through an `ffmpeg` found on PATH; without a system one, link the
+# static build that the imageio-ffmpeg wheel ships into the environment's bin/.
+if ! command -v ffmpeg >/dev/null 2>&1 && [ ! -e "$venv/bin/ffmpeg" ]; then
+  ln -s "$("$py" -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" "$venv/bin/ffmpeg"
+fi
 "$py" - <<'PY'
 import torch, nerfstudio, gsplat, viser
 print(f"installed: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "

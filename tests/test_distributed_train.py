@@ -1,15 +1,15 @@
 """retina-gs on 2 CPU processes as a user runs it: torchrun, landmark-merge, ns-eval, ns-render, resume.
 
-One 13-step run on the tiny synthetic city (2 ranks, gloo, batches of 2 cameras, refinement
-at step 12) is shared by the checks:
+One 7-step run on a 6-image 48x36 synthetic city (4 train, 2 test views; 2 ranks, gloo,
+batches of 2 cameras, refinement at step 6) is shared by the checks:
 - the loss logged at step 0 equals the single-process model's loss on the same cameras;
 - densification and migration ran: the last shards hold more Gaussians than the seed points,
   each on the rank owning its mean's leaf; config.yml records the world size and the tree;
-- the distributed evaluation of all eval images (step 12) equals ns-eval of the merged
+- the distributed evaluation of all eval images (step 6) equals ns-eval of the merged
   checkpoint, which ns-render also loads; the merge also writes the .ply;
-- resume 2 -> 1 (from the shards) and 1 -> 2 (from the merged single checkpoint): the run
-  continues at step 13 with every Gaussian, and on 2 ranks with the single-process model's
-  loss at that step.
+- resume 2 -> 1 (from the shards, in this process) and 1 -> 2 (torchrun, from the merged
+  single checkpoint): the run continues at step 7 with every Gaussian, and on 2 ranks with the
+  single-process model's loss at that step.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ import torch
 import yaml
 
 BIN = Path(sys.executable).parent
-STEPS = 13  # steps 0..12; step 12 refines (refine_every 3, after the pause of 8 images + 3)
+STEPS = 7  # steps 0..6; step 6 refines (refine_every 2, after gsplat's pause of 4 images + 2 steps)
+SEED_POINTS = 300
+CITY = dict(blocks=(2, 2), num_images=6, width=48, height=36, num_points=SEED_POINTS, test_every=3)
 TRAIN = [
     "--experiment-name", "city", "--machine.device-type", "cpu", "--vis", "tensorboard",
-    "--logging.steps-per-log", "1", "--steps-per-eval-image", "6", "--pipeline.model.warmup-length", "2",
-    "--pipeline.model.refine-every", "3", "--pipeline.model.background-color", "white",
+    "--logging.steps-per-log", "1", "--steps-per-eval-image", "3", "--pipeline.model.warmup-length", "1",
+    "--pipeline.model.refine-every", "2", "--pipeline.model.background-color", "white",
     "--pipeline.max-batch-size", "2",
 ]
 
@@ -68,11 +70,12 @@ def _single_process_loss(config_path: Path, step: int, state: Optional[Dict] = N
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     if state is not None:
         pipeline.load_pipeline(state["pipeline"], state["step"])
-        pipeline.load_camera_queue_state(state["camera_queue"])
+        pipeline.load_resume_state(state["resume"]["own"]["pipeline"])
     batch = pipeline._next_pool(config.pipeline.max_batch_size)
     model, dm = pipeline.model, pipeline.datamanager
     model.train()
     model.step = step
+    model.optimizers = {}  # read by the strategy's pre-backward hook; no step is taken here
     loss = 0.0
     for index in batch:
         outputs = model.get_outputs(dm.train_dataset.cameras[index : index + 1])
@@ -81,11 +84,18 @@ def _single_process_loss(config_path: Path, step: int, state: Optional[Dict] = N
 
 
 @pytest.fixture(scope="module")
-def run(tiny_city, tmp_path_factory):
+def city(tmp_path_factory) -> Path:
+    from landmark_plugin.data.city import CityConfig, write_city
+
+    return write_city(tmp_path_factory.mktemp("dist-city") / "city", CityConfig(**CITY))
+
+
+@pytest.fixture(scope="module")
+def run(city, tmp_path_factory):
     """The 2-rank run, merged: (work dir, run dir, logged scalars)."""
     work = tmp_path_factory.mktemp("dist-train")
     _finish(_start(_torchrun(
-        2, "--data", str(tiny_city), "--output-dir", str(work / "out"), "--timestamp", "two",
+        2, "--data", str(city), "--output-dir", str(work / "out"), "--timestamp", "two",
         "--max-num-iterations", str(STEPS), "--steps-per-save", "6", "--steps-per-eval-all-images", str(STEPS - 1),
         *TRAIN, "synthetic-city"), work))
     run_dir = work / "out" / "city" / "retina-gs-small" / "two"
@@ -118,8 +128,8 @@ def test_two_rank_run_matches_one_process_and_writes_shards(run):
         owner = torch.tensor(parts.rank)[parts.leaf_part()[leaves]]
         assert bool((owner == shard["rank"]).all()), "after migration every Gaussian lives on its owner"
         total += means.shape[0]
-    assert total != 400, "step 12 should have densified / pruned the 400 seed Gaussians"
-    assert scalars["Train Metrics Dict/gaussian_count"][0] == 400
+    assert total != SEED_POINTS, f"step {STEPS - 1} should have densified / pruned the seed Gaussians"
+    assert scalars["Train Metrics Dict/gaussian_count"][0] == SEED_POINTS
 
 
 @pytest.mark.slow
@@ -144,28 +154,29 @@ def test_merged_checkpoint_evaluates_and_renders_in_one_process(run):
 
 
 @pytest.mark.slow
-def test_resume_on_one_and_on_two_ranks(run, tiny_city):
+def test_resume_on_one_and_on_two_ranks(run, city):
     work, run_dir, _ = run
     merged_dir = run_dir / "nerfstudio_models"
     merged = torch.load(merged_dir / f"step-{STEPS - 1:09d}.ckpt", map_location="cpu")
     count = merged["pipeline"]["_model.gauss_params.means"].shape[0]
-    common = ["--data", str(tiny_city), "--max-num-iterations", "1", "--steps-per-save", "100",
-              "--steps-per-eval-all-images", "1000", *TRAIN]
-    on_one = _start([str(BIN / "landmark-train"), "retina-gs-small", *common, "--output-dir", str(work / "one"),
-                     "--timestamp", "one", "--load-dir", str(run_dir / "shards"), "synthetic-city"], work)
-    on_two = _start(_torchrun(2, *common, "--output-dir", str(work / "two"), "--timestamp", "two",
-                              "--load-dir", str(merged_dir), "synthetic-city"), work)
-    _finish(on_one)
-    _finish(on_two)
+    on_two = _start(_torchrun(
+        2, "--data", str(city), "--max-num-iterations", "1", "--steps-per-save", "100", "--steps-per-eval-all-images",
+        "1000", *TRAIN, "--output-dir", str(work / "two"), "--timestamp", "two", "--load-dir", str(merged_dir),
+        "synthetic-city"), work)
 
-    # 2 -> 1: one nerfstudio checkpoint at the resume step, holding every Gaussian (no refinement at 13).
-    one_dir = work / "one" / "city" / "retina-gs-small" / "one"
-    state = torch.load(one_dir / "nerfstudio_models" / f"step-{STEPS:09d}.ckpt", map_location="cpu")
-    assert state["pipeline"]["_model.gauss_params.means"].shape[0] == count
+    # 2 -> 1, here while the 2-rank resume runs: the shards merge into this one process.
+    config = yaml.load((run_dir / "config.yml").read_text(), Loader=yaml.Loader)
+    config.load_dir, config.timestamp, config.max_num_iterations = run_dir / "shards", "one", 1
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    assert trainer._start_step == STEPS
+    assert trainer.pipeline.model.num_points == count
+    assert torch.isfinite(torch.tensor(trainer.run_steps(STEPS, 1))).all()
 
-    # 1 -> 2: shards at the resume step, every Gaussian once, the single-process loss at step 13.
+    # 1 -> 2: shards at the resume step, every Gaussian once, the single-process loss at that step.
     from landmark_plugin.distributed.checkpoint import load_shards
 
+    _finish(on_two)
     two_dir = work / "two" / "city" / "retina-gs-small" / "two"
     shards = load_shards(two_dir, STEPS)
     assert sum(s["pipeline"]["_model.gauss_params.means"].shape[0] for s in shards) == count

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from landmark_plugin.core.composite import composite
-from landmark_plugin.core.order import camera_leaf_order
+from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.partition import assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial
@@ -49,10 +49,8 @@ def intrinsics(width, height, fov_deg, device, dtype=torch.float32):
 def leaf_positions(gaussians: Gaussians, depth: int, viewmat):
     tree = build_kdtree(gaussians.means.detach(), depth)
     order = camera_leaf_order(tree, camera_center(viewmat))
-    position_of_leaf = torch.empty_like(order)
-    position_of_leaf[order] = torch.arange(order.numel(), device=order.device)
     leaves = assign_leaves(tree, gaussians.means.detach())
-    return leaves, position_of_leaf[leaves], order
+    return leaves, order_positions(order)[leaves], order
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

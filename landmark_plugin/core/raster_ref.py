@@ -26,7 +26,7 @@ windows are processed in bands of pixel rows to bound memory.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, half-open
+PixelMask = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(gaussian [E], pixel x [E], pixel y [E]) -> [E] bool: whether an entry may count."""
 
 
 def sort_rank(
@@ -313,6 +315,7 @@ def rasterize(
     settings: RasterSettings = RasterSettings(),
     group: Optional[Int[Tensor, " N"]] = None,
     window: Optional[Window] = None,
+    pixel_mask: Optional[PixelMask] = None,
 ) -> tuple[Float[Tensor, "H W D"], Float[Tensor, "H W 1"]]:
     """Alpha-composite projected Gaussians front to back (gsplat's per-pixel rule).
 
@@ -326,6 +329,9 @@ def rasterize(
             depth (e.g. the place of the Gaussian's leaf in the camera's leaf order).
         window: optional (x0, y0, x1, y1) pixel rectangle; only it is rendered, with
             exactly the values the full render has there.
+        pixel_mask: optional rule (Gaussian index, pixel x, pixel y) -> bool; entries where
+            it is False are skipped like alpha < alpha_min, before early termination
+            (the box clip of ``core/clip.py``).  Evaluated without gradients.
 
     Returns:
         [h, w, D] premultiplied colour (no background) and [h, w, 1] transmittance, with
@@ -348,7 +354,7 @@ def rasterize(
     for band_y0, band_y1 in _bands(rows, window, settings.max_candidates):
         in_band = (rows.y >= band_y0) & (rows.y < band_y1)
         band_rows = _Rows(*(t[in_band] for t in rows))
-        c, t = _rasterize_band(geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings)
+        c, t = _rasterize_band(geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings, pixel_mask)
         colors_out.append(c)
         trans_out.append(t)
     premult, trans = torch.cat(colors_out), torch.cat(trans_out)
@@ -361,6 +367,7 @@ def _rasterize_band(
     rows: _Rows,
     band: Window,
     settings: RasterSettings,
+    pixel_mask: Optional[PixelMask] = None,
 ) -> tuple[Float[Tensor, "h w D"], Float[Tensor, "h w 1"]]:
     """Rasterise the candidate rows of one band of the window.
 
@@ -370,6 +377,7 @@ def _rasterize_band(
         rows: candidate rows inside the band, in front-to-back order.
         band: (x0, y0, x1, y1) of the band.
         settings: rasterisation constants.
+        pixel_mask: optional extra skip rule (see ``rasterize``).
     """
     x0, y0, x1, y1 = band
     h, w = y1 - y0, x1 - x0
@@ -377,6 +385,9 @@ def _rasterize_band(
     g, ys = rows.gaussian[row], rows.y[row]
     dtype = geometry.dtype
     alpha, valid = _alpha(geometry[g], xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
+    if pixel_mask is not None:
+        with torch.no_grad():
+            valid = valid & pixel_mask(g, xs, ys)
     # Candidates come in front-to-back order; a stable sort by pixel keeps it per pixel.
     pixel = (ys - y0) * w + (xs - x0)
     by_pixel = torch.sort(torch.where(valid, pixel, h * w), stable=True).indices[: int(valid.sum())]

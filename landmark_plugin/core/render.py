@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from landmark_plugin.core.sh import camera_center
 from landmark_plugin.core.raster_ref import (
     RasterSettings,
     gaussian_colors,
@@ -57,12 +58,6 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["gsplat",
     if backend == "gsplat" and device.type != "cuda":
         raise ValueError("backend='gsplat' needs CUDA tensors; use backend='torch' (or 'auto') on CPU")
     return backend
-
-
-def camera_center(viewmat: Float[Tensor, "4 4"]) -> Float[Tensor, "3"]:
-    """World position of the camera of a world->camera matrix."""
-    R, t = viewmat[:3, :3], viewmat[:3, 3]
-    return -R.transpose(0, 1) @ t
 
 
 def render_partial(

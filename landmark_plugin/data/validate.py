@@ -1,9 +1,11 @@
 """Bad input fails early, with one clear error naming the file and the problem.
 
-`parse_checked` is what the data managers call: it checks the input files a parser is about
-to read (transforms.json, COLMAP folders), runs the parser, turns what the parser raises on
-malformed input into `InputError`, and then checks its outputs (images exist and match the
-intrinsics, poses are finite, the point cloud is usable) before any GPU work starts.
+`parse_checked` checks the input files a parser is about to read (transforms.json, COLMAP
+folders: `check_parser_input`), runs the parser, turns what the parser raises on malformed
+input into `InputError` (`parse_split`), and then checks its outputs (images exist and match
+the intrinsics, poses are finite, the point cloud is usable: `check_outputs_of`).  The data
+managers run the same three steps around nerfstudio's own parsing (data/checked.py), before
+any GPU work starts.
 
 Imports only dataparser-level nerfstudio modules: dataparser entry points are loaded while
 nerfstudio's datamanager module is still importing.
@@ -302,12 +304,14 @@ def check_dataparser_outputs(
     split: str,
     points_source: Optional[Path] = None,
     data_source: Optional[Path] = None,
+    images: bool = True,
 ) -> DataparserOutputs:
     """Images exist, are readable and match the cameras; poses are finite; points are usable.
 
     Image files are checked from their headers only (no pixel decode), so this stays cheap
     for thousands of images.  `points_source` and `data_source` name the point cloud file
-    and the dataset in messages.  Returns `outputs` unchanged.
+    and the dataset in messages; `images=False` skips the image files.  Returns `outputs`
+    unchanged.
     """
     cameras = outputs.cameras
     dataset = data_source or "dataset"
@@ -328,6 +332,8 @@ def check_dataparser_outputs(
             raise InputError(f"{path}: camera rotation is singular ({split} split)")
         if not bool(focal_ok[i]):
             raise InputError(f"{path}: camera focal length is not a positive finite number ({split} split)")
+        if not images:
+            continue
         width, height = image_size(path)
         want = (int(cameras.width[i].item()), int(cameras.height[i].item()))
         if (width, height) != want:
@@ -335,7 +341,7 @@ def check_dataparser_outputs(
                 f"{path}: image is {width}x{height} but its camera says {want[0]}x{want[1]} ({split} split)"
             )
     for kind, paths in (("mask", outputs.mask_filenames), ("depth", outputs.metadata.get("depth_filenames"))):
-        for path in paths or []:
+        for path in paths if images and paths else []:
             if not Path(path).is_file():
                 raise InputError(f"{path}: {kind} file not found ({split} split)")
     xyz = outputs.metadata.get("points3D_xyz")
@@ -352,28 +358,54 @@ def check_dataparser_outputs(
     return outputs
 
 
-def parse_checked(config: DataParserConfig, split: str = "train") -> DataparserOutputs:
-    """Run `config`'s parser for `split` with input checks before and output checks after.
+def check_parser_input(config: DataParserConfig) -> Path:
+    """Check the files `config`'s parser is about to read; return the path to name in errors.
 
-    Everything wrong with the input surfaces as one InputError naming the file.
+    transforms.json for nerfstudio-data, the model and image folders for COLMAP.  Parsers
+    with ``checks_own_input`` (synthetic-city, matrixcity) check inside their parse instead.
     """
     if not isinstance(config, DataParserConfig):
-        raise TypeError(f"parse_checked needs a DataParserConfig, got {type(config).__name__}")
+        raise TypeError(f"expected a DataParserConfig, got {type(config).__name__}")
     own_checks = getattr(config._target, "checks_own_input", False)
     if isinstance(config, NerfstudioDataParserConfig) and not own_checks:
         check_transforms_json(transforms_path(config.data), config)
     if isinstance(config, ColmapDataParserConfig):
         check_colmap_folder(config)
+    return transforms_path(config.data) if isinstance(config, NerfstudioDataParserConfig) else Path(config.data)
 
+
+def is_parse_error(error: BaseException) -> bool:
+    """Whether `error` is what a parser raises on malformed input (and not yet an InputError)."""
+    return isinstance(error, _PARSE_ERRORS) and not isinstance(error, InputError)
+
+
+def parse_failure(config: DataParserConfig, error: BaseException) -> InputError:
+    """The InputError for `config`'s parser having raised `error` (e.g. nerfstudio's own
+    assertion): names the input file, for COLMAP the model file that cannot be read."""
+    if isinstance(config, ColmapDataParserConfig):
+        return diagnose_colmap_failure(config, error)
     source = transforms_path(config.data) if isinstance(config, NerfstudioDataParserConfig) else config.data
-    try:
-        with input_errors(source):
-            outputs = config.setup().get_dataparser_outputs(split=split)
-    except InputError as error:
-        if isinstance(config, ColmapDataParserConfig) and error.__cause__ is not None:
-            raise diagnose_colmap_failure(config, error.__cause__) from error.__cause__
-        raise
+    return InputError(f"{source}: cannot parse: {type(error).__name__}: {error}")
 
+
+def parse_split(parser: Any, config: DataParserConfig, split: str) -> DataparserOutputs:
+    """``parser.get_dataparser_outputs(split)`` with a parser failure raised as InputError."""
+    try:
+        return parser.get_dataparser_outputs(split=split)
+    except _PARSE_ERRORS as error:
+        if not is_parse_error(error):
+            raise
+        raise parse_failure(config, error) from error
+
+
+def check_outputs_of(
+    config: DataParserConfig, outputs: DataparserOutputs, split: str, images: bool = True
+) -> DataparserOutputs:
+    """`check_dataparser_outputs` with the config's point cloud and data named in messages.
+
+    `images=False` skips the image files (poses and points are still checked): inference
+    (ns-render, ns-viewer) needs the cameras, not the pictures.
+    """
     points = point_cloud_path(config)
     if (
         isinstance(config, NerfstudioDataParserConfig)
@@ -382,4 +414,17 @@ def parse_checked(config: DataParserConfig, split: str = "train") -> DataparserO
         and "points3D_xyz" not in outputs.metadata
     ):
         raise InputError(f"{points}: point cloud has no points")
-    return check_dataparser_outputs(outputs, split, points_source=points, data_source=source)
+    source = transforms_path(config.data) if isinstance(config, NerfstudioDataParserConfig) else config.data
+    return check_dataparser_outputs(outputs, split, points_source=points, data_source=source, images=images)
+
+
+def parse_checked(config: DataParserConfig, split: str = "train") -> DataparserOutputs:
+    """Run `config`'s parser for `split` with input checks before and output checks after.
+
+    Everything wrong with the input surfaces as one InputError naming the file.
+    """
+    if not isinstance(config, DataParserConfig):
+        raise TypeError(f"parse_checked needs a DataParserConfig, got {type(config).__name__}")
+    check_parser_input(config)
+    outputs = parse_split(config.setup(), config, split)
+    return check_outputs_of(config, outputs, split)

@@ -11,9 +11,10 @@ A step counts only once ``complete.json`` exists, so a run killed mid-save resum
 previous complete step.  Every shard is a nerfstudio checkpoint of its rank's pipeline
 (``step``, ``pipeline``, ``optimizers``, ``schedulers``, ``scalers``) plus ``rank``,
 ``world_size``, ``tree`` and ``strategy_state``.  ``merge_shards`` concatenates the Gaussian
-rows (parameters and Adam moments) in rank order and takes everything replicated from rank
-0; ``select_rows`` cuts a merged state down to the Gaussians one rank of a new world size
-owns, so a run resumes on any number of ranks.
+rows (parameters, Adam moments, densification statistics, also those in the trainer's
+``resume`` state) in rank order and takes everything replicated from rank 0; ``select_rows``
+cuts a merged state down to the Gaussians one rank of a new world size owns, so a run resumes
+on any number of ranks.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from landmark_plugin.core.partition import KDTree, assign_leaves
 from landmark_plugin.core.schedule import Parts
 from landmark_plugin.distributed.collectives import barrier
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.gaussians.export import GAUSS_PREFIX
 
-GAUSS_PREFIX = "_model.gauss_params."
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 STRATEGY_STATS = ("grad2d", "count", "radii")
 
@@ -119,6 +120,14 @@ def merge_shards(shards: List[Dict]) -> Dict:
         values = [(s.get("strategy_state") or {}).get(key) for s in shards]
         stats[key] = torch.cat(values) if all(v is not None for v in values) else None
     merged["strategy_state"] = stats
+    strategies = [((sh.get("resume") or {}).get("strategy")) for sh in shards]
+    if all(isinstance(st, dict) for st in strategies):  # landmark_plugin.resume's copy of the statistics
+        strategy = dict(strategies[0])
+        for key in STRATEGY_STATS:
+            values = [st.get(key) for st in strategies]
+            if key in strategy:
+                strategy[key] = torch.cat(values) if all(isinstance(v, Tensor) for v in values) else None
+        merged["resume"] = {**first["resume"], "strategy": strategy}
     return merged
 
 
@@ -139,6 +148,10 @@ def select_rows(merged: Dict, keep: Tensor) -> Dict:
     out["optimizers"] = optimizers
     stats = merged.get("strategy_state") or {}
     out["strategy_state"] = {k: (v[keep] if v is not None else None) for k, v in stats.items()}
+    strategy = (merged.get("resume") or {}).get("strategy")
+    if isinstance(strategy, dict):
+        cut = {k: (v[keep] if k in STRATEGY_STATS and isinstance(v, Tensor) else v) for k, v in strategy.items()}
+        out["resume"] = {**merged["resume"], "strategy": cut}
     return out
 
 

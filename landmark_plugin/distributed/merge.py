@@ -12,40 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 import tyro
 import yaml
 
 from landmark_plugin.checkpoints import atomic_torch_save
-from landmark_plugin.distributed.checkpoint import GAUSS_PREFIX, latest_complete_step, load_shards, merge_shards
-
-
-def write_gaussians_ply(path: Path, pipeline_state: Dict[str, torch.Tensor]) -> int:
-    """Write the Gaussians of a (merged) pipeline state dict as a 3DGS .ply; returns N."""
-    from plyfile import PlyData, PlyElement
-
-    g = {k[len(GAUSS_PREFIX) :]: v.detach().cpu().float() for k, v in pipeline_state.items() if k.startswith(GAUSS_PREFIX)}
-    n = g["means"].shape[0]
-    columns = {"x": g["means"][:, 0], "y": g["means"][:, 1], "z": g["means"][:, 2]}
-    for axis in ("nx", "ny", "nz"):
-        columns[axis] = torch.zeros(n)
-    for i in range(3):
-        columns[f"f_dc_{i}"] = g["features_dc"][:, i]
-    rest = g["features_rest"].transpose(1, 2).reshape(n, -1)  # channel-major, as 3DGS stores it
-    for i in range(rest.shape[1]):
-        columns[f"f_rest_{i}"] = rest[:, i]
-    columns["opacity"] = g["opacities"].reshape(n)
-    for i in range(3):
-        columns[f"scale_{i}"] = g["scales"][:, i]
-    for i in range(4):
-        columns[f"rot_{i}"] = g["quats"][:, i]
-    vertex = np.empty(n, dtype=[(name, "<f4") for name in columns])
-    for name, value in columns.items():
-        vertex[name] = value.numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PlyData([PlyElement.describe(vertex, "vertex")], text=False).write(str(path))
-    return n
+from landmark_plugin.distributed.checkpoint import latest_complete_step, load_shards, merge_shards
+from landmark_plugin.gaussians.export import write_gaussians_ply
 
 
 @dataclass

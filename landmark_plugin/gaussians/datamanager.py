@@ -7,9 +7,9 @@ Three ways to hold the images, chosen by ``cache_images``:
   read ahead on a thread pool.  Large captures (thousands of 1080p images) train this way.
 ``auto`` picks the first that fits ``cache_budget_gb``.
 
-The inputs are validated before anything is loaded: a missing or unreadable image, a size that
-disagrees with the intrinsics, a NaN pose or a NaN / empty point cloud stops with one error
-naming the file.
+The inputs are validated before anything is loaded (``CheckedInput``): a malformed
+transforms.json / COLMAP model, a missing or unreadable image, a size that disagrees with the
+intrinsics, a NaN pose or a NaN / empty point cloud stops with one error naming the file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from nerfstudio.data.datamanagers.full_images_datamanager import (
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.data.validate import check_dataparser_outputs
+from landmark_plugin.data.checked import CheckedInput
 
 CacheMode = Literal["auto", "device", "cpu", "disk"]
 
@@ -45,13 +45,11 @@ class RetinaGSDataManagerConfig(FullImageDatamanagerConfig):
     """disk: images read ahead of the camera schedule."""
 
 
-class RetinaGSDataManager(FullImageDatamanager[InputDataset]):
+class RetinaGSDataManager(CheckedInput, FullImageDatamanager[InputDataset]):
     config: RetinaGSDataManagerConfig
 
     def __init__(self, config: RetinaGSDataManagerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        check_dataparser_outputs(self.train_dataparser_outputs, "train")
-        check_dataparser_outputs(self.eval_dataset._dataparser_outputs, self.test_split)
         self.cache_mode = self._resolve_cache_mode()
         distortion = self.train_dataset.cameras.distortion_params
         if self.cache_mode == "disk" and distortion is not None and bool(torch.any(distortion != 0)):

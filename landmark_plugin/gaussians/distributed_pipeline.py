@@ -106,13 +106,13 @@ class DistributedRetinaPipeline(VanillaPipeline):
             self._epoch += 1
         return self._queue[:size]
 
-    def camera_queue_state(self) -> Dict:
-        """The camera queue (saved in checkpoints so a resumed run takes the same batches)."""
+    def resume_state(self) -> Dict:
+        """The camera queue (``landmark_plugin.resume`` saves it, so a resumed run takes the
+        same batches; identical on every rank)."""
         return {"queue": list(self._queue), "epoch": self._epoch}
 
-    def load_camera_queue_state(self, state: Optional[Dict]) -> None:
-        if state:
-            self._queue, self._epoch = list(state["queue"]), int(state["epoch"])
+    def load_resume_state(self, state: Dict) -> None:
+        self._queue, self._epoch = [int(i) for i in state["queue"]], int(state["epoch"])
 
     def get_train_loss_dict(self, step: int):
         if not self.distributed:

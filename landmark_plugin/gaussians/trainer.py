@@ -1,7 +1,7 @@
 """The retina-gs trainer: ``LandmarkTrainer`` on one process, sharded on several.
 
-With one rank it is ``LandmarkTrainer`` (atomic nerfstudio checkpoints in ``nerfstudio_models/``)
-plus the densification statistics and camera queue in the checkpoint.  With several ranks
+With one rank it is ``LandmarkTrainer`` (atomic nerfstudio checkpoints in ``nerfstudio_models/``,
+exact resume), except that ``--load-dir`` may also name a sharded run.  With several ranks
 (``DistributedRetinaPipeline`` over a process group):
 - before every optimiser step the pipeline's ``sync_gradients_`` runs (zero-filled Gaussian
   gradients, all-reduced replicated gradients);
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Type
+from typing import Dict, List, Literal, Type
 
 import torch
 from nerfstudio.engine.optimizers import Optimizers
@@ -116,10 +116,10 @@ class RetinaTrainer(LandmarkTrainer):
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:
         state = super().checkpoint_state(step)
+        # Densification statistics as rows beside the Gaussians (merge_shards / select_rows cut
+        # them with the parameters); landmark_plugin.resume keeps its own copy under "resume".
         model = self.pipeline.model
         state["strategy_state"] = {k: v for k, v in model.strategy_state.items() if k in STRATEGY_STATS}
-        if hasattr(self.pipeline, "camera_queue_state"):
-            state["camera_queue"] = self.pipeline.camera_queue_state()
         return state
 
     def save_checkpoint(self, step: int) -> None:
@@ -140,11 +140,11 @@ class RetinaTrainer(LandmarkTrainer):
                 raise ValueError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
             CONSOLE.print("No checkpoint to load, so training from scratch.")
             return
-        state = self._read_state(load_dir, sharded)
-        self._apply_state(state)
+        self.restore_state(self._read_state(load_dir, sharded))
+        model = self.pipeline.model
+        CONSOLE.print(f"Resumed at step {self._start_step} with {model.num_points} Gaussians on rank {self.comm.rank}")
         if self.distributed:
             # Gaussians that drifted out of their rank's region since the last migration move now.
-            model = self.pipeline.model
             migrate_(self.comm, model, self.optimizers.optimizers, model.strategy_state, self.pipeline.sharded.parts, rebuild=False)
             self._rebind_optimizers()
 
@@ -152,13 +152,13 @@ class RetinaTrainer(LandmarkTrainer):
         """This rank's part of the checkpoint that ``load_dir`` names."""
         comm = self.comm
         depth = self.pipeline.model.config.tree_depth
-        if sharded is None:  # a single-process run's nerfstudio_models/
+        if sharded is None:  # a single-process run's (or landmark-merge's) nerfstudio_models/
             step = self.config.load_step if self.config.load_step is not None else latest_checkpoint_step(load_dir)
             if step is None:
                 raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt or shards/step-*/complete.json) in {load_dir}")
             path = Path(load_dir) / f"step-{step:09d}.ckpt"
             CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from {path}")
-            merged = torch.load(path, map_location="cpu", weights_only=False)
+            merged = torch.load(path, map_location="cpu", weights_only=True)
         else:
             base, step = sharded
             step = step if step is not None else self.config.load_step
@@ -166,26 +166,8 @@ class RetinaTrainer(LandmarkTrainer):
             world = int(read_manifest(base, step)["world_size"])
             CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from the {world} shards of step {step} in {base}")
             if world == comm.world_size:
-                return torch.load(shard_path(base, step, comm.rank, world), map_location="cpu", weights_only=False)
+                return torch.load(shard_path(base, step, comm.rank, world), map_location="cpu", weights_only=True)
             merged = merge_shards(load_shards(base, step))
         if comm.world_size == 1:
             return merged
         return shard_for_rank(merged, tree_of_state(merged, depth), comm.rank, comm.world_size)
-
-    def _apply_state(self, state: Dict) -> None:
-        """nerfstudio's checkpoint loading, plus densification statistics and the camera queue."""
-        self._start_step = state["step"] + 1
-        self.pipeline.load_pipeline(state["pipeline"], state["step"])
-        self.optimizers.load_optimizers(state["optimizers"])
-        if "schedulers" in state and self.config.load_scheduler:
-            self.optimizers.load_schedulers(state["schedulers"])
-        if "scalers" in state:
-            self.grad_scaler.load_state_dict(state["scalers"])
-        self._rebind_optimizers()
-        model = self.pipeline.model
-        for key, value in (state.get("strategy_state") or {}).items():
-            if key in model.strategy_state:
-                model.strategy_state[key] = None if value is None else value.to(model.device)
-        if hasattr(self.pipeline, "load_camera_queue_state"):
-            self.pipeline.load_camera_queue_state(state.get("camera_queue"))
-        CONSOLE.print(f"Done loading the checkpoint of step {state['step']} ({model.num_points} Gaussians on this rank)")

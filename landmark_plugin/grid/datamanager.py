@@ -20,6 +20,7 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, Va
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.data.checked import CheckedInput
 from landmark_plugin.data.ply import read_points_ply
 
 
@@ -76,8 +77,11 @@ class LandmarkGridDataManagerConfig(VanillaDataManagerConfig):
     """Padding of the derived box, as a fraction of its largest extent."""
 
 
-class LandmarkGridDataManager(VanillaDataManager):
-    """Ray batches with image indices; the datasets' scene box is replaced by the grid's box."""
+class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
+    """Ray batches with image indices; the datasets' scene box is replaced by the grid's box.
+
+    The input is validated before any image is loaded (``CheckedInput``).
+    """
 
     config: LandmarkGridDataManagerConfig
 
