@@ -44,7 +44,7 @@ void check_inputs(
     TORCH_CHECK(colors.dim() >= 1 && colors.numel() == n * colors.size(-1), "colors must be [N, D]");
     bool supported = false;
     for (int c : kClipChannels) supported |= colors.size(-1) == c;
-    TORCH_CHECK(supported, "colors has ", colors.size(-1), " channels; pad to 1, 2, 3, 4, 5, 8, 16, 32 or 64");
+    TORCH_CHECK(supported, "colors has ", colors.size(-1), " channels; pad to 1, 2, 3, 4, 8, 16, 32 or 64");
     TORCH_CHECK(boxes.numel() % 6 == 0, "boxes must be [B, 2, 3]");
     TORCH_CHECK(camera.numel() == 16, "camera must have 16 floats (see core/clip.py clip_camera)");
     const int64_t tiles_x = (s.width + s.tile_size - 1) / s.tile_size;

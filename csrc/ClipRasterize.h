@@ -8,7 +8,7 @@
 // [lo, hi) of that box.  Otherwise gsplat 1.4.0's per-pixel rule.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 namespace landmark {
 

@@ -6,7 +6,6 @@
 // the torch twin (core/raster_ref.py _alpha, core/clip.py ray_points), so twin and kernel
 // count exactly the same (pixel, entry) pairs; only the accumulation rounds differently.
 #include "ClipRasterize.h"
-#include "Common.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -147,7 +146,8 @@ __global__ void clip_rasterize_fwd_kernel(
     float *__restrict__ transmittance, // [H, W]
     int32_t *__restrict__ last_ids     // [H, W]
 ) {
-    extern __shared__ float smem[];
+    extern __shared__ float4 smem4[]; // float4: 16-byte aligned staging
+    float *smem = reinterpret_cast<float *>(smem4);
     __shared__ float cam[kCameraFloats];
     const int block = blockDim.x * blockDim.y;
     const int tr = threadIdx.y * blockDim.x + threadIdx.x;
@@ -226,7 +226,8 @@ __global__ void clip_rasterize_bwd_kernel(
     float *__restrict__ v_colors,              // [N, CDIM]
     float *__restrict__ v_opacities            // [N]
 ) {
-    extern __shared__ float smem[];
+    extern __shared__ float4 smem4[]; // float4: 16-byte aligned staging
+    float *smem = reinterpret_cast<float *>(smem4);
     __shared__ float cam[kCameraFloats];
     const int block = blockDim.x * blockDim.y;
     const int tr = threadIdx.y * blockDim.x + threadIdx.x;
@@ -406,7 +407,6 @@ void bwd_with_channels(
     case 2: CALL(2); break;                                                                \
     case 3: CALL(3); break;                                                                \
     case 4: CALL(4); break;                                                                \
-    case 5: CALL(5); break;                                                                \
     case 8: CALL(8); break;                                                                \
     case 16: CALL(16); break;                                                              \
     case 32: CALL(32); break;                                                              \

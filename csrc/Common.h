@@ -15,6 +15,6 @@
 namespace landmark {
 
 // Colour channel counts the rasteriser kernels are compiled for; callers pad to the next.
-constexpr int kClipChannels[] = {1, 2, 3, 4, 5, 8, 16, 32, 64};
+constexpr int kClipChannels[] = {1, 2, 3, 4, 8, 16, 32, 64};
 
 } // namespace landmark

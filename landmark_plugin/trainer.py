@@ -14,6 +14,7 @@ Everything else (loop, logging, eval, viewer) is nerfstudio's own.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ class LandmarkTrainerConfig(TrainerConfig):
     viewer: ViewerConfig = field(default_factory=lambda: ViewerConfig(websocket_host="127.0.0.1"))
     """Viewer settings. Bound to 127.0.0.1 by default: reach it from another machine through an
     SSH tunnel (ssh -L 7007:127.0.0.1:7007 host) or pass --viewer.websocket-host 0.0.0.0 knowingly."""
+    deterministic: bool = False
+    """Use torch's deterministic algorithms, so that a rerun or a resumed run repeats an unbroken
+    one bit for bit (on CPU; gsplat's CUDA kernels accumulate with atomics).  Slower."""
     max_consecutive_nonfinite_steps: int = 10
     """A step whose loss or gradients hold NaN / Inf is skipped (no optimiser step, no
     densification) and reported; this many skipped in a row stop the run, naming the step and
@@ -82,6 +86,9 @@ class LandmarkTrainer(Trainer):
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         check_world_size_fits_tree(self.config, self.world_size)  # before any data or device work
+        if self.config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
+            torch.use_deterministic_algorithms(True, warn_only=True)
         super().setup(test_mode)
         # A skipped step must not feed densification (or any other after-step bookkeeping).
         self.callbacks = [SkippedStepCallback(callback, self.nonfinite.was_skipped) for callback in self.callbacks]

@@ -33,7 +33,8 @@ if ! command -v ffmpeg >/dev/null 2>&1 && [ ! -e "$venv/bin/ffmpeg" ]; then
   ln -s "$("$py" -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" "$venv/bin/ffmpeg"
 fi
 "$py" - <<'PY'
-import torch, nerfstudio, gsplat, viser
-print(f"installed: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "
-      f"gsplat {gsplat.__version__}, viser {viser.__version__}")
+from importlib.metadata import version
+import torch
+print(f"installed: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), nerfstudio "
+      f"{version('nerfstudio')}, gsplat {version('gsplat')}, viser {version('viser')}")
 PY

@@ -27,11 +27,13 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.core.clip import unbounded_leaf_boxes
 from landmark_plugin.core.composite import composite, expected_depth
 from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
+from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 
@@ -50,9 +52,13 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     """kd-tree depth: the Gaussians are owned by 2**tree_depth leaves (whole subtrees go to ranks)."""
     split_axes: Literal["widest", "xy"] = "widest"
     """Split each kd-tree node on its widest axis, or alternate x and y (aerial captures)."""
-    mode: Literal["plain"] = "plain"
+    mode: Literal["plain", "clip"] = "plain"
     """plain: each Gaussian is rendered by its own leaf only, and the composite equals one render
-    sorted by (leaf order, depth)."""
+    sorted by (leaf order, depth).  clip: RetinaGS's rule: a Gaussian counts at a pixel only in the
+    leaf whose box holds the point on the pixel's ray at the Gaussian's centre depth, and it is
+    shared with every leaf it can reach, so the render equals the unpartitioned render of all
+    Gaussians (boundaries are invisible); CUDA kernel of csrc/ on GPU (built on first use), its
+    torch twin with backend torch."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
@@ -145,6 +151,15 @@ class RetinaGSModel(SplatfactoModel):
         return self._cpu_tree
 
     @property
+    def clip_boxes(self) -> torch.Tensor:
+        """[L, 2, 3] leaf boxes with the outer faces at infinity (clip mode), cached per tree."""
+        key = (id(self.tree_split_value), self.tree_split_value._version, self.tree_split_value.device)
+        if getattr(self, "_clip_boxes_key", None) != key:
+            self._clip_boxes = unbounded_leaf_boxes(self.tree)
+            self._clip_boxes_key = key
+        return self._clip_boxes
+
+    @property
     def tree(self) -> KDTree:
         return KDTree(
             bounds=self.tree_bounds,
@@ -234,20 +249,28 @@ class RetinaGSModel(SplatfactoModel):
         backend = resolve_backend(self.config.backend, self.means.device)
         self._note_backend(backend)
         sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree) if self.config.sh_degree > 0 else None
-        partial = render_partial(
-            gaussians,
-            leaf_position,
-            viewmat,
-            K,
-            width,
-            height,
-            sh_degree,
-            RasterSettings(),
-            with_depth=with_depth,
-            backend=backend,
-            absgrad=self.strategy.absgrad and backend == "gsplat",
-            num_leaf_positions=2**self.config.tree_depth,
-        )
+        absgrad = self.strategy.absgrad and backend == "gsplat"
+        if self.config.mode == "clip":
+            leaves = ClipLeaves(self.clip_boxes, order_positions(order).to(self.means.device, non_blocking=True))
+            partial = render_partial_clipped(
+                gaussians, leaves, viewmat, K, width, height, sh_degree, RasterSettings(),
+                with_depth=with_depth, backend=backend, absgrad=absgrad,
+            )
+        else:
+            partial = render_partial(
+                gaussians,
+                leaf_position,
+                viewmat,
+                K,
+                width,
+                height,
+                sh_degree,
+                RasterSettings(),
+                with_depth=with_depth,
+                backend=backend,
+                absgrad=absgrad,
+                num_leaf_positions=2**self.config.tree_depth,
+            )
         self.info = {
             "means2d": partial.means2d,
             "radii": partial.radii,

@@ -1,0 +1,165 @@
+"""One partial render in ``clip`` mode: box-clipped leaves with boundary sharing, one pass.
+
+The counterpart of ``render.render_partial`` (``plain`` mode).  For one camera: project,
+hand every visible Gaussian to each leaf its ray points can reach (``clip.sharing_copies``),
+then render all copies in one pass sorted per pixel by (leaf position, depth), each copy
+clipped to its leaf's box.  The result equals the ordinary render of the same Gaussians
+(DESIGN.md section 3), and gradients of all copies reach the Gaussians' parameters.
+
+Backends compute the same function:
+- ``gsplat``: gsplat's projection, SH and tile intersection (on the copies), re-keyed by
+  (tile, leaf position, depth), then the box-clipped CUDA kernel (``landmark_plugin.cuda``);
+- ``torch``: the twin (``clip.rasterize_clipped`` on ``raster_ref``), CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from landmark_plugin.core.clip import Copies, clip_camera, rasterize_clipped, sharing_copies
+from landmark_plugin.core.projection import Projection, RasterSettings, project_gaussians
+from landmark_plugin.core.render import Backend, Gaussians, Partial, _colors, _sort_by_tile_leaf_depth, resolve_backend
+from landmark_plugin.core.sh import camera_center
+
+
+@dataclass(frozen=True, eq=False)
+class ClipLeaves:
+    """The leaves a clipped partial renders into.
+
+    Attributes:
+        boxes: [L, 2, 3] leaf boxes with outer faces at infinity (``clip.unbounded_leaf_boxes``).
+        leaf_position: [L] int64 place of each leaf in the camera's front-to-back order.
+    """
+
+    boxes: Float[Tensor, "L 2 3"]
+    leaf_position: Int[Tensor, " L"]
+
+
+def render_partial_clipped(
+    gaussians: Gaussians,
+    leaves: ClipLeaves,
+    viewmat: Float[Tensor, "4 4"],
+    K: Float[Tensor, "3 3"],
+    width: int,
+    height: int,
+    sh_degree: Optional[int],
+    settings: RasterSettings = RasterSettings(),
+    with_depth: bool = False,
+    backend: Backend = "auto",
+    absgrad: bool = False,
+    allow_fallback: bool = False,
+) -> Partial:
+    """Render ``gaussians`` as one clipped partial over ``leaves`` (one pass).
+
+    Args:
+        gaussians: activated parameters, N Gaussians (any leaves; sharing decides who draws).
+        leaves: boxes and camera leaf order.
+        viewmat, K: [4, 4] world->camera (OpenCV) and [3, 3] intrinsics.
+        width, height: image size.
+        sh_degree: SH degree, or None when ``gaussians.sh`` holds plain colours [N, 1, 3].
+        settings: rasterisation constants.
+        with_depth: append camera z as a last channel.
+        backend: ``gsplat`` (CUDA kernel), ``torch`` (twin) or ``auto`` (by device).
+        absgrad: CUDA only: fill ``means2d.absgrad`` for densification.
+        allow_fallback: on CUDA, use the twin when the kernel cannot be built (warned once)
+            instead of raising ``cuda.CudaUnavailable``.
+
+    Returns:
+        Partial with [H, W, D] colour, [H, W, 1] transmittance, [1, N, 2] means2d, [1, N] radii.
+    """
+    which = resolve_backend(backend, gaussians.means.device)
+    if which == "gsplat":
+        from landmark_plugin import cuda
+
+        if cuda.require(allow_fallback) is not None:
+            return _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad)
+    return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth)
+
+
+def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth) -> Partial:
+    proj = project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
+    means2d = proj.means2d[None]
+    proj = proj._replace(means2d=means2d[0])
+    colors = _colors(gaussians, camera_center(viewmat), sh_degree)
+    if with_depth:
+        colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
+    camera = clip_camera(viewmat, K).to(gaussians.means.device)
+    copies = sharing_copies(proj, gaussians.opacities, camera, leaves.boxes, width, height, settings)
+    color, trans = rasterize_clipped(
+        proj, colors, gaussians.opacities, copies, leaves.boxes, camera, width, height, settings,
+        leaf_position=leaves.leaf_position,
+    )
+    return Partial(color, trans, means2d, proj.radii[None])
+
+
+def clip_intersections(
+    means2d: Float[Tensor, "1 N 2"],
+    radii: Int[Tensor, "1 N"],
+    depths: Float[Tensor, "1 N"],
+    copies: Copies,
+    leaf_position: Int[Tensor, " L"],
+    width: int,
+    height: int,
+    tile_size: int,
+) -> tuple[Int[Tensor, "TH TW"], Int[Tensor, " M"], Int[Tensor, " M"]]:
+    """gsplat's tile intersections of the copies, sorted by (tile, leaf position, depth).
+
+    Returns:
+        isect_offsets [TH, TW] int32, flatten_ids [M] int32 (Gaussian of each entry) and
+        isect_boxes [M] int32 (box of each entry, -1 = unclipped).
+    """
+    from gsplat.cuda._wrapper import isect_tiles
+
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    g = copies.gaussian
+    _, isect_ids, copy_ids = isect_tiles(
+        means2d[:, g].contiguous(), radii[:, g].contiguous(), depths[:, g].contiguous(),
+        tile_size, tiles_x, tiles_y, sort=False,
+    )
+    num_positions = int(leaf_position.shape[0])
+    offsets, copy_ids = _sort_by_tile_leaf_depth(
+        isect_ids, copy_ids, leaf_position[copies.leaf], num_positions, tiles_x * tiles_y
+    )
+    copy_ids = copy_ids.long()
+    return (
+        offsets.view(tiles_y, tiles_x),
+        g[copy_ids].to(torch.int32).contiguous(),
+        copies.box[copy_ids].to(torch.int32).contiguous(),
+    )
+
+
+def _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad) -> Partial:
+    from gsplat.cuda._wrapper import fully_fused_projection, spherical_harmonics
+
+    from landmark_plugin.cuda import rasterize_clipped as rasterize_clipped_cuda
+
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        gaussians.means, None, gaussians.quats, gaussians.scales, viewmat[None], K[None], width, height,
+        eps2d=settings.eps2d, near_plane=settings.near_plane, far_plane=settings.far_plane,
+        radius_clip=settings.radius_clip, packed=False,
+    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
+    if sh_degree is None:
+        colors = gaussians.sh[:, 0, :]
+    else:
+        dirs = gaussians.means[None] - camera_center(viewmat)
+        colors = spherical_harmonics(sh_degree, dirs, gaussians.sh[None], masks=radii > 0)[0]
+        colors = torch.clamp_min(colors + 0.5, 0.0)
+    if with_depth:
+        colors = torch.cat([colors, depths[0, :, None]], dim=-1)
+    camera = clip_camera(viewmat, K).to(gaussians.means.device)
+    proj = Projection(means2d[0].detach(), conics[0].detach(), depths[0].detach(), radii[0])
+    copies = sharing_copies(proj, gaussians.opacities.detach(), camera, leaves.boxes, width, height, settings)
+    offsets, flatten_ids, isect_boxes = clip_intersections(
+        means2d, radii, depths, copies, leaves.leaf_position, width, height, settings.tile_size
+    )
+    color, trans = rasterize_clipped_cuda(
+        means2d, conics, colors, gaussians.opacities, depths[0], leaves.boxes, camera, width, height,
+        offsets, flatten_ids, isect_boxes, settings, absgrad=absgrad,
+    )
+    return Partial(color, trans, means2d, radii)
