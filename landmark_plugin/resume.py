@@ -17,8 +17,10 @@ refinement.  ``capture`` collects that state; ``restore`` puts it back:
 
 Everything is stored as tensors and plain Python values, so the checkpoint still loads with
 ``torch.load(weights_only=True)`` (ns-render, ns-eval and ns-viewer on torch >= 2.6).
-Resuming is exact while the run's configuration is unchanged; a ray data manager that
-samples a subset of images (``train_num_images_to_sample_from`` > 0) draws a new subset.
+Resuming is exact while the run's configuration and --machine.seed are unchanged: nerfstudio's
+ray data manager orders the images it caches with python ``random`` at construction, which
+ns-train seeds before setup.  One that samples a subset of images
+(``train_num_images_to_sample_from`` > 0) draws a new subset on resume.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class NonFiniteSteps:
         self.last_skipped = step
         if self.consecutive >= self.limit:
             raise NonFiniteTrainingError(
-                f"step {step}: {found.describe()}, for the {self.consecutive}th step in a row; stopping "
+                f"step {step}: {found.describe()}; {self.consecutive} steps in a row were skipped, stopping "
                 f"(--max-consecutive-nonfinite-steps {self.limit}). The last checkpoint holds the last good "
                 "parameters: resume from it, e.g. with lower learning rates for that group"
             )

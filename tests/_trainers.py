@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 NEVER = 10**9
@@ -54,8 +56,11 @@ def _common(config, out: Path, steps: int):
     return config
 
 
-def setup_trainer(config, seed: int = 0):
-    torch.manual_seed(seed)
+def setup_trainer(config):
+    """Seed as ns-train's train_loop does (--machine.seed: python, numpy, torch), then set up."""
+    random.seed(config.machine.seed)
+    np.random.seed(config.machine.seed)
+    torch.manual_seed(config.machine.seed)
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     return trainer

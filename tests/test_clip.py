@@ -44,7 +44,7 @@ CAMERAS = {
 }
 
 
-def _scene(seed: int, depth: int, camera: str, n: int = 110):
+def _scene(seed: int, depth: int, camera: str, n: int = 90):
     params = random_gaussians(n, seed, scale_range=(0.03, 0.25), opacity_range=(0.2, 0.95))
     if camera == "oblique":
         params["means"][:, 2] *= 0.15
@@ -95,7 +95,7 @@ def test_leaf_composite_equals_reference(depth, camera):
     params, tree, viewmat, K = _scene(depth, depth, camera)
     proj, colors, boxes, camera32, order = _setup(params, tree, viewmat, K, NO_TERMINATION)
     want = _reference(proj, colors, params, NO_TERMINATION)
-    assert float((want[1] < 0.5).float().mean()) > 0.2, "the scene must cover the image"
+    assert float((want[1] < 0.5).float().mean()) > 0.1, "the scene must cover the image"
     copies = sharing_copies(proj, params["opacities"], camera32, boxes, WIDTH, HEIGHT, NO_TERMINATION)
     got = _composite_of_leaves(proj, colors, params, copies, boxes, camera32, order, NO_TERMINATION)
     assert _max_diff(got, want) <= EXACT
@@ -109,7 +109,7 @@ def test_leaf_composite_equals_reference(depth, camera):
 
 
 @pytest.mark.parametrize("camera", list(CAMERAS))
-@pytest.mark.parametrize("depth", [0, 2, 3])
+@pytest.mark.parametrize("depth", [1, 3])
 def test_one_pass_equals_reference_with_early_termination(depth, camera):
     """One pass over all leaves sorted by (leaf position, depth) visits every pixel's
     contributions in depth order, so it matches the reference exactly, termination included."""
@@ -143,10 +143,9 @@ def test_leaf_composite_with_early_termination_is_bounded(camera):
     assert ((got_c - want_c).abs() <= bound + EXACT).all()
 
 
-@pytest.mark.parametrize("camera", ["inside", "oblique"])
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("depth, camera", [(1, "inside"), (3, "oblique"), (2, "outside")])
 def test_gradients_match_reference(depth, camera):
-    params, tree, viewmat, K = _scene(20 + depth, depth, camera, n=100)
+    params, tree, viewmat, K = _scene(20 + depth, depth, camera, n=80)
     names = ["means", "quats", "scales", "opacities", "colors"]
     g = torch.Generator().manual_seed(5)
     cot_c = torch.randn(HEIGHT, WIDTH, 4, generator=g, dtype=torch.float64)

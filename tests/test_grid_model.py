@@ -113,6 +113,24 @@ def test_points_outside_the_box_are_empty():
     assert (inside > 0).all()
 
 
+def test_appearance_embedding_follows_the_image_index():
+    field = _field()
+    with torch.no_grad():
+        field.embedding_appearance.embedding.weight.normal_()
+    points = _points(8).repeat(2, 1)
+    samples = _samples(points)
+    samples.frustums.directions = samples.frustums.directions[:8].repeat(2, 1)
+    samples.camera_indices = torch.tensor([0] * 8 + [3] * 8)[:, None]
+    field.train()
+    rgb = field(samples)[FieldHeadNames.RGB]
+    assert not torch.allclose(rgb[:8], rgb[8:])  # same points, different images
+    field.eval()  # eval: the mean code, whatever the index ...
+    rgb_eval = field(samples)[FieldHeadNames.RGB]
+    torch.testing.assert_close(rgb_eval[:8], rgb_eval[8:], atol=0, rtol=0)
+    field.eval_appearance_index = 3  # ... unless an image's appearance is picked
+    torch.testing.assert_close(field(samples)[FieldHeadNames.RGB][:8], rgb[8:], atol=1e-6, rtol=0)
+
+
 def _model(num_train_data: int = 4):
     config = LandmarkGridModelConfig(
         field=MultiBranchGridFieldConfig(blocks=(2, 2), cells=6, density_components=4, appearance_components=6),

@@ -56,8 +56,8 @@ _REACH_MARGIN = 1e-5
 """Relative margin of the reach boxes: covers float32 rounding of the ray point (a few
 ulps of |o| + z |d|) and of the float32 boxes, so sharing never misses a leaf."""
 
-_SHARE_CHUNK = 1 << 16
-"""Gaussians per chunk of the [N, L] box-overlap test."""
+_SHARE_CELLS = 1 << 24
+"""(Gaussian, leaf) pairs per chunk of the box-overlap test (bounds its temporaries)."""
 
 
 class Copies(NamedTuple):
@@ -208,8 +208,9 @@ def share_leaves(reach: Float[Tensor, "N 2 3"], boxes: Float[Tensor, "L 2 3"]) -
     """
     bx = boxes.to(torch.float64)
     pairs = []
-    for start in range(0, reach.shape[0], _SHARE_CHUNK):
-        r = reach[start : start + _SHARE_CHUNK].to(bx)
+    chunk = max(1, _SHARE_CELLS // max(1, bx.shape[0]))
+    for start in range(0, reach.shape[0], chunk):
+        r = reach[start : start + chunk].to(bx)
         meets = ((r[:, None, 0] < bx[None, :, 1]) & (r[:, None, 1] >= bx[None, :, 0])).all(dim=-1)
         index = meets.nonzero()
         index[:, 0] += start

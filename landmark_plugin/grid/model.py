@@ -101,7 +101,9 @@ class LandmarkGridModelConfig(ModelConfig):
     """Background: 'last_sample' learns it (sky of city scenes); 'white' for blender scenes."""
     use_gradient_scaling: bool = False
     """Scale gradients down near the camera (floater reduction)."""
-    camera_optimizer: CameraOptimizerConfig = dataclasses.field(default_factory=lambda: CameraOptimizerConfig(mode="off"))
+    camera_optimizer: CameraOptimizerConfig = dataclasses.field(
+        default_factory=lambda: CameraOptimizerConfig(mode="off")
+    )
     """Camera pose refinement ('off' by default: synthetic and SfM poses are used as given)."""
 
     # nerfacto's methods read these; grid fields have no normals, so they are constants, not options
