@@ -74,7 +74,7 @@ def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, s
             group["scheduler"].max_steps = steps
     datamanager = config.pipeline.datamanager
     if method == "nerfacto":  # the same (in-process) data loading for both methods
-        datamanager = VanillaDataManagerConfig(_target=VanillaDataManagerConfig()._target)
+        datamanager = VanillaDataManagerConfig()
         config.pipeline.datamanager = datamanager
     datamanager.dataparser = copy.deepcopy(parser)
     datamanager.data = parser.data

@@ -7,9 +7,21 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 NEVER = 10**9
+MICRO_CITY = dict(blocks=(2, 2), num_images=10, width=48, height=36, num_points=400, test_every=5)
+"""The tiny city at a quarter of its pixels (8 train + 2 test images of 48x36): retina-gs steps on
+the torch rasteriser cost a fraction of a second, so tests can afford a dozen of them."""
+
+
+@pytest.fixture(scope="session")
+def micro_city(tmp_path_factory) -> Path:
+    """Folder of the micro city (nerfstudio-data). Treat as read-only."""
+    from landmark_plugin.data.city import CityConfig, write_city
+
+    return write_city(tmp_path_factory.mktemp("micro-city") / "city", CityConfig(**MICRO_CITY))
 
 
 def retina_config(data: Path, out: Path, steps: int, **model_overrides):

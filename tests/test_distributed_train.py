@@ -67,6 +67,7 @@ def _single_process_loss(config_path: Path, step: int, state: Optional[Dict] = N
     """Mean loss of the next camera batch of the run's queue, rendered by one process holding
     every Gaussian (the run's initial model, or ``state``)."""
     config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    torch.manual_seed(config.pipeline.init_seed)  # what every rank does around its pipeline's construction
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     if state is not None:
         pipeline.load_pipeline(state["pipeline"], state["step"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _trainers import grid_config, model_state, retina_config, setup_trainer
+from _trainers import grid_config, micro_city, model_state, retina_config, setup_trainer  # noqa: F401 (fixture)
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.utils import writer
 
@@ -72,8 +72,8 @@ def assert_same(before: dict, after: dict, what: str):
     assert not differing, f"{what} changed on a skipped step: {differing}"
 
 
-def test_retina_gs_skips_a_nan_gradient_step_then_stops_on_repeats(tiny_city, tmp_path, deterministic):
-    config = retina_config(tiny_city, tmp_path / "out", 10)
+def test_retina_gs_skips_a_nan_gradient_step_then_stops_on_repeats(micro_city, tmp_path, deterministic):
+    config = retina_config(micro_city, tmp_path / "out", 10)
     config.max_consecutive_nonfinite_steps = 3
     trainer = setup_trainer(config)
     model = trainer.pipeline.model
@@ -104,8 +104,8 @@ def test_retina_gs_skips_a_nan_gradient_step_then_stops_on_repeats(tiny_city, tm
     assert "step 5" in message and "'opacities'" in message and "3 steps in a row" in message
 
 
-def test_landmark_grid_skips_a_nan_loss_step(tiny_city, tmp_path, deterministic, monkeypatch):
-    trainer = setup_trainer(grid_config(tiny_city, tmp_path / "out", 4))
+def test_landmark_grid_skips_a_nan_loss_step(micro_city, tmp_path, deterministic, monkeypatch):
+    trainer = setup_trainer(grid_config(micro_city, tmp_path / "out", 4))
     model = trainer.pipeline.model
     trainer.run_steps(0, 1)
     params, adam = model_state(trainer), optimizer_state(trainer)

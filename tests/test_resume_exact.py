@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from _trainers import grid_config, model_state, retina_config, setup_trainer
+from _trainers import grid_config, micro_city, model_state, retina_config, setup_trainer  # noqa: F401 (fixture)
 
 N, K = 6, 3
 RETINA_N, RETINA_K = 13, 11  # retina-gs refines at step 12 (refine_every 3, after the pause that
@@ -75,8 +75,8 @@ def assert_identical(unbroken, resumed):
     assert not differing, f"differ after the resume: {differing}"
 
 
-def test_retina_gs_resume_is_bit_exact(tiny_city, tmp_path, deterministic):
-    config = retina_config(tiny_city, tmp_path / "out", RETINA_N)
+def test_retina_gs_resume_is_bit_exact(micro_city, tmp_path, deterministic):
+    config = retina_config(micro_city, tmp_path / "out", RETINA_N)
     unbroken, resumed, trainer = unbroken_then_resumed(config, RETINA_N, RETINA_K, prepare=densify_readily)
     assert_identical(unbroken, resumed)
     assert trainer.pipeline.model.num_points > 400, "the refinement at step 12 should have grown Gaussians"
@@ -84,15 +84,15 @@ def test_retina_gs_resume_is_bit_exact(tiny_city, tmp_path, deterministic):
     assert len(trainer.pipeline.datamanager.train_unseen_cameras) == 3
 
 
-def test_landmark_grid_resume_is_bit_exact(tiny_city, tmp_path, deterministic):
-    unbroken, resumed, _ = unbroken_then_resumed(grid_config(tiny_city, tmp_path / "out", N))
+def test_landmark_grid_resume_is_bit_exact(micro_city, tmp_path, deterministic):
+    unbroken, resumed, _ = unbroken_then_resumed(grid_config(micro_city, tmp_path / "out", N))
     assert_identical(unbroken, resumed)
 
 
-def test_resume_without_the_resume_state_is_not_exact(tiny_city, tmp_path, deterministic, monkeypatch):
+def test_resume_without_the_resume_state_is_not_exact(micro_city, tmp_path, deterministic, monkeypatch):
     """The check above has teeth: dropping the resume state changes the continuation."""
     from landmark_plugin import resume
 
     monkeypatch.setattr(resume, "restore", lambda pipeline, state: False)
-    (losses, _), (resumed_losses, _), _ = unbroken_then_resumed(grid_config(tiny_city, tmp_path / "out", N))
+    (losses, _), (resumed_losses, _), _ = unbroken_then_resumed(grid_config(micro_city, tmp_path / "out", N))
     assert resumed_losses != losses

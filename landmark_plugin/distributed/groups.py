@@ -88,6 +88,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_world_size() -> int:
+    """The number of ranks this process was started among, before ``init_comm``: the default
+    group's size when a launcher made one, else torchrun's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world_size()
+
+
 def init_comm(
     device: torch.device | str,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,

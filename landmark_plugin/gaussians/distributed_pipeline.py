@@ -6,8 +6,8 @@ One process (``ns-train``, ``ns-eval``, ``ns-render``, ``ns-viewer``): exactly
 Several processes (torchrun, ``landmark-train``, or nerfstudio's launcher on GPUs), differences
 from ``VanillaPipeline``:
 - no DDP wrapper: each rank's model holds only the Gaussians of its subtrees and only their
-  optimiser state; the model is initialised identically on every rank (``init_seed``) and
-  then sharded;
+  optimiser state; the model is initialised identically on every rank (torch seeded with
+  ``init_seed`` around the construction) and then sharded;
 - training: a camera batch packed under ``max_batch_size`` / ``max_load`` from a camera queue
   that is the same on every rank (a seeded permutation per epoch); each rank reads only the
   images of the cameras it owns; loss and metrics are reduced over ranks for logging;
@@ -41,7 +41,7 @@ from nerfstudio.models.splatfacto import SplatfactoModel
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from landmark_plugin.distributed.collectives import all_gather_objects, all_reduce_grads_, broadcast_object
-from landmark_plugin.distributed.groups import init_comm
+from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.distributed.shards import migrate_, shard_
 from landmark_plugin.gaussians.sharded import ShardedRetina
 
@@ -63,7 +63,7 @@ class DistributedRetinaPipelineConfig(VanillaPipelineConfig):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process group backend: NCCL on CUDA, gloo on CPU (auto)."""
     init_seed: int = 0
-    """Seed of the model initialisation and of the camera queue (identical on every rank)."""
+    """Several ranks: seed of the model initialisation and of the camera queue (identical on every rank)."""
     world_size: tyro.conf.Suppress[int] = 1
     """Recorded by the trainer: the number of ranks the run trained on (loading on another
     number re-assigns subtrees)."""
@@ -81,8 +81,11 @@ class DistributedRetinaPipeline(VanillaPipeline):
                  local_rank: int = 0, grad_scaler=None):
         if torch.device(device).type == "cuda" and torch.device(device).index is not None:
             torch.cuda.set_device(torch.device(device))  # NCCL talks through the current device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.init_seed)  # identical initial model on every rank
+        # Several ranks: an identical initial model on every rank (one process: nerfstudio's seeding).
+        seeded = launched_world_size() > 1
+        with torch.random.fork_rng(devices=[], enabled=seeded):
+            if seeded:
+                torch.manual_seed(config.init_seed)
             # world_size=1: VanillaPipeline would otherwise wrap the model in DDP.
             super().__init__(config, device, test_mode, world_size=1, local_rank=local_rank, grad_scaler=grad_scaler)
         timeout = datetime.timedelta(seconds=config.collective_timeout_s)
