@@ -1,0 +1,74 @@
+"""A run killed with SIGKILL while it writes a checkpoint resumes from the last complete one with
+identical parameters, losing only the steps since; the killed write's temporary file is ignored
+on resume and removed by the next save."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _trainers import micro_city, model_state, setup_trainer  # noqa: F401 (fixture)
+
+CHILD = Path(__file__).resolve().parent / "_pause_in_checkpoint_write.py"
+SAVE_EVERY, KILLED_AT = 2, 4  # saves at steps 2 and 4; killed while step 4's is written
+
+
+@pytest.fixture()
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def run_until_paused(data: Path, out: Path, marker: Path, log: Path) -> None:
+    """Start the child, wait for it to sit inside step KILLED_AT's checkpoint write, SIGKILL it."""
+    args = [sys.executable, str(CHILD), str(data), str(out), "8", str(SAVE_EVERY), str(KILLED_AT), str(marker)]
+    with log.open("w") as output:
+        child = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT, cwd=out.parent)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists():
+                if child.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the child never reached the checkpoint write (exit {child.returncode}):\n"
+                                f"{log.read_text()[-4000:]}")  # fmt: skip
+                time.sleep(0.2)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write(micro_city, tmp_path, deterministic):
+    out, marker = tmp_path / "outputs", tmp_path / "writing"
+    run_until_paused(micro_city, out, marker, tmp_path / "child.log")
+    config_path = next(out.rglob("config.yml"))
+    checkpoints = config_path.parent / "nerfstudio_models"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    # (with save_only_latest_checkpoint the older one goes only once the newer one is complete)
+    assert f"step-{SAVE_EVERY:09d}.ckpt" in names
+    assert f"step-{KILLED_AT:09d}.ckpt" not in names, "the killed write must not publish its checkpoint"
+    assert any(name.startswith(f".step-{KILLED_AT:09d}.ckpt.") for name in names), names  # the torn temp file
+
+    config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    config.load_dir = checkpoints
+    resumed = setup_trainer(config)
+    assert resumed._start_step == SAVE_EVERY + 1, "resume from the last complete checkpoint"
+    saved = torch.load(checkpoints / f"step-{SAVE_EVERY:09d}.ckpt", map_location="cpu", weights_only=True)
+    state = model_state(resumed)
+    model_keys = {k.removeprefix("_model."): v for k, v in saved["pipeline"].items() if k.startswith("_model.")}
+    assert state.keys() == model_keys.keys()
+    assert all(torch.equal(state[k], model_keys[k]) for k in state), "parameters differ from the checkpoint"
+
+    resumed.run_steps(SAVE_EVERY + 1, KILLED_AT - SAVE_EVERY)  # redo the lost steps
+    resumed.save_checkpoint(KILLED_AT)
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert f"step-{KILLED_AT:09d}.ckpt" in names
+    assert not [name for name in names if name.endswith(".tmp")], "the next save removes the stale temp file"
