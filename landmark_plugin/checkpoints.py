@@ -60,7 +60,9 @@ def allow_nerfstudio_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is None:  # torch < 2.4 has no weights_only default to worry about
         return
-    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-    scalar = numpy_core.multiarray.scalar
+    if int(np.__version__.split(".")[0]) >= 2:  # numpy 2 renamed numpy.core to numpy._core
+        from numpy._core.multiarray import scalar
+    else:
+        from numpy.core.multiarray import scalar
     dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
     add_safe_globals([scalar, np.dtype, *dtype_classes])
