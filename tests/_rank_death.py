@@ -25,4 +25,10 @@ def train_until_a_rank_dies(comm, data: str, out: str, dying_rank: int, dying_st
 
     trainer = config.setup(local_rank=comm.rank, world_size=comm.world_size)
     trainer.setup()
-    trainer.run_steps(0, 10, after_step=die)
+    try:
+        trainer.run_steps(0, 10, after_step=die)
+    except BaseException as err:
+        # The error text goes to a file too: ranks come from a forkserver that an earlier test
+        # may have started, so their stderr is not this test's captured stderr.
+        (Path(out) / f"error-rank{comm.rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        raise
