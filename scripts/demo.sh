@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$(cd "${VENV:-.venv}/bin" && pwd):$PATH"
 device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-if [ "$device" = cuda ]; then steps=${STEPS:-3000}; else steps=${STEPS:-300}; fi
+if [ "$device" = cuda ]; then steps=${STEPS:-3000}; else steps=${STEPS:-1200}; fi
 scene=data/demo-city
 run_dir=outputs/demo-city
 echo "== synthetic city -> $scene"
 [ -f "$scene/transforms.json" ] || \
-  landmark-city --output-dir "$scene" --num-images "${NUM_IMAGES:-40}" --width "${WIDTH:-96}" --height "${HEIGHT:-72}" --seed 0
+  landmark-city --output-dir "$scene" --num-images "${NUM_IMAGES:-48}" --width "${WIDTH:-128}" --height "${HEIGHT:-96}" --seed 0
 echo "== ns-train retina-gs-small on $device, $steps steps"
 ns-train retina-gs-small --data "$scene" --output-dir outputs --experiment-name demo-city --timestamp demo \
   --machine.device-type "$device" --max-num-iterations "$steps" --steps-per-save "$steps" \
