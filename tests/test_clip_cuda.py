@@ -211,3 +211,59 @@ def test_one_pass_clip_render_equals_unpartitioned_gsplat(ext, depth):
         rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
         print(f"grad {name}: relative L2 difference {rel:.2e}")
         assert rel <= GRAD_REL, f"gradient of {name} differs by {rel:.2e} (relative L2)"
+
+
+@pytest.mark.parametrize("num_positions", [1, 3, 16])
+def test_leaf_sort_kernel_equals_torch_twin(ext, num_positions: int) -> None:
+    """The radix sort by (tile, leaf position, depth) equals the twin's stable int64 sort,
+    entry for entry, including ties (equal depths) and empty tiles; with one leaf position it
+    equals gsplat's own sorted order."""
+    from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles
+
+    from landmark_plugin import cuda
+    from landmark_plugin.core.render import _sort_by_tile_leaf_depth_torch
+
+    gen = torch.Generator().manual_seed(num_positions)
+    n, tiles_x, tiles_y = 5000, 19, 13
+    means2d = (torch.rand(1, n, 2, generator=gen) * torch.tensor([tiles_x * 16.0, tiles_y * 16.0])).cuda()
+    radii = torch.randint(0, 40, (1, n), generator=gen, dtype=torch.int32).cuda()
+    # a few hundred equal depths make ties that only a stable sort orders reproducibly
+    depths = torch.rand(1, n, generator=gen).cuda() * 10 + 0.1
+    depths[0, ::17] = 3.0
+    _, ids, flat = isect_tiles(means2d, radii, depths, 16, tiles_x, tiles_y, sort=False)
+    position = torch.randint(0, num_positions, (n,), generator=gen).cuda()
+    got_offsets, got_flat = cuda.sort_tile_leaf_depth(ids, flat, position, num_positions, tiles_x * tiles_y)
+    want_offsets, want_flat = _sort_by_tile_leaf_depth_torch(ids, flat, position, num_positions, tiles_x * tiles_y)
+    assert ids.numel() > 10000
+    assert torch.equal(got_offsets, want_offsets)
+    assert torch.equal(got_flat.long(), want_flat.long())
+    if num_positions == 1:
+        _, sorted_ids, sorted_flat = isect_tiles(means2d, radii, depths, 16, tiles_x, tiles_y, sort=True)
+        gsplat_offsets = isect_offset_encode(sorted_ids, 1, tiles_x, tiles_y).flatten()
+        assert torch.equal(got_offsets, gsplat_offsets.to(torch.int32))
+        assert torch.equal(got_flat.long(), sorted_flat.long())
+
+
+def test_leaf_sort_kernel_without_intersections(ext) -> None:
+    from landmark_plugin import cuda
+
+    empty = torch.zeros(0, dtype=torch.int64, device="cuda")
+    offsets, flat = cuda.sort_tile_leaf_depth(empty, empty.int(), torch.zeros(4, dtype=torch.int32, device="cuda"), 4, 6)
+    assert offsets.tolist() == [0] * 6 and flat.numel() == 0
+
+
+@pytest.mark.parametrize("depth, eye", [(0, (2.2, -2.0, 1.1)), (2, (2.2, -2.0, 1.1)), (4, (0.3, -3.0, 0.05)),
+                                        (3, (2.5, 0.2, 2.4))])
+def test_sharing_kernel_equals_twin(ext, depth: int, eye) -> None:
+    """The csrc/ sharing kernel hands out exactly the twin's copies (same float64 steps in the
+    same order), oblique and grazing cameras included."""
+    s = _scene(seed=11 + depth, depth=depth, eye=eye)
+    proj = Projection(s["means2d"][0], s["conics"][0], s["depths"][0], s["radii"][0])
+    args = (proj, s["p"]["opacities"], s["camera"], s["boxes"], WIDTH, HEIGHT, s["settings"])
+    kernel = sharing_copies(*args)
+    twin = sharing_copies(*args, use_kernel=False)
+    assert kernel.gaussian.numel() > 1000
+    if depth > 0:
+        assert (twin.box >= 0).any(), "the scene should share some Gaussians across leaves"
+    for got, want in zip(kernel, twin):
+        assert torch.equal(got, want)

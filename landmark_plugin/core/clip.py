@@ -237,8 +237,23 @@ def sharing_copies(
     width: int,
     height: int,
     settings: RasterSettings = RasterSettings(),
+    use_kernel: bool = True,
 ) -> Copies:
-    """``share_leaves(reach_boxes(...), boxes)``: the copies one camera needs."""
+    """``share_leaves(reach_boxes(...), boxes)``: the copies one camera needs.
+
+    On CUDA tensors the csrc/ kernel computes the same copies in two launches (the twin's
+    float64 steps take dozens of elementwise kernels per camera); ``use_kernel=False`` or
+    a machine where it cannot be built uses the twin.
+    """
+    if use_kernel and proj.means2d.is_cuda:
+        from landmark_plugin import cuda
+
+        if cuda.require(allow_fallback=True) is not None:
+            gaussian, leaf, box = cuda.share_leaves(
+                proj.means2d, proj.conics, proj.depths, proj.radii, opacities, camera, boxes, width, height,
+                settings, _REACH_MARGIN,
+            )
+            return Copies(gaussian, leaf, box)
     return share_leaves(reach_boxes(proj, opacities, camera, width, height, settings), boxes)
 
 

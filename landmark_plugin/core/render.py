@@ -189,6 +189,31 @@ def _sort_by_tile_leaf_depth(
 ) -> tuple[Tensor, Tensor]:
     """Sort one camera's tile intersections by (tile, leaf position, depth).
 
+    On CUDA the csrc/ radix sort does it over only the key bits in use (what gsplat's own sort
+    costs); elsewhere, or when the kernels cannot be built, the torch twin below.
+
+    Returns:
+        offsets [num_tiles] int32 (first intersection of each tile) and the sorted flatten_ids.
+    """
+    if 32 + max(1, (num_positions - 1).bit_length()) + max(1, num_tiles.bit_length()) > 63:
+        raise ValueError(f"{num_positions} leaf positions and {num_tiles} tiles do not fit a 64-bit sort key")
+    if isect_ids.is_cuda:
+        from landmark_plugin import cuda
+
+        if cuda.require(allow_fallback=True) is not None:
+            return cuda.sort_tile_leaf_depth(isect_ids, flatten_ids, leaf_position, num_positions, num_tiles)
+    return _sort_by_tile_leaf_depth_torch(isect_ids, flatten_ids, leaf_position, num_positions, num_tiles)
+
+
+def _sort_by_tile_leaf_depth_torch(
+    isect_ids: Int[Tensor, "M"],
+    flatten_ids: Int[Tensor, "M"],
+    leaf_position: Int[Tensor, "N"],
+    num_positions: int,
+    num_tiles: int,
+) -> tuple[Tensor, Tensor]:
+    """The torch twin of ``cuda.sort_tile_leaf_depth`` (a stable int64 sort of the widened key).
+
     gsplat's key is ``tile_id << 32 | depth_bits`` (one camera: no camera bits).  Positive
     float32 depths order like their bit patterns, so inserting the leaf position between the
     tile and the depth bits gives the lexicographic key in one int64 sort.
@@ -197,14 +222,11 @@ def _sort_by_tile_leaf_depth(
         offsets [num_tiles] int32 (first intersection of each tile) and the sorted flatten_ids.
     """
     position_bits = max(1, (num_positions - 1).bit_length())
-    tile_bits = max(1, num_tiles.bit_length())
-    if 32 + position_bits + tile_bits > 63:
-        raise ValueError(f"{num_positions} leaf positions and {num_tiles} tiles do not fit a 64-bit sort key")
     tile_id = isect_ids >> 32
     depth_bits = isect_ids & 0xFFFFFFFF
     position = leaf_position[flatten_ids.long()].to(torch.int64)
     key = (tile_id << (32 + position_bits)) | (position << 32) | depth_bits
-    key, order = torch.sort(key)
+    key, order = torch.sort(key, stable=True)
     sorted_tiles = key >> (32 + position_bits)
     tiles = torch.arange(num_tiles, device=key.device, dtype=sorted_tiles.dtype)
     offsets = torch.searchsorted(sorted_tiles, tiles).to(torch.int32)
