@@ -6,12 +6,12 @@ from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from landmark_plugin.grid.datamanager import LandmarkGridDataManagerConfig
+from landmark_plugin.grid.distributed_pipeline import DistributedGridPipelineConfig
 from landmark_plugin.grid.model import LandmarkGridModelConfig
-from landmark_plugin.trainer import LandmarkTrainerConfig
+from landmark_plugin.grid.trainer import GridTrainerConfig
 
 
 def grid_optimizers(max_steps: int) -> dict:
@@ -31,16 +31,17 @@ def grid_optimizers(max_steps: int) -> dict:
     }
 
 
-def landmark_grid_config(method_name: str = "landmark-grid", max_steps: int = 30000) -> LandmarkTrainerConfig:
-    """The landmark-grid trainer: VanillaPipeline, our datamanager (box from the data) and model."""
-    return LandmarkTrainerConfig(
+def landmark_grid_config(method_name: str = "landmark-grid", max_steps: int = 30000) -> GridTrainerConfig:
+    """The landmark-grid trainer: our pipeline (VanillaPipeline on one rank; model and data parallel
+    on several, see grid/parallel.py), datamanager (box from the data) and model."""
+    return GridTrainerConfig(
         method_name=method_name,
         steps_per_eval_batch=500,
         steps_per_eval_image=500,
         steps_per_save=2000,
         max_num_iterations=max_steps,
         mixed_precision=True,  # decoder MLP in fp16 on CUDA; grids stay fp32; off on CPU anyway
-        pipeline=VanillaPipelineConfig(
+        pipeline=DistributedGridPipelineConfig(
             datamanager=LandmarkGridDataManagerConfig(
                 # the datamanager reads sparse_pc.ply for the scene box itself (without open3d)
                 dataparser=NerfstudioDataParserConfig(),

@@ -33,6 +33,10 @@ sharded run only has to exchange the seam rows of the gradient.
 Lines along z are not split by blocks, so per-block z lines have no seams; a point on an x-y
 seam therefore gets the same *plane* features from both blocks, and the same full features
 when the line is shared (``[1, Rl, C]``).
+
+On CUDA, ``block_features`` samples with the fused kernel of csrc/ (all blocks and factors in
+one launch, ``landmark_plugin.cuda.sample_block_features``); ``sample_block_features`` here is
+its torch twin and the reference.
 """
 
 from __future__ import annotations
@@ -156,6 +160,43 @@ def sample_block_features(
         plane_features = sample_planes(plane, block_index, points[:, u_axis], points[:, v_axis])
         features.append(plane_features * sample_lines(line, block_index, points[:, w_axis]))
     return torch.cat(features, dim=-1)
+
+
+FEATURE_BACKENDS = ("auto", "cuda", "torch")
+"""Who computes ``block_features``: see there."""
+
+
+def block_features(
+    planes: Sequence[Float[Tensor, "B Rv Ru C"]],
+    lines: Sequence[Float[Tensor, "Bl Rl C"]],
+    points: Float[Tensor, "N 3"],
+    block_index: Int[Tensor, " N"],
+    axes: Sequence[FactorAxes],
+    backend: str = "auto",
+) -> Float[Tensor, "N F"]:
+    """``sample_block_features`` on the fused CUDA kernel where it applies, else on the twin.
+
+    Args:
+        planes, lines, points, block_index, axes: as ``sample_block_features``.
+        backend: ``auto``: the kernel (``landmark_plugin.cuda.sample_block_features``) for CUDA
+            inputs it takes (float32, one channel count), the twin otherwise, also when the kernel
+            cannot be built (warned once) and under ``torch.use_deterministic_algorithms`` (the
+            kernel's gradient atomics sum in no fixed order); ``cuda``: the kernel or an error;
+            ``torch``: the twin.
+    """
+    if backend not in FEATURE_BACKENDS:
+        raise ValueError(f"backend must be one of {FEATURE_BACKENDS}, got {backend!r}")
+    if backend == "cuda":
+        from landmark_plugin import cuda
+
+        return cuda.sample_block_features(planes, lines, points, block_index, axes)
+    if backend == "auto" and points.is_cuda and not torch.are_deterministic_algorithms_enabled():
+        from landmark_plugin import cuda
+
+        supported = cuda.block_features_unsupported(planes, lines, points, block_index, axes) is None
+        if supported and cuda.require(allow_fallback=True) is not None:
+            return cuda.sample_block_features(planes, lines, points, block_index, axes)
+    return sample_block_features(planes, lines, points, block_index, axes)
 
 
 def _split_axes(spatial_axes: Sequence[Optional[int]], blocks: Tuple[int, int]):

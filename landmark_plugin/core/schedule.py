@@ -7,7 +7,12 @@ from the same inputs, so nothing here communicates.
 
 - ``pack_cameras``: how many cameras of a queue form the next batch under ``max_batch_size``
   and ``max_load`` (render tasks per rank, RetinaGS's knobs);
-- ``assign_owners``: which rank composites each camera and computes its loss;
+- ``assign_owners``: which rank composites each camera and computes its loss, balanced per
+  batch (tests and callers that hold every image);
+- ``image_owner`` / ``owned_images`` / ``interleave_owners``: the training pipeline's fixed
+  owner per image (``index % R``), so that each rank loads only its own images, and a camera
+  order in which consecutive cameras cycle through the owners, so that every batch still
+  spreads its losses evenly over the ranks;
 - ``part_order``: front-to-back order of the parts for one camera (subtrees are contiguous
   in the camera's leaf order, so the parts are ordered too);
 - ``content_rect``: the screen rectangle outside which a partial is exactly empty (C = 0,
@@ -118,6 +123,38 @@ def assign_owners(visible: Bool[Tensor, "B S"], part_rank: Sequence[int], world_
         owned[best] += 1
         owners.append(best)
     return torch.tensor(owners, dtype=torch.int64)
+
+
+def image_owner(index: int, world_size: int) -> int:
+    """The rank that composites image ``index`` and computes its loss: ``index % R``.
+
+    Fixed per image (unlike ``assign_owners``, which balances each batch), so a rank needs
+    only the images of its own cameras: ``owned_images``.
+    """
+    return index % world_size
+
+
+def owned_images(num_images: int, rank: int, world_size: int) -> List[int]:
+    """Indices of the images ``rank`` owns (``image_owner``), ascending."""
+    return list(range(rank, num_images, world_size))
+
+
+def interleave_owners(order: Sequence[int], world_size: int) -> List[int]:
+    """``order`` rearranged so that consecutive images cycle through their owner ranks.
+
+    Each owner's images keep their relative order; owners take turns (0, 1, ..., R-1, 0, ...),
+    skipping an owner whose images ran out.  Any window of B consecutive cameras then gives
+    every rank B / R losses to compute, up to one.  With one rank ``order`` is unchanged.
+    """
+    if world_size <= 1:
+        return list(order)
+    queues: List[List[int]] = [[] for _ in range(world_size)]
+    for index in order:
+        queues[image_owner(index, world_size)].append(index)
+    out: List[int] = []
+    for turn in range(max(len(q) for q in queues)):
+        out.extend(q[turn] for q in queues if turn < len(q))
+    return out
 
 
 def part_order(leaf_order: Int[Tensor, " L"], parts: Parts) -> List[int]:

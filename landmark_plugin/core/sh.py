@@ -23,6 +23,11 @@ def num_sh_bases(degree: int) -> int:
     return (degree + 1) ** 2
 
 
+def rgb_to_sh_dc(rgb: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
+    """The degree-0 coefficient whose colour (``sh * C0 + 0.5``) is ``rgb``."""
+    return (rgb - 0.5) / _C0
+
+
 def sh_bases(degree: int, dirs: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch B"]:
     """The first ``(degree + 1)**2`` real SH bases at unit directions.
 

@@ -34,6 +34,7 @@ __all__ = [
     "sample_points",
     "write_city",
     "split_names",
+    "transforms_json",
 ]
 
 # Independent random streams, so that e.g. asking for more images never moves a building.
@@ -306,9 +307,15 @@ def write_city(
 
     xyz, point_rgb = sample_points(layout, config.num_points, _rng(config, _POINTS_STREAM))
     write_points_ply(out_dir / "sparse_pc.ply", xyz, point_rgb)
+    (out_dir / "transforms.json").write_text(json.dumps(transforms_json(config, cameras, names), indent=2))
+    return out_dir
 
+
+def transforms_json(config: CityConfig, cameras: CityCameras, names: list) -> dict:
+    """nerfstudio-data transforms.json of a city's images `names` (one per camera, in order):
+    shared intrinsics, explicit train/val/test filename lists (val = test), sparse_pc.ply."""
     train, test = split_names(names, config.test_every)
-    transforms = {
+    return {
         "camera_model": "OPENCV",
         "fl_x": cameras.fx,
         "fl_y": cameras.fy,
@@ -331,5 +338,3 @@ def write_city(
         # Extra keys are ignored by nerfstudio; they record how to regenerate this exact scene.
         "synthetic_city": asdict(config),
     }
-    (out_dir / "transforms.json").write_text(json.dumps(transforms, indent=2))
-    return out_dir

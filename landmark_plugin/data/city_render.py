@@ -315,6 +315,13 @@ def _surface_areas(layout: CityLayout, ground_margin: float) -> np.ndarray:
     return np.concatenate([roofs, walls.ravel(), [ground]])
 
 
+def surface_area(layout: CityLayout, ground_margin: float = 0.1) -> float:
+    """Area of what `sample_points` samples: roofs, walls and the ground of the street grid grown
+    by `ground_margin`, outside building footprints (the point spacing of n points is about
+    sqrt(area / n))."""
+    return float(_surface_areas(layout, ground_margin).sum())
+
+
 def sample_points(
     layout: CityLayout, n: int, rng: np.random.Generator, ground_margin: float = 0.1
 ) -> Tuple[Float[np.ndarray, "n 3"], np.ndarray]:

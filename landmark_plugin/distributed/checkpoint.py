@@ -72,6 +72,27 @@ def save_shard(comm: Comm, base_dir: Path, step: int, state: Dict, tree: KDTree)
     return path
 
 
+def save_group_shard(
+    comm: Comm, base_dir: Path, step: int, state: Dict, index: Optional[int], count: int, manifest: Dict
+) -> Optional[Path]:
+    """``save_shard`` for runs where several ranks hold the same shard (landmark-grid's data-parallel
+    replicas): ``count`` shard files, of which this rank writes ``index`` (None: it holds a copy
+    another rank writes); rank 0 writes ``manifest`` (plus step and count) once all are written.
+
+    Collective (two barriers over ``comm``): every rank must call it at the same step.
+    """
+    path = None
+    if index is not None:
+        path = shard_path(base_dir, step, index, count)
+        atomic_torch_save({**state, "rank": index, "world_size": count}, path)
+    barrier(comm, f"checkpoint step {step}")
+    if comm.is_main:
+        text = json.dumps({**manifest, "step": step, "world_size": count})
+        _atomic_write_text(text, step_dir(base_dir, step) / "complete.json")
+    barrier(comm, f"checkpoint step {step} (manifest)")
+    return path
+
+
 def latest_complete_step(base_dir: Path) -> Optional[int]:
     """Newest step whose shards are all written (``complete.json`` present), or None."""
     root = Path(base_dir) / "shards"
@@ -211,3 +232,80 @@ def remove_steps_except(base_dir: Path, keep: int) -> None:
         for child in path.iterdir():
             child.unlink()
         path.rmdir()
+
+
+# ---- loading shards where nerfstudio expects one checkpoint ----------------------------------
+# nerfstudio's loaders (ns-eval, ns-render, ns-viewer, ns-export: ``eval_setup``) read the newest
+# ``step-*.ckpt`` of the run's nerfstudio_models/ and hand its "pipeline" entry to the pipeline's
+# ``load_pipeline``.  A sharded save also writes there a small pointer checkpoint naming the shards;
+# the retina-gs pipeline's ``load_pipeline`` recognises it and loads the shards instead (merged in
+# memory on one process, or each rank's part on several).  ``landmark-merge`` replaces the pointer
+# with the real merged checkpoint of that step.
+POINTER_KEY = "landmark_sharded_checkpoint"
+POINTER_MAX_BYTES = 64 * 1024
+"""A pointer is a few hundred bytes; bigger files are real checkpoints and are never opened to check."""
+
+
+def write_shards_pointer(checkpoint_dir: Path, base_dir: Path, step: int, world_size: int) -> Path:
+    """Write ``checkpoint_dir/step-N.ckpt`` pointing at the complete shards of ``step`` (rank 0, after ``save_shard``).
+
+    The run directory is stored as the trainer knows it (relative paths resolve against the
+    working directory, as nerfstudio resolves the config's output directory) and absolute.
+    """
+    path = Path(checkpoint_dir) / f"step-{step:09d}.ckpt"
+    pointer = {"base_dir": str(base_dir), "abs_base_dir": str(Path(base_dir).resolve()), "step": step, "world_size": world_size}
+    atomic_torch_save({"step": step, "pipeline": {POINTER_KEY: pointer}}, path)
+    return path
+
+
+def shards_of_pointer(pipeline_state: Dict) -> Optional[Tuple[Path, int]]:
+    """(run directory, step) of a pointer checkpoint's "pipeline" entry; None for a real checkpoint.
+
+    Raises:
+        FileNotFoundError: the pointer's shards are gone (moved run, deleted step).
+    """
+    pointer = pipeline_state.get(POINTER_KEY) if isinstance(pipeline_state, dict) else None
+    if pointer is None:
+        return None
+    step = int(pointer["step"])
+    for base in (Path(pointer["base_dir"]), Path(pointer["abs_base_dir"])):
+        if (step_dir(base, step) / "complete.json").exists():
+            return base, step
+    raise FileNotFoundError(
+        f"this checkpoint points at the shards of step {step} in {pointer['base_dir']} ({pointer['abs_base_dir']}), "
+        "which are not there (complete.json missing): run from the training's working directory, or merge "
+        "the shards where they are (landmark-merge CONFIG) and copy the merged checkpoint"
+    )
+
+
+def is_shards_pointer(path: Path) -> bool:
+    """Whether the file at ``path`` is a pointer checkpoint (cheap: large files are not opened)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size > POINTER_MAX_BYTES:
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a pointer holds plain values only; anything the safe unpickler refuses is not one
+        return False
+    return isinstance(state, dict) and isinstance(state.get("pipeline"), dict) and POINTER_KEY in state["pipeline"]
+
+
+def remove_pointers_except(checkpoint_dir: Path, keep: int) -> None:
+    """Delete the pointer checkpoints of other steps (save_only_latest_checkpoint); real
+    checkpoints (e.g. landmark-merge's) are left alone."""
+    for path in Path(checkpoint_dir).glob("step-*.ckpt"):
+        if path.name != f"step-{keep:09d}.ckpt" and is_shards_pointer(path):
+            path.unlink(missing_ok=True)
+
+
+def rank_state_of_shards(base_dir: Path, step: int, rank: int, world_size: int, depth: int) -> Dict:
+    """The part of the sharded checkpoint ``step`` that ``rank`` of ``world_size`` holds: its own
+    shard when the world size is the one that saved it, else the merge of all shards (one
+    process) or the merge re-split by subtree (``shard_for_rank``)."""
+    world = int(read_manifest(base_dir, step)["world_size"])
+    if world == world_size:
+        return torch.load(shard_path(base_dir, step, rank, world), map_location="cpu", weights_only=True)
+    merged = merge_shards(load_shards(base_dir, step))
+    if world_size == 1:
+        return merged
+    return shard_for_rank(merged, tree_of_state(merged, depth), rank, world_size)

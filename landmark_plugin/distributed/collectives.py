@@ -10,6 +10,8 @@
   Gaussians with their optimiser moments, gathering means for a tree rebuild, tests).
 - ``broadcast_object`` / ``all_gather_objects``: small picklable values (a run's timestamp,
   evaluation metrics).
+- ``all_gather_cat``: pieces of a tensor that a model-parallel group consumes identically
+  (landmark-grid's per-sample outputs or feature channels), autograd-aware with a local backward.
 
 Each returns early when ``world_size == 1``.  Every call is wrapped in ``groups.guard`` so a
 dead or hung peer surfaces as ``RankFailure`` with a clear message.  NCCL reduces CUDA tensors
@@ -155,6 +157,51 @@ def exchange_partials(
             raise ValueError(f"task {i}: partial has shape {tuple(local[i].shape)}, plan says {plan.tasks[i].shape}")
     outs = _ExchangePartials.apply(comm, plan, anchor, *[local[i] for i in ids])
     return dict(zip(plan.recvs(comm.rank), outs[1:])), outs[0]
+
+
+class _GatherCat(torch.autograd.Function):
+    """Forward: every rank's piece, concatenated.  Backward: this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, comm: Comm, dim: int, sizes: Tuple[int, ...], what: str, local: Tensor):  # type: ignore[override]
+        ctx.dim, ctx.start, ctx.size = dim, sum(sizes[: comm.rank]), sizes[comm.rank]
+        moved = local.movedim(dim, 0)
+        padded = moved.new_zeros((max(sizes),) + tuple(moved.shape[1:]))
+        padded[: moved.shape[0]] = moved
+        padded = _to_comm(comm, padded)
+        gathered = [torch.empty_like(padded) for _ in range(comm.world_size)]
+        with guard(comm, what):
+            dist.all_gather(gathered, padded, group=comm.group)
+        out = torch.cat([g[:n] for g, n in zip(gathered, sizes)]).movedim(0, dim)
+        return _from_comm(out, local).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return None, None, None, None, grad.narrow(ctx.dim, ctx.start, ctx.size)
+
+
+def all_gather_cat(comm: Comm, local: Tensor, dim: int, sizes: Sequence[int], what: str = "all_gather pieces") -> Tensor:
+    """Every rank's ``local`` concatenated along ``dim`` in rank order, for a replicated consumer.
+
+    Args:
+        local: this rank's piece; ``local.shape[dim] == sizes[comm.rank]``, other dims equal on
+            every rank.
+        sizes: every rank's length along ``dim`` (known to every rank, so nothing is exchanged
+            to learn them; pieces are padded to the longest for the gather).
+
+    The backward is local: it hands this rank the slice of the gradient at its own piece.  That
+    is exact when every rank of ``comm`` computes the same loss from the result (a model-parallel
+    group evaluating the same rays): each rank then holds the whole loss's gradient of the
+    concatenation, and a reduction would count it ``world_size`` times.
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if local.shape[dim] != sizes[comm.rank]:
+        raise ValueError(f"rank {comm.rank}: piece has {local.shape[dim]} entries along dim {dim}, sizes say {sizes[comm.rank]}")
+    if comm.is_single:
+        return local
+    if max(sizes) == 0:  # every rank knows the sizes: all skip the collective together
+        return local
+    return _GatherCat.apply(comm, dim, sizes, what, local)
 
 
 def all_reduce_sum(comm: Comm, tensors: Sequence[Tensor], what: str = "all_reduce") -> List[Tensor]:

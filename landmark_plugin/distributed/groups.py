@@ -24,7 +24,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -159,3 +159,36 @@ def guard(comm: Comm, what: str) -> Iterator[None]:
             f"longer than the collective timeout ({comm.timeout.total_seconds():g} s), or the link broke. "
             f"Check the other ranks' logs. Cause: {error}"
         ) from error
+
+
+def model_parallel_comms(comm: Comm, size: int) -> Tuple[Comm, Comm]:
+    """Split ``comm`` into model-parallel groups of ``size`` consecutive ranks and the
+    data-parallel groups across them (one rank of every model-parallel group, same position).
+
+    Collective: every rank of ``comm`` must call it with the same ``size`` (``new_group`` is).
+
+    Returns:
+        (model-parallel Comm of this rank, data-parallel Comm of this rank); a group of one
+        rank is ``Comm.single()``.
+    """
+    if size < 1 or comm.world_size % size:
+        raise ValueError(f"model-parallel size {size} does not divide the world size {comm.world_size}")
+    data = comm.world_size // size
+    if comm.is_single or (size == 1 and data == 1):
+        return Comm.single(), Comm.single()
+    mine_mp, mine_dp = Comm.single(), Comm.single()
+    base = comm.group if comm.group is not None else dist.group.WORLD
+    members = dist.get_process_group_ranks(base)  # global ranks of comm, in comm-rank order
+    if size > 1:  # every rank creates every group, in the same order
+        for first in range(0, comm.world_size, size):
+            ranks = list(range(first, first + size))
+            group = dist.new_group([members[r] for r in ranks], timeout=comm.timeout, backend=comm.backend)
+            if comm.rank in ranks:
+                mine_mp = Comm(group, comm.rank - first, size, comm.timeout, comm.backend)
+    if data > 1:
+        for position in range(size):
+            ranks = list(range(position, comm.world_size, size))
+            group = dist.new_group([members[r] for r in ranks], timeout=comm.timeout, backend=comm.backend)
+            if comm.rank in ranks:
+                mine_dp = Comm(group, comm.rank // size, data, comm.timeout, comm.backend)
+    return mine_mp, mine_dp

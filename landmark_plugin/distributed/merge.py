@@ -1,4 +1,8 @@
-"""``landmark-merge CONFIG``: shards of a distributed retina-gs run -> one checkpoint + a .ply.
+"""``landmark-merge CONFIG``: shards of a distributed run -> one checkpoint (+ a .ply for retina-gs).
+
+landmark-grid shards (their manifest holds a ``grid_layout``) merge by ``grid.sharded_state``:
+blocks stacked (branch), sub-planes stitched into the blocks' planes (plane), channels
+concatenated (channel); there is no .ply.
 
 The merged checkpoint is an ordinary nerfstudio checkpoint written into the run's
 ``nerfstudio_models/``, so ``ns-render``, ``ns-eval`` and ``ns-viewer --load-config CONFIG``
@@ -17,7 +21,7 @@ import tyro
 import yaml
 
 from landmark_plugin.checkpoints import atomic_torch_save
-from landmark_plugin.distributed.checkpoint import latest_complete_step, load_shards, merge_shards
+from landmark_plugin.distributed.checkpoint import latest_complete_step, load_shards, merge_shards, read_manifest
 from landmark_plugin.gaussians.export import write_gaussians_ply
 
 
@@ -40,7 +44,12 @@ class Merge:
         step = self.step if self.step is not None else latest_complete_step(base_dir)
         if step is None:
             raise SystemExit(f"no complete sharded checkpoint under {base_dir / 'shards'}")
-        merged = merge_shards(load_shards(base_dir, step))
+        if "grid_layout" in read_manifest(base_dir, step):  # landmark-grid: factors, no Gaussians
+            from landmark_plugin.grid.sharded_state import merge_grid_shards
+
+            merged, self.write_ply = merge_grid_shards(load_shards(base_dir, step)), False
+        else:
+            merged = merge_shards(load_shards(base_dir, step))
         out = base_dir / trainer_config.relative_model_dir / f"step-{step:09d}.ckpt"
         atomic_torch_save(merged, out)
         print(f"merged the shards of step {step} into {out}")

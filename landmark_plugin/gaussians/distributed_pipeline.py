@@ -9,8 +9,10 @@ from ``VanillaPipeline``:
   optimiser state; the model is initialised identically on every rank (torch seeded with
   ``init_seed`` around the construction) and then sharded;
 - training: a camera batch packed under ``max_batch_size`` / ``max_load`` from a camera queue
-  that is the same on every rank (a seeded permutation per epoch); each rank reads only the
-  images of the cameras it owns; loss and metrics are reduced over ranks for logging;
+  that is the same on every rank (a seeded permutation per epoch, interleaved so that
+  consecutive cameras cycle through their owners); image i's loss is always computed by rank
+  ``i % R`` (``schedule.image_owner``), so each rank loads, caches or streams only its own
+  images (``RetinaGSDataManager.load_only``); loss and metrics are reduced over ranks for logging;
 - after the optimiser step (``step_post_backward``): gsplat's strategy densifies and prunes
   this rank's Gaussians from the batch's screen gradients, then at refinement steps (and every
   ``repartition_every`` steps) Gaussians that left this rank's region migrate to their owner,
@@ -19,18 +21,19 @@ from ``VanillaPipeline``:
   Gaussian a gradient (zeros where nothing was drawn, so Adam steps every rank the same way)
   and sums the gradients of replicated parameters (camera optimiser) over ranks;
 - evaluation is collective: every rank renders its partial of each eval camera, the camera's
-  owner composites it and computes the metrics, and the metrics are gathered on every rank
-  (images for the logger stay on rank 0).
+  owner (``i % R`` of the eval split, which only it loads) composites it and computes the
+  metrics, and the metrics are gathered on every rank (images for the logger go to rank 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import time
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type
 
 import torch
 import torchvision.utils as vutils
@@ -39,7 +42,10 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.splatfacto import SplatfactoModel
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.core.schedule import image_owner, interleave_owners, owned_images
+from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
 from landmark_plugin.distributed.collectives import all_gather_objects, all_reduce_grads_, broadcast_object
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.distributed.shards import migrate_, shard_
@@ -99,19 +105,32 @@ class DistributedRetinaPipeline(VanillaPipeline):
             )
         self.sharded = ShardedRetina(self.comm, self.model)
         shard_(self.comm, self.model, self.sharded.parts)
+        if self.distributed and hasattr(self.datamanager, "load_only"):
+            # Before any image is read: this rank holds only the images whose loss it computes.
+            rank, dm = self.comm.rank, self.datamanager
+            dm.load_only(
+                train=owned_images(len(dm.train_dataset), rank, self.world_size),
+                eval=owned_images(len(dm.eval_dataset), rank, self.world_size),
+            )
         self._queue: List[int] = []
         self._epoch = 0
+        self._loading_rank_parts = False
+        self.last_batch: List[int] = []
+        """Train image indices of the last ``get_batch_loss_dict`` batch."""
 
     @property
     def distributed(self) -> bool:
         return self.comm.world_size > 1
 
     # ---- training -------------------------------------------------------------------------
-    def _next_pool(self, size: int) -> List[int]:
+    def _next_pool(self, size: int, world_size: Optional[int] = None) -> List[int]:
+        """The next ``size`` cameras of the queue (``world_size``: whose owners to interleave;
+        this run's by default, another to reproduce a run of that many ranks)."""
         num = len(self.datamanager.train_dataset)
+        world = self.world_size if world_size is None else world_size
         while len(self._queue) < size:
             g = torch.Generator().manual_seed(self.config.init_seed * 1_000_003 + self._epoch)
-            self._queue += torch.randperm(num, generator=g).tolist()
+            self._queue += interleave_owners(torch.randperm(num, generator=g).tolist(), world)
             self._epoch += 1
         return self._queue[:size]
 
@@ -126,15 +145,32 @@ class DistributedRetinaPipeline(VanillaPipeline):
     def get_train_loss_dict(self, step: int):
         if not self.distributed:
             return super().get_train_loss_dict(step)
+        return self.get_batch_loss_dict(step)
+
+    def get_batch_loss_dict(self, step: int):
+        """The sharded training step on the next batch of the camera queue.
+
+        What ``get_train_loss_dict`` runs with several ranks; it also runs on one rank (one
+        part, nothing exchanged), e.g. to compare 1 and R ranks on the same batches.
+
+        Returns:
+            (owned cameras' outputs, loss dict, metrics dict), as ``get_train_loss_dict``.
+        """
         dm = self.datamanager
         cameras = dm.train_dataset.cameras
         pool = self._next_pool(self.config.max_batch_size)
         pool_cameras = cameras[torch.tensor(pool)].to(self.device)
-        size, visible, owners = self.sharded.plan_batch(pool_cameras, self.config.max_batch_size, self.config.max_load)
+        size, visible, _ = self.sharded.plan_batch(pool_cameras, self.config.max_batch_size, self.config.max_load)
         batch, self._queue = pool[:size], self._queue[size:]
+        self.last_batch = batch
+        owners = torch.tensor([image_owner(i, self.world_size) for i in batch], dtype=torch.int64)
+        if hasattr(dm, "prefetch_train"):
+            # Streamed captures: start reading this rank's next images while this batch renders.
+            ahead = self._queue[: getattr(dm.config, "prefetch", 4) * self.world_size]
+            dm.prefetch_train([i for i in ahead if image_owner(i, self.world_size) == self.comm.rank])
 
         def batch_of(b: int) -> Dict[str, torch.Tensor]:
-            data = dict(dm.cached_train[batch[b]])  # only owners read images
+            data = dict(dm.cached_train[batch[b]])  # only the owner holds (and reads) the image
             data["image"] = data["image"].to(self.device)
             return data
 
@@ -182,6 +218,35 @@ class DistributedRetinaPipeline(VanillaPipeline):
         if rebuild or policy.refreshes_at(step, model.config) or (every > 0 and step > 0 and step % every == 0):
             migrate_(self.comm, model, model.optimizers, model.strategy_state, self.sharded.parts, rebuild=rebuild)
 
+    # ---- loading --------------------------------------------------------------------------
+    def load_pipeline(self, loaded_state: Dict, step: int) -> None:
+        """VanillaPipeline's, except that a pointer to shards (what a sharded save leaves in
+        nerfstudio_models/ for ns-eval / ns-render / ns-viewer) loads the shards: merged in memory
+        on one process, this rank's part on several."""
+        comm, depth = self.comm, self.model.config.tree_depth
+        pointed = shards_of_pointer(loaded_state)
+        if pointed is not None:
+            base, shard_step = pointed
+            state = rank_state_of_shards(base, shard_step, comm.rank, comm.world_size, depth)
+            CONSOLE.print(f"Loaded the shards of step {shard_step} in {base} (rank {comm.rank} of {comm.world_size})")
+            loaded_state = state["pipeline"]
+        elif self.distributed and not self._loading_rank_parts:
+            # A whole-model checkpoint (one-process run, landmark-merge) on several ranks: keep
+            # this rank's Gaussians, or every rank would render every Gaussian.
+            whole = {"pipeline": loaded_state, "optimizers": {}}
+            loaded_state = shard_for_rank(whole, tree_of_state(whole, depth), comm.rank, comm.world_size)["pipeline"]
+        super().load_pipeline(loaded_state, step)
+
+    @contextlib.contextmanager
+    def loading_rank_parts(self) -> Iterator[None]:
+        """Within: ``load_pipeline`` receives states already cut for this rank (the trainer's
+        resume: its shard may hold Gaussians that left its region, which migrate afterwards)."""
+        self._loading_rank_parts = True
+        try:
+            yield
+        finally:
+            self._loading_rank_parts = False
+
     # ---- evaluation -----------------------------------------------------------------------
     def _render_for_owners(self, cameras: Cameras, owners: torch.Tensor) -> Dict[int, Dict[str, torch.Tensor]]:
         """Collective: every rank renders its parts of ``cameras``; returns the owned composites."""
@@ -208,14 +273,15 @@ class DistributedRetinaPipeline(VanillaPipeline):
             return super().get_eval_loss_dict(step)
         self.eval()
         index = self._next_eval_index()
-        outputs = self._render_for_owners(self._eval_cameras([index]), torch.zeros(1, dtype=torch.int64))
+        owner = image_owner(index, self.world_size)  # the only rank holding the image
+        outputs = self._render_for_owners(self._eval_cameras([index]), torch.tensor([owner]))
         values = None
-        if self.comm.is_main:
+        if self.comm.rank == owner:
             data = self._eval_data(index)
             metrics = self.model.get_metrics_dict(outputs[0], data)
             losses = self.model.get_loss_dict(outputs[0], data, metrics)
             values = ({k: float(v) for k, v in losses.items()}, {k: float(v) for k, v in metrics.items()})
-        losses, metrics = broadcast_object(self.comm, values, what="eval loss")
+        losses, metrics = broadcast_object(self.comm, values, src=owner, what="eval loss")
         self.train()
         as_tensors = lambda d: {k: torch.tensor(v) for k, v in d.items()}  # noqa: E731
         return outputs.get(0, {}), as_tensors(losses), as_tensors(metrics)
@@ -225,13 +291,18 @@ class DistributedRetinaPipeline(VanillaPipeline):
             return super().get_eval_image_metrics_and_images(step)
         self.eval()
         index = self._next_eval_index()
+        owner = image_owner(index, self.world_size)  # the only rank holding the image
         camera = self._eval_cameras([index])
-        outputs = self._render_for_owners(camera, torch.zeros(1, dtype=torch.int64))
-        metrics, images = None, {}
-        if self.comm.is_main:
+        outputs = self._render_for_owners(camera, torch.tensor([owner]))
+        payload, images = None, {}
+        if self.comm.rank == owner:
             metrics, images = self.model.get_image_metrics_and_images(outputs[0], self._eval_data(index))
-            metrics = {k: float(v) for k, v in metrics.items()}
-        metrics = dict(broadcast_object(self.comm, metrics, what="eval image metrics"))
+            # The logger runs on rank 0: another owner sends its images along with the metrics.
+            sent = {k: v.detach().cpu() for k, v in images.items()} if owner != 0 else {}
+            payload = ({k: float(v) for k, v in metrics.items()}, sent)
+        metrics, sent = broadcast_object(self.comm, payload, src=owner, what="eval image metrics")
+        metrics = dict(metrics)
+        images = (images if owner == 0 else sent) if self.comm.is_main else {}
         metrics["num_rays"] = int((camera.height * camera.width).sum().item())
         self.train()
         return metrics, images
@@ -251,7 +322,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
         for first in range(0, num, chunk):
             indices = list(range(first, min(first + chunk, num)))
             cameras = self._eval_cameras(indices)
-            owners = torch.tensor([i % self.comm.world_size for i in indices], dtype=torch.int64)
+            owners = torch.tensor([image_owner(i, self.world_size) for i in indices], dtype=torch.int64)
             start = time()
             outputs = self._render_for_owners(cameras, owners)
             seconds = (time() - start) / len(indices)

@@ -29,6 +29,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.core.clip import unbounded_leaf_boxes
 from landmark_plugin.core.composite import composite, expected_depth
+from landmark_plugin.core.edits import BoxEdit, edit_gaussians
 from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
@@ -36,6 +37,7 @@ from landmark_plugin.core.render import Gaussians, camera_center, render_partial
 from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
+from landmark_plugin.viewer.controls import LayoutControls
 
 # Splatfacto's densification threshold assumes gsplat's absgrad; the torch reference has only
 # the plain gradient, whose norm is smaller (gradients of opposite sign cancel).  3DGS's own
@@ -69,6 +71,8 @@ class RetinaGSModel(SplatfactoModel):
     """Splatfacto whose Gaussians are grouped by kd-tree leaf and rendered in leaf order."""
 
     config: RetinaGSModelConfig
+    layout_edits: Tuple[BoxEdit, ...] = ()
+    """Render-time layout edits (set by landmark_plugin.edits.apply_edits; ignored in training)."""
 
     def populate_modules(self) -> None:
         # splatfacto's populate_modules allocates the seed colours with .cuda(); ours is the
@@ -92,6 +96,7 @@ class RetinaGSModel(SplatfactoModel):
         tree = build_kdtree(means, self.config.tree_depth, axis_rule=self.config.split_axes)
         self._set_tree(tree)
         self.leaf_ids = assign_leaves(tree, means)
+        self.layout = LayoutControls(self)  # viewer folders: partition, edits (nerfstudio finds them on the model)
 
     def _initial_means(self) -> torch.Tensor:
         if self.seed_points is not None and not self.config.random_init:
@@ -205,9 +210,12 @@ class RetinaGSModel(SplatfactoModel):
         if self.leaf_ids.shape[0] != self.num_points or self.leaf_ids.device != self.means.device:
             self.refresh_ownership()
 
+        gaussians, leaf_ids = self.activated_gaussians(), self.leaf_ids
+        if self.layout_edits and not self.training:
+            gaussians, leaf_ids = edit_gaussians(gaussians, leaf_ids, self.layout_edits, self.tree)
         keep = None
         if self.crop_box is not None and not self.training:
-            keep = self.crop_box.within(self.means).squeeze(-1)
+            keep = self.crop_box.within(gaussians.means).squeeze(-1)
             if keep.sum() == 0:
                 return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
 
@@ -220,7 +228,7 @@ class RetinaGSModel(SplatfactoModel):
         camera.rescale_output_resolution(downscale)
 
         with_depth = self.config.output_depth_during_training or not self.training
-        partial = self._render_leaves(viewmat, K, width, height, with_depth, keep)
+        partial = self._render_leaves(viewmat, K, width, height, with_depth, keep, gaussians, leaf_ids)
 
         background = self._get_background_color()
         channels = partial.color.shape[-1]
@@ -236,13 +244,13 @@ class RetinaGSModel(SplatfactoModel):
             background = background.expand(height, width, 3)
         return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
 
-    def _render_leaves(self, viewmat, K, width, height, with_depth, keep: Optional[torch.Tensor]):
+    def _render_leaves(self, viewmat, K, width, height, with_depth, keep: Optional[torch.Tensor],
+                       gaussians: Gaussians, leaf_ids: torch.Tensor):
         """All leaves in one partial, sorted by (camera leaf order, depth)."""
         # The walk over the tree is a handful of tiny ops: do it on the CPU copy of the tree and
         # send only the [L] positions to the device.
         order = camera_leaf_order(self.cpu_tree, camera_center(viewmat).detach().cpu())  # [L] front to back
-        leaf_position = order_positions(order).to(self.leaf_ids.device, non_blocking=True)[self.leaf_ids]
-        gaussians = self.activated_gaussians()
+        leaf_position = order_positions(order).to(leaf_ids.device, non_blocking=True)[leaf_ids]
         if keep is not None:
             gaussians = Gaussians(*(t[keep] for t in gaussians))
             leaf_position = leaf_position[keep]

@@ -13,14 +13,22 @@ exact resume), except that ``--load-dir`` may also name a sharded run.  With sev
   loads its own shard, on another number the shards are merged and re-split by subtree
   (``shard_for_rank``), then Gaussians that drifted out of their rank's region migrate;
 - config.yml records the world size and the kd-tree at setup; logging is nerfstudio's, from
-  rank 0; the viewer is off (it would render one rank's shard only).
+  rank 0;
+- the viewer (``--vis viewer...``) runs on rank 0 and renders through every rank: at the end of
+  every step all ranks meet in ``ViewerSync.step`` (``landmark_plugin/viewer/distributed.py``),
+  which also applies the viewer's pause button and ``shutdown`` on every rank at once; after
+  training (``--viewer.quit-on-train-completion False``) all ranks keep serving views;
+- every sharded save also writes ``nerfstudio_models/step-N.ckpt`` as a pointer to the shards
+  (``write_shards_pointer``), so ``ns-eval`` / ``ns-render`` / ``ns-viewer`` load the run
+  directly (the pipeline merges the shards in memory).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Type
+from typing import Dict, List, Literal, Optional, Type
 
 import torch
 from nerfstudio.engine.optimizers import Optimizers
@@ -29,23 +37,25 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from landmark_plugin.distributed.checkpoint import (
     find_shards,
     latest_complete_step,
-    load_shards,
-    merge_shards,
+    is_shards_pointer,
+    rank_state_of_shards,
     read_manifest,
+    remove_pointers_except,
     remove_steps_except,
     save_shard,
     shard_for_rank,
-    shard_path,
+    shards_of_pointer,
     tree_of_state,
+    write_shards_pointer,
 )
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 from landmark_plugin.trainer import latest_complete_step as latest_checkpoint_step
+from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync, render_view
 
-# What the viewer-enabled --vis choices become with several ranks.
-WITHOUT_VIEWER = {"viewer": "tensorboard", "viewer_legacy": "tensorboard", "viewer+tensorboard": "tensorboard",
-                  "viewer+wandb": "wandb", "viewer+comet": "comet"}
+# What the legacy viewer becomes with several ranks (only nerfstudio's current viewer is served).
+WITHOUT_VIEWER = {"viewer_legacy": "tensorboard"}
 
 
 @dataclass
@@ -88,14 +98,80 @@ class RetinaTrainer(LandmarkTrainer):
     def distributed(self) -> bool:
         return self.comm.world_size > 1
 
+    viewer_sync: Optional[ViewerSync] = None
+
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         if self.world_size > 1 and self.config.vis in WITHOUT_VIEWER:
             new = WITHOUT_VIEWER[self.config.vis]
-            CONSOLE.print(f"retina-gs on {self.world_size} ranks: the viewer is off (--vis {self.config.vis} -> {new}); "
-                          "merge the shards (landmark-merge CONFIG) and open ns-viewer on the merged run")
+            CONSOLE.print(f"retina-gs on {self.world_size} ranks: the legacy viewer is not served (--vis {self.config.vis} "
+                          f"-> {new}); use --vis viewer")
             self.config.vis = new  # type: ignore[assignment]
-        super().setup(test_mode)
+        live_view = self.world_size > 1 and self.config.is_viewer_enabled()
+        if not live_view:
+            super().setup(test_mode)
+            self._record_layout()
+            return
+        # nerfstudio's setup would build its own viewer (on every node's local rank 0, rendering
+        # one shard); ours is built below on rank 0.  vis itself stays as given on every rank, so
+        # every rank makes the same eval decisions (nerfstudio skips eval with the viewer alone).
+        self.config.is_viewer_enabled = lambda: False  # type: ignore[method-assign]
+        try:
+            super().setup(test_mode)
+        finally:
+            del self.config.is_viewer_enabled
         self._record_layout()
+        self._setup_live_viewer()
+
+    def _setup_live_viewer(self) -> None:
+        """Rank 0: the viewer and its mailbox; every rank: the per-step ``ViewerSync``."""
+        comm, mailbox = self.comm, None
+        if comm.is_main:
+            mailbox = RenderMailbox(timeout_s=getattr(self.config.pipeline, "collective_timeout_s", 600.0))
+            self.viewer_state = ShardedViewer(
+                self.config.viewer,
+                log_filename=self.base_dir / self.config.viewer.relative_log_filename,
+                datapath=self.config.data if self.config.data is not None else self.base_dir,
+                pipeline=self.pipeline,
+                trainer=self,
+                share=self.config.viewer.make_share_url,
+                mailbox=mailbox,
+            )
+            for line in self.viewer_state.viewer_info:
+                CONSOLE.print(f"{line} (rendered by all {comm.world_size} ranks)")
+        self.viewer_sync = ViewerSync(comm, functools.partial(render_view, self.pipeline), mailbox)
+
+    # ---- the viewer of a multi-rank run -----------------------------------------------------
+    def _viewer_control(self) -> Control:
+        """Rank 0: what the viewer and the trainer want at this sync point."""
+        if self.stop_training:
+            return "stop"
+        viewer = self.viewer_state
+        return "pause" if isinstance(viewer, ShardedViewer) and viewer.pause_requested else "train"
+
+    def _update_viewer_state(self, step: int) -> None:
+        if self.viewer_sync is None:
+            return super()._update_viewer_state(step)
+        super()._update_viewer_state(step)  # rank 0: nerfstudio's step-triggered rerender, camera poses
+        if self.viewer_sync.step(self._viewer_control) == "stop":
+            self.stop_training = True
+
+    def _train_complete_viewer(self) -> None:
+        if self.viewer_sync is None:
+            return super()._train_complete_viewer()
+        if self.comm.is_main and self.viewer_state is not None:
+            self.viewer_state.training_complete()
+            CONSOLE.print("Training complete; the viewer stays up (all ranks serve it). Use ctrl+c to quit", justify="center")
+        self.viewer_sync.serve_until_stop(self._viewer_control)
+
+    def train(self) -> None:
+        try:
+            super().train()
+        except BaseException as error:
+            if self.viewer_sync is not None:
+                self.viewer_sync.close(f"training failed: {type(error).__name__}")
+            raise
+        if self.viewer_sync is not None:
+            self.viewer_sync.close("training has ended")
 
     def _record_layout(self) -> None:
         """config.yml gets the world size and the tree (rank 0 rewrites the file a CLI saved)."""
@@ -126,21 +202,28 @@ class RetinaTrainer(LandmarkTrainer):
         if not self.distributed:
             return super().save_checkpoint(step)
         save_shard(self.comm, self.base_dir, step, self.checkpoint_state(step), self.pipeline.model.tree)
-        if self.comm.is_main and self.config.save_only_latest_checkpoint:
-            remove_steps_except(self.base_dir, step)
+        if self.comm.is_main:
+            # What ns-eval / ns-render / ns-viewer find in nerfstudio_models/: a pointer to the shards.
+            write_shards_pointer(self.checkpoint_dir, self.base_dir, step, self.comm.world_size)
+            if self.config.save_only_latest_checkpoint:
+                remove_steps_except(self.base_dir, step)
+                remove_pointers_except(self.checkpoint_dir, step)
 
     # ---- loading --------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
         load_dir = self.config.load_dir
         sharded = find_shards(load_dir) if load_dir is not None else None
+        if sharded is None:
+            sharded = self._pointed_shards()
         if sharded is None and not self.distributed:
             return super()._load_checkpoint()  # a nerfstudio checkpoint (or none) on one process
-        if load_dir is None:
+        if sharded is None and load_dir is None:
             if self.config.load_checkpoint is not None:
                 raise ValueError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
             CONSOLE.print("No checkpoint to load, so training from scratch.")
             return
-        self.restore_state(self._read_state(load_dir, sharded))
+        with self.pipeline.loading_rank_parts():  # _read_state has cut the state for this rank
+            self.restore_state(self._read_state(load_dir, sharded))
         model = self.pipeline.model
         CONSOLE.print(f"Resumed at step {self._start_step} with {model.num_points} Gaussians on rank {self.comm.rank}")
         if self.distributed:
@@ -165,9 +248,18 @@ class RetinaTrainer(LandmarkTrainer):
             step = step if step is not None else latest_complete_step(base)
             world = int(read_manifest(base, step)["world_size"])
             CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from the {world} shards of step {step} in {base}")
-            if world == comm.world_size:
-                return torch.load(shard_path(base, step, comm.rank, world), map_location="cpu", weights_only=True)
-            merged = merge_shards(load_shards(base, step))
+            return rank_state_of_shards(base, step, comm.rank, comm.world_size, depth)
         if comm.world_size == 1:
             return merged
         return shard_for_rank(merged, tree_of_state(merged, depth), comm.rank, comm.world_size)
+
+    def _pointed_shards(self):
+        """(run directory, step) when the checkpoint --load-dir / --load-checkpoint selects in a
+        nerfstudio_models/ is a pointer to shards (``write_shards_pointer``), else None."""
+        try:
+            path = self.checkpoint_to_load()
+        except FileNotFoundError:
+            return None
+        if path is None or not is_shards_pointer(path):
+            return None
+        return shards_of_pointer(torch.load(path, map_location="cpu", weights_only=True)["pipeline"])

@@ -24,19 +24,21 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from nerfstudio.fields.base_field import Field
 
+from landmark_plugin.core.edits import BoxEdit, edit_points, mix_codes
 from landmark_plugin.core.grid_features import (
     MODES,
     FactorAxes,
     average_seams,
     block_cells,
+    block_features,
     factor_shapes,
     factors_l1,
     plane_tv,
     resample_factor,
     route_points,
-    sample_block_features,
     tie_seams,
 )
+from landmark_plugin.core.grid_parallel import FactorShard
 
 
 class BlockFactors(nn.Module):
@@ -46,6 +48,11 @@ class BlockFactors(nn.Module):
     [1, Rl, C] when shared).  Seam copies are tied (see core/grid_features.py): values are
     averaged at construction and after every resize, and each parameter's gradient goes
     through ``tie_seams`` in a tensor hook, so Adam sees one gradient per shared texel.
+
+    Under model parallelism (``grid/parallel.py``) a BlockFactors may hold one rank's share of
+    the model's factors: ``shard`` then says which (for the regularisers' shares), and when the
+    blocks of a seam live on different ranks (``local_ties`` False) the plan ties the seam
+    gradients across ranks instead of the hooks.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class BlockFactors(nn.Module):
         channels: int,
         shared_line: bool,
         init_scale: float,
+        backend: str = "auto",
     ) -> None:
         """
         Args:
@@ -65,10 +73,16 @@ class BlockFactors(nn.Module):
             channels: components per factor.
             shared_line: one line for all blocks instead of one per block.
             init_scale: std of the normal initial values.
+            backend: who samples features (``core.grid_features.block_features``): auto, cuda, torch.
         """
         super().__init__()
         self.blocks = tuple(blocks)
         self.axes = [tuple(a) for a in axes]
+        self.backend = backend
+        self.local_ties = True
+        """Seam gradients are tied by tensor hooks (False: by the model-parallel plan)."""
+        self.shard: Optional[FactorShard] = None
+        """This rank's share of the model's factors (model parallel), or None: all of them."""
         num_blocks = blocks[0] * blocks[1]
         self.planes = nn.ParameterList()
         self.lines = nn.ParameterList()
@@ -82,6 +96,8 @@ class BlockFactors(nn.Module):
         self.sync_seams()
 
     def _tie(self, param: nn.Parameter, spatial: Tuple[int, ...]) -> None:
+        if not self.local_ties:
+            return
         param.register_hook(functools.partial(tie_seams, blocks=self.blocks, spatial_axes=spatial))
 
     def _spatial_axes(self) -> List[Tuple[nn.Parameter, Tuple[int, ...]]]:
@@ -93,12 +109,14 @@ class BlockFactors(nn.Module):
     @torch.no_grad()
     def sync_seams(self) -> None:
         """Make every seam copy equal to the mean of its copies (after init, resize, edits)."""
+        if not self.local_ties:
+            raise RuntimeError("the seam copies of these factors live on several ranks; sync them before sharding")
         for param, spatial in self._spatial_axes():
             param.copy_(average_seams(param, self.blocks, spatial))
 
     def forward(self, local: Float[Tensor, "N 3"], block_index: Int[Tensor, " N"]) -> Float[Tensor, "N F"]:
         """Features [N, num_factors * channels] of points given in block-local coordinates."""
-        return sample_block_features(list(self.planes), list(self.lines), local, block_index, self.axes)
+        return block_features(list(self.planes), list(self.lines), local, block_index, self.axes, self.backend)
 
     @torch.no_grad()
     def upsample(
@@ -143,11 +161,15 @@ class BlockFactors(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def tv(self) -> Float[Tensor, ""]:
-        """Mean total variation over all planes."""
+        """Mean total variation over all planes (a model-parallel shard: this rank's share)."""
+        if self.shard is not None:
+            return sum(self.shard.plane_tv(p) for p in self.planes) / len(self.planes)  # type: ignore[return-value]
         return sum(plane_tv(p) for p in self.planes) / len(self.planes)  # type: ignore[return-value]
 
     def l1(self) -> Float[Tensor, ""]:
-        """Mean absolute value over all planes and lines."""
+        """Mean absolute value over all planes and lines (a model-parallel shard: this rank's share)."""
+        if self.shard is not None:
+            return self.shard.l1(list(self.planes), list(self.lines))
         return factors_l1([*self.planes, *self.lines])
 
     def cells(self) -> List[int]:
@@ -195,6 +217,10 @@ class GridDensityFieldConfig(InstantiateConfig):
     """Std of the initial plane and line values."""
     density_bias: float = -1.0
     """Added to the summed density features before the exponential activation."""
+    feature_backend: Literal["auto", "cuda", "torch"] = "auto"
+    """Plane x line sampling: 'auto' = the fused CUDA kernel of csrc/ on GPU (the torch twin on CPU,
+    under --deterministic, or when the kernel cannot be built, with a warning); 'cuda' = the kernel
+    or an error; 'torch' = the twin everywhere."""
 
 
 class GridDensityField(Field):
@@ -213,30 +239,84 @@ class GridDensityField(Field):
         self.register_buffer("aabb", aabb.detach().clone().float())
         self.axes = [a for _ in config.level_divisors for a in MODES[config.mode]]
         self.density = self._make_factors(config.density_components)
+        self.blocks: Tuple[int, int] = tuple(config.blocks)  # type: ignore[assignment]
+        """The block grid points are routed on: the config's, or sub-planes under plane parallelism."""
+        self.plan = None
+        """The model-parallel plan (landmark_plugin.grid.parallel.GridPlan) or None: one process."""
+        self.layout_edits: Tuple[BoxEdit, ...] = ()
+        """Render-time layout edits (set by landmark_plugin.edits.apply_edits; ignored in training)."""
 
     def _make_factors(self, channels: int) -> BlockFactors:
         extent = (self.aabb[1] - self.aabb[0]).tolist()
         base = block_cells(extent, self.config.blocks, self.config.cells)
         cells = [[max(1, c // d) for c in base] for d in self.config.level_divisors for _ in MODES[self.config.mode]]
         return BlockFactors(
-            self.config.blocks, self.axes, cells, channels, self.config.shared_line, self.config.init_scale
+            self.config.blocks, self.axes, cells, channels, self.config.shared_line, self.config.init_scale,
+            backend=self.config.feature_backend,
         )
 
     def route(self, positions: Float[Tensor, "N 3"]) -> Tuple[Int[Tensor, " N"], Float[Tensor, "N 3"], Tensor]:
         """Block index, block-local coordinates and inside-the-box mask of world positions."""
         unit = (positions - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
         inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
-        block_index, local = route_points(unit, self.config.blocks)
+        block_index, local = route_points(unit, self.blocks)
         return block_index, local, inside
 
-    def get_density(self, ray_samples: RaySamples) -> Tuple[Float[Tensor, "*bs 1"], None]:
+    def edited_positions(self, flat: Float[Tensor, "N 3"]) -> Tuple[Float[Tensor, "N 3"], Optional[Tensor]]:
+        """Where the trained grid is read for these points, and which are kept (None: all), under
+        the layout edits; edits are a render-time view, so training reads the points themselves."""
+        if not self.layout_edits or self.training:
+            return flat, None
+        return edit_points(self.layout_edits, flat)
+
+    def _features(
+        self, local: Float[Tensor, "n 3"], block_index: Int[Tensor, " n"], with_appearance: bool
+    ) -> Tuple[Float[Tensor, " n"], Optional[Float[Tensor, "n A"]]]:
+        """Summed density components and appearance channels (None here) of points in their blocks."""
+        return self.density(local, block_index).sum(dim=-1), None
+
+    def _decoder_context(self, ray_samples: RaySamples, positions: Tensor, flat: Tensor) -> Optional[Tuple]:
+        """Per-sample decoder inputs besides the features ([N, ...] tensors or None)."""
+        return None
+
+    def _decode(
+        self, density_sum: Float[Tensor, " n"], appearance: Optional[Tensor], keep: Float[Tensor, " n"], context
+    ) -> Float[Tensor, "n K"]:
+        """[n, 1] density of samples from their summed density components; ``keep`` is 0 where
+        the scene is empty regardless (outside the box, removed boxes)."""
+        return (trunc_exp((density_sum + self.config.density_bias).to(keep)) * keep)[:, None]
+
+    def _evaluate(self, ray_samples: RaySamples, with_rgb: bool) -> Float[Tensor, "*bs K"]:
+        """Density (K = 1) or density and colour (K = 4) of every sample.
+
+        One process: all samples through ``_features`` then ``_decode``.  Model parallel: the
+        ``plan`` picks the samples (blocks) or channels this rank evaluates and joins the ranks'
+        results, so every rank of the model-parallel group returns the same [*bs, K].
+        """
         positions = ray_samples.frustums.get_positions()
-        flat = positions.reshape(-1, 3)
+        flat, alive = self.edited_positions(positions.reshape(-1, 3))
         block_index, local, inside = self.route(flat)
-        raw = self.density(local, block_index).sum(dim=-1) + self.config.density_bias
-        # points outside the box (collider slack) are empty space
-        density = trunc_exp(raw.to(flat)) * inside.to(flat)
-        return density.view(*positions.shape[:-1], 1), None
+        # points outside the box (collider slack) are empty space, and so are removed boxes
+        keep = (inside if alive is None else inside & alive).to(flat)
+        context = self._decoder_context(ray_samples, positions, flat) if with_rgb else None
+
+        def features(rows: Optional[Tensor], blocks: Tensor):
+            return self._features(local if rows is None else local[rows], blocks, with_rgb)
+
+        def decode(rows: Optional[Tensor], density_sum: Tensor, appearance: Optional[Tensor]) -> Tensor:
+            if rows is None:
+                return self._decode(density_sum, appearance, keep, context)
+            picked = None if context is None else tuple(None if t is None else t[rows] for t in context)
+            return self._decode(density_sum, appearance, keep[rows], picked)
+
+        if self.plan is None:
+            out = decode(None, *features(None, block_index))
+        else:
+            out = self.plan.evaluate(block_index, features, decode, len(self.axes))
+        return out.view(*positions.shape[:-1], out.shape[-1])
+
+    def get_density(self, ray_samples: RaySamples) -> Tuple[Float[Tensor, "*bs 1"], None]:
+        return self._evaluate(ray_samples, with_rgb=False), None
 
     def get_outputs(self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None) -> Dict:
         return {}
@@ -300,6 +380,9 @@ class MultiBranchGridField(GridDensityField):
         )
         self.eval_appearance_index: Optional[int] = None
         """When set, eval renders use this training image's appearance (lighting edits)."""
+        self.eval_appearance_mix: Optional[Tuple[int, Optional[int], float]] = None
+        """(image, to_image, t): eval renders use the code between two training images' codes
+        (landmark_plugin.edits.Appearance); takes precedence over eval_appearance_index."""
         in_dim = (
             self.feature_encoding.get_out_dim()
             + self.direction_encoding.get_out_dim()
@@ -326,6 +409,9 @@ class MultiBranchGridField(GridDensityField):
             # camera indices come per ray ([R, 1, 1]) or per sample ([R, S, 1])
             indices = torch.broadcast_to(camera_indices, (*batch_shape, 1)).reshape(-1)
             return self.embedding_appearance(indices.long())
+        if self.eval_appearance_mix is not None:
+            code = mix_codes(self.embedding_appearance.embedding.weight, *self.eval_appearance_mix)
+            return code.to(like).expand(count, -1)
         if self.eval_appearance_index is not None:
             index = torch.full((count,), self.eval_appearance_index, dtype=torch.long, device=like.device)
             return self.embedding_appearance(index).to(like)
@@ -334,18 +420,33 @@ class MultiBranchGridField(GridDensityField):
             code = torch.zeros_like(code)
         return code.to(like).expand(count, -1)
 
-    def get_outputs(self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None) -> Dict:
-        positions = ray_samples.frustums.get_positions()
-        flat = positions.reshape(-1, 3)
-        block_index, local, _ = self.route(flat)
-        features = self.basis(self.appearance(local, block_index))
+    def _features(self, local, block_index, with_appearance):
+        density = self.density(local, block_index).sum(dim=-1)
+        return density, (self.appearance(local, block_index) if with_appearance else None)
+
+    def _decoder_context(self, ray_samples: RaySamples, positions: Tensor, flat: Tensor) -> Optional[Tuple]:
         directions = torch.broadcast_to(ray_samples.frustums.directions, positions.shape).reshape(-1, 3)
+        return directions, self._appearance_code(ray_samples.camera_indices, positions.shape[:-1], flat)
+
+    def _decode(self, density_sum, appearance, keep, context):
+        density = super()._decode(density_sum, None, keep, None)
+        if appearance is None:
+            return density
+        directions, code = context
+        features = self.basis(appearance)
         decoder_in = [self.feature_encoding(features), self.direction_encoding(directions)]
-        code = self._appearance_code(ray_samples.camera_indices, positions.shape[:-1], features)
         if code is not None:
             decoder_in.append(code.to(features))
         rgb = self.decoder(torch.cat(decoder_in, dim=-1))
-        return {FieldHeadNames.RGB: rgb.view(*positions.shape[:-1], 3)}
+        return torch.cat([density, rgb.to(density)], dim=-1)
+
+    def forward(self, ray_samples: RaySamples, compute_normals: bool = False) -> Dict[FieldHeadNames, Tensor]:
+        """Density and colour in one pass (one join of the ranks' results under model parallelism)."""
+        out = self._evaluate(ray_samples, with_rgb=True)
+        return {FieldHeadNames.DENSITY: out[..., :1], FieldHeadNames.RGB: out[..., 1:]}
+
+    def get_outputs(self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None) -> Dict:
+        return {FieldHeadNames.RGB: self._evaluate(ray_samples, with_rgb=True)[..., 1:]}
 
     def factor_sets(self) -> List[BlockFactors]:
         return [self.density, self.appearance]

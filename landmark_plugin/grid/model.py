@@ -29,6 +29,7 @@ from nerfstudio.models.nerfacto import NerfactoModel
 
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
 from landmark_plugin.metrics import build_lpips, without_unavailable_lpips
+from landmark_plugin.viewer.controls import LayoutControls
 
 
 class LazyLPIPS:
@@ -105,6 +106,15 @@ class LandmarkGridModelConfig(ModelConfig):
         default_factory=lambda: CameraOptimizerConfig(mode="off")
     )
     """Camera pose refinement ('off' by default: synthetic and SfM poses are used as given)."""
+    parallel: Literal["none", "branch", "plane", "channel"] = "none"
+    """Model parallelism on several ranks (README: Distributed landmark-grid).  branch: each rank of a
+    model-parallel group holds whole blocks; plane: each block's x-y plane is cut into sub-planes over
+    the ranks, with one shared z line (implies field.shared_line; mode xy-z); channel: every rank holds
+    every block with 1/N of the channels.  The proposal grids are split the same way.  One process:
+    the whole model (so a merged checkpoint of any strategy loads into the same config)."""
+    model_parallel_size: Optional[int] = None
+    """Ranks per model-parallel group (consecutive ranks); the world size divided by it is the
+    data-parallel degree.  Default: the world size (none: 1, pure data parallel)."""
 
     # nerfacto's methods read these; grid fields have no normals, so they are constants, not options
     predict_normals = False
@@ -113,6 +123,11 @@ class LandmarkGridModelConfig(ModelConfig):
     def num_proposal_iterations(self) -> int:
         """Proposal rounds (nerfacto's name), one per proposal grid."""
         return len(self.proposal_cells)
+
+
+SHARDED_LOSSES = ("tv_density", "tv_appearance", "l1_density")
+"""Losses that are sums of per-rank shares under model parallelism (regularisers of the grids);
+the other losses are computed whole, and equally, on every rank of a model-parallel group."""
 
 
 class LandmarkGridModel(NerfactoModel):
@@ -133,7 +148,13 @@ class LandmarkGridModel(NerfactoModel):
         if len(config.num_proposal_samples_per_ray) != config.num_proposal_iterations:
             raise ValueError("num_proposal_samples_per_ray needs one entry per proposal_cells entry")
         aabb = self.scene_box.aabb
-        self.field = config.field.setup(aabb=aabb, num_images=self.num_train_data)
+        plane = config.parallel == "plane"
+        if plane and config.field.mode != "xy-z":
+            raise ValueError("--pipeline.model.parallel plane cuts the x-y plane into sub-planes: it needs "
+                             "--pipeline.model.field.mode xy-z")
+        # plane parallelism shares one z line over all blocks (every rank holds a copy)
+        field_config = dataclasses.replace(config.field, shared_line=True) if plane else config.field
+        self.field = field_config.setup(aabb=aabb, num_images=self.num_train_data)
         self.proposal_networks = torch.nn.ModuleList(
             GridDensityFieldConfig(
                 blocks=config.field.blocks,
@@ -141,6 +162,8 @@ class LandmarkGridModel(NerfactoModel):
                 cells=cells,
                 density_components=config.proposal_components,
                 density_bias=config.field.density_bias,
+                feature_backend=config.field.feature_backend,
+                shared_line=plane,
             ).setup(aabb=aabb)
             for cells in config.proposal_cells
         )
@@ -181,6 +204,7 @@ class LandmarkGridModel(NerfactoModel):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = structural_similarity_index_measure
         self.lpips = LazyLPIPS()
+        self.layout = LayoutControls(self)  # viewer folders: partition, edits, appearance
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """'grids' (planes and lines), 'decoder', 'proposal_networks' and the camera optimiser."""

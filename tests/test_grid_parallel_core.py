@@ -1,0 +1,167 @@
+"""Exactness of the model-parallel layouts of landmark-grid (landmark_plugin/core/grid_parallel.py):
+shard / merge round trips, sub-planes that sample like their block's plane, regulariser shares
+that add up to the model's values, and clear refusals of layouts that do not divide."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from landmark_plugin.core.grid_features import (
+    MODES,
+    average_seams,
+    factors_l1,
+    plane_tv,
+    route_points,
+    sample_block_features,
+)
+from landmark_plugin.core.grid_parallel import (
+    XY_PLANE,
+    FactorShard,
+    GridLayout,
+    channels_to_factor_major,
+    check_layout,
+    choose_split,
+    merge_factor,
+    shard_factor,
+    stitch_planes,
+    subdivide_planes,
+)
+
+TOL_F64 = 1e-12  # float64 paths that differ only in rounding (block-local coordinates of sub-planes)
+
+
+def _planes(blocks, rows=5, cols=7, channels=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    plane = torch.randn(blocks[0] * blocks[1], rows, cols, channels, generator=gen, dtype=torch.float64)
+    return average_seams(plane, blocks, XY_PLANE)  # consistent seam copies, as the model keeps them
+
+
+@pytest.mark.parametrize("blocks,split", [((1, 1), (2, 1)), ((1, 1), (2, 2)), ((2, 3), (3, 2)), ((2, 1), (1, 4))])
+def test_sub_planes_stitch_back_and_sample_like_the_plane(blocks, split):
+    plane = _planes(blocks, rows=1 + 4 * split[1], cols=1 + 3 * split[0])
+    fine = subdivide_planes(plane, blocks, split)
+    fine_blocks = (blocks[0] * split[0], blocks[1] * split[1])
+    assert fine.shape[0] == fine_blocks[0] * fine_blocks[1]
+    assert torch.equal(stitch_planes(fine, blocks, split), plane)
+    # sampled as blocks of their own (fine routing, one shared line) they give the plane's features
+    gen = torch.Generator().manual_seed(3)
+    unit = torch.rand(3000, 3, generator=gen, dtype=torch.float64)
+    seams = torch.rand(200, 3, generator=gen, dtype=torch.float64)  # points exactly on sub-plane seams
+    seams[:100, 0] = torch.randint(0, fine_blocks[0] + 1, (100,), generator=gen) / fine_blocks[0]
+    seams[100:, 1] = torch.randint(0, fine_blocks[1] + 1, (100,), generator=gen) / fine_blocks[1]
+    unit = torch.cat([unit, seams])
+    line = torch.randn(1, 4, 3, generator=gen, dtype=torch.float64)
+    coarse = sample_block_features([plane], [line], *reversed(route_points(unit, blocks)), MODES["xy-z"])
+    finer = sample_block_features([fine], [line], *reversed(route_points(unit, fine_blocks)), MODES["xy-z"])
+    torch.testing.assert_close(finer, coarse, rtol=0, atol=TOL_F64)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        GridLayout("branch", (2, 2), 2),
+        GridLayout("branch", (3, 2), 6),
+        GridLayout("plane", (2, 1), 4, (2, 2)),
+        GridLayout("plane", (1, 1), 2, (1, 2)),
+        GridLayout("channel", (2, 2), 3),
+    ],
+)
+def test_shards_merge_back_and_partition_the_model(layout):
+    plane = _planes(layout.blocks, rows=9, cols=9, channels=6)
+    pieces = [shard_factor(plane, "plane", layout, r) for r in range(layout.parts)]
+    assert torch.equal(merge_factor(pieces, "plane", layout), plane)
+    if layout.strategy == "channel":
+        assert all(p.shape == (*plane.shape[:3], 6 // layout.parts) for p in pieces)
+    else:
+        assert sum(p.shape[0] for p in pieces) == layout.num_fine_blocks
+        owner = layout.block_owner()
+        assert torch.equal(torch.bincount(owner), torch.full((layout.parts,), layout.num_fine_blocks // layout.parts))
+    if layout.strategy != "plane":  # lines: blocks or channels like the planes
+        line = torch.randn(layout.blocks[0] * layout.blocks[1], 5, 6, dtype=torch.float64)
+        lines = [shard_factor(line, "line", layout, r) for r in range(layout.parts)]
+        assert torch.equal(merge_factor(lines, "line", layout), line)
+
+
+@pytest.mark.parametrize(
+    "layout,shared",
+    [
+        (GridLayout("branch", (2, 2), 4), False),
+        (GridLayout("branch", (2, 2), 2), True),
+        (GridLayout("plane", (2, 1), 4, (2, 2)), True),
+        (GridLayout("plane", (1, 1), 3, (3, 1)), True),
+        (GridLayout("channel", (2, 2), 2), False),
+        (GridLayout("channel", (1, 2), 2), True),
+    ],
+)
+def test_regulariser_shares_add_up_to_the_model(layout, shared):
+    planes = [_planes(layout.blocks, rows=7, cols=7, channels=4, seed=s) for s in range(2)]
+    gen = torch.Generator().manual_seed(9)
+    line_blocks = 1 if shared else layout.blocks[0] * layout.blocks[1]
+    lines = [torch.randn(line_blocks, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    tv_total, l1_total = 0.0, 0.0
+    for rank in range(layout.parts):
+        share = FactorShard(layout, rank, replicated_lines=shared and layout.strategy != "channel")
+        mine = [shard_factor(p, "plane", layout, rank) for p in planes]
+        my_lines = lines if share.replicated_lines else [shard_factor(l, "line", layout, rank) for l in lines]
+        tv_total += sum(share.plane_tv(p) for p in mine) / len(mine)
+        l1_total += share.l1(mine, my_lines)
+    torch.testing.assert_close(tv_total, sum(plane_tv(p) for p in planes) / 2, rtol=0, atol=TOL_F64)
+    torch.testing.assert_close(l1_total, factors_l1([*planes, *lines]), rtol=0, atol=TOL_F64)
+
+
+def test_channels_gathered_by_rank_are_reordered_factor_by_factor():
+    full = torch.arange(2 * 12, dtype=torch.float64).view(2, 12)  # 2 points, 3 factors x 4 channels
+    layout = GridLayout("channel", (1, 1), 2)
+    per_rank = [torch.cat([f[:, slice(*layout.channel_range(4, r))] for f in full.split(4, dim=1)], 1) for r in range(2)]
+    gathered = torch.stack(per_rank, dim=1)  # [N, M, F * c], as all_gather_cat delivers it
+    assert torch.equal(channels_to_factor_major(gathered, 3), full)
+
+
+def test_layouts_that_do_not_divide_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="blocks do not divide evenly into 3 ranks"):
+        check_layout("branch", (2, 2), 3)
+    with pytest.raises(ValueError, match=r"components \[6\] are not divisible by 4"):
+        check_layout("channel", (2, 2), 4, channels=[8, 6])
+    with pytest.raises(ValueError, match="model-parallel size must be 1"):
+        check_layout("none", (2, 2), 2)
+    with pytest.raises(ValueError, match="shared z line"):
+        check_layout("plane", (2, 2), 2, shared_lines=False)
+    with pytest.raises(ValueError, match="no split of the x-y planes into 4 sub-planes"):
+        choose_split(4, [(6, 3)])
+    assert choose_split(4, [(8, 8), (4, 2)]) == (2, 2)  # square sub-planes where every plane divides
+    assert choose_split(4, [(8, 8), (4, 1)]) == (4, 1)  # ... else the split that divides them all
+
+
+@pytest.mark.parametrize(
+    "layout", [GridLayout("branch", (2, 2), 2), GridLayout("plane", (1, 1), 4, (2, 2)), GridLayout("channel", (2, 1), 2)]
+)
+def test_checkpoint_shards_and_adam_moments_round_trip(layout):
+    """shard_grid_state (resume on another layout) then merge_grid_shards (landmark-merge) gives the
+    checkpoint back: factors and their Adam moments cut and joined alike, the rest replicated."""
+    from landmark_plugin.grid.sharded_state import merge_grid_shards, shard_grid_state
+
+    plane = _planes(layout.blocks, rows=9, cols=9, channels=4)
+    line = torch.randn(1 if layout.strategy == "plane" else layout.blocks[0] * layout.blocks[1], 5, 4, dtype=torch.float64)
+    keys = {"_model.field.density.planes.0": "plane"}
+    if layout.strategy != "plane":  # a shared line under plane parallelism stays replicated
+        keys["_model.field.density.lines.0"] = "line"
+    pipeline = {"_model.field.density.planes.0": plane, "_model.field.density.lines.0": line,
+                "_model.field.decoder.weight": torch.randn(3, 2, dtype=torch.float64)}
+    names = {"grids": ["_model.field.density.planes.0", "_model.field.density.lines.0"], "decoder": ["_model.field.decoder.weight"]}
+    moments = lambda t: {"step": torch.tensor(3.0), "exp_avg": t * 0.5, "exp_avg_sq": t.square()}  # noqa: E731
+    optimizers = {
+        "grids": {"state": {0: moments(plane), 1: moments(line)}, "param_groups": [{"params": [0, 1]}]},
+        "decoder": {"state": {0: moments(pipeline["_model.field.decoder.weight"])}, "param_groups": [{"params": [0]}]},
+    }
+    merged = {"step": 3, "pipeline": pipeline, "optimizers": optimizers, "resume": {"format": 1}}
+    shards = [shard_grid_state(merged, layout, r, keys, names) for r in range(layout.parts)]
+    assert shards[0]["pipeline"]["_model.field.density.planes.0"].numel() < plane.numel()
+    back = merge_grid_shards(shards)
+    assert back["step"] == 3 and back["resume"] == {"format": 1}
+    for key, value in pipeline.items():
+        assert torch.equal(back["pipeline"][key], value), key
+    for group, opt in optimizers.items():
+        for index, state in opt["state"].items():
+            for kind, value in state.items():
+                assert torch.equal(back["optimizers"][group]["state"][index][kind], value), (group, index, kind)
