@@ -22,7 +22,12 @@ from ``VanillaPipeline``:
   and sums the gradients of replicated parameters (camera optimiser) over ranks;
 - evaluation is collective: every rank renders its partial of each eval camera, the camera's
   owner (``i % R`` of the eval split, which only it loads) composites it and computes the
-  metrics, and the metrics are gathered on every rank (images for the logger go to rank 0).
+  metrics, and the metrics are gathered on every rank (images for the logger go to rank 0);
+- loading (``load_pipeline``, what nerfstudio's eval_setup calls): a pointer to shards (what a
+  sharded save leaves in nerfstudio_models/) loads this rank's part of them, a whole-model
+  checkpoint is cut to this rank's Gaussians; one-camera renders through the model (ns-render)
+  are refused, since they would draw this rank's shard only.  One process loading a pointer
+  merges the shards in memory.
 """
 
 from __future__ import annotations
@@ -105,6 +110,10 @@ class DistributedRetinaPipeline(VanillaPipeline):
             )
         self.sharded = ShardedRetina(self.comm, self.model)
         shard_(self.comm, self.model, self.sharded.parts)
+        if self.distributed:
+            # The model holds this rank's Gaussians only: a one-camera render through it (what
+            # ns-render and nerfstudio's viewer call) would silently miss the others'.
+            self.model.get_outputs_for_camera = self._refuse_shard_render
         if self.distributed and hasattr(self.datamanager, "load_only"):
             # Before any image is read: this rank holds only the images whose loss it computes.
             rank, dm = self.comm.rank, self.datamanager
@@ -121,6 +130,13 @@ class DistributedRetinaPipeline(VanillaPipeline):
     @property
     def distributed(self) -> bool:
         return self.comm.world_size > 1
+
+    def _refuse_shard_render(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"rank {self.comm.rank} of {self.comm.world_size} holds only its shard of the Gaussians: render in one "
+            "process (ns-render / ns-viewer merge the shards in memory), or through the pipeline's collective "
+            "renders (evaluation, the live viewer)"
+        )
 
     # ---- training -------------------------------------------------------------------------
     def _next_pool(self, size: int, world_size: Optional[int] = None) -> List[int]:
