@@ -15,7 +15,6 @@ import functools
 import pytest
 import torch
 
-from _grid_dist_helpers import STEPS
 from landmark_plugin.core.grid_parallel import GridLayout, shard_factor
 from landmark_plugin.distributed.launch import run_ranks
 

@@ -34,7 +34,7 @@ from landmark_plugin.distributed.checkpoint import shards_of_pointer
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.grid.model import SHARDED_LOSSES
 from landmark_plugin.grid.parallel import GridPlan, same_randomness, step_seed
-from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names
+from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, sharded_keys
 
 EVAL_STREAM = 1 << 20
 """Seed stream of evaluation (data-parallel ranks use streams 0 .. D-1)."""
@@ -119,8 +119,6 @@ class DistributedGridPipeline(VanillaPipeline):
     # ---- checkpoints ----------------------------------------------------------------------
     def state_names(self) -> Dict:
         """What a sharded checkpoint records beside nerfstudio's entries (see grid/sharded_state.py)."""
-        from landmark_plugin.grid.sharded_state import sharded_keys
-
         layout = self.plan.layout.to_dict() if self.plan is not None else None
         return {"grid_layout": layout, "grid_sharded_keys": sharded_keys(self.plan, self.model),
                 "param_names": param_names(self)}

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 from landmark_plugin.core.grid_features import tie_seams
 from landmark_plugin.core.grid_parallel import (
-    XY_PLANE,
     FactorShard,
     GridLayout,
     border_index,
