@@ -235,3 +235,14 @@ def test_integer_upsampling_keeps_the_function(mode):
         assert (after - before).abs().max() <= 1e-5  # spec: <= 1e-3; exact up to float32 rounding
         for p, (u, v, _) in zip(up_planes, MODES[mode]):
             assert seam_mismatch(p, blocks, (v, u)) == 0
+
+
+def test_clamped_coordinates_pass_no_gradient_on_the_bounds():
+    """The twin's rule for d features / d coordinates at the clamp bounds is explicit (zero on
+    and beyond the bounds), whatever clamp's backward does in this torch version."""
+    from landmark_plugin.core.grid_features import _linear_taps
+
+    coord = torch.tensor([-1.5, -1.0, -0.2, 1.0, 1.5], requires_grad=True)
+    _, weight = _linear_taps(coord, 5)
+    (grad,) = torch.autograd.grad(weight.sum(), coord)
+    assert grad.tolist() == [0.0, 0.0, 2.0, 0.0, 0.0]

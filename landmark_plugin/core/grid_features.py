@@ -88,7 +88,12 @@ def route_points(
 
 def _linear_taps(coord: Float[Tensor, " N"], size: int) -> Tuple[Int[Tensor, " N"], Float[Tensor, " N"]]:
     """Lower texel index and the upper texel's weight for linear interpolation (align_corners)."""
-    x = ((coord + 1.0) * 0.5 * (size - 1)).clamp(0.0, size - 1)
+    raw = (coord + 1.0) * 0.5 * (size - 1)
+    # Clamped coordinates pass no gradient, on the bounds included.  Spelled out rather than left
+    # to clamp's backward, whose value exactly on a bound differs across torch versions and
+    # devices (0 on CPU torch 2.14; the fused kernel in csrc/ follows this rule).
+    inside = (raw > 0.0) & (raw < size - 1)
+    x = torch.where(inside, raw, raw.detach().clamp(0.0, size - 1))
     # the last cell is [size-2, size-1]: a point on the far border uses weight 1 on texel size-1
     i0 = x.floor().clamp(max=size - 2)
     return i0.long(), x - i0
