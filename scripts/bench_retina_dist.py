@@ -722,14 +722,19 @@ class Driver:
             self.say("no scene: nothing else can run")
         else:
             self.run("train", 1)
-            self.run("train", g)
+            if g > 1:
+                self.run("train", g)
             if args.smoke or self.gpus == 0:
                 reason = "gsplat's distributed rasterisation needs CUDA (its kernels and NCCL); CPU smoke run"
                 self.phases[f"gsplat-w{g}"] = {"status": "skipped", "reason": reason}
+            elif g == 1:
+                reason = "gsplat's distributed rasterisation is the multi-GPU peer: --gpus 1 has no peer to run"
+                self.phases[f"gsplat-w{g}"] = {"status": "skipped", "reason": reason}
             else:
                 self.run("gsplat", g)
-        curves = {w: self.curve(w) for w in (1, g)}
-        for w in (1, g):
+        worlds = sorted({1, g})  # --gpus 1 measures the single-GPU side only, once
+        curves = {w: self.curve(w) for w in worlds}
+        for w in worlds:
             if curves[w].get("predicted_max"):
                 count = int(args.verify_fraction * curves[w]["predicted_max"])
                 state = self.run("verify", w, ["--count", str(count)])
