@@ -24,6 +24,7 @@ import torch
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.callbacks import TrainingCallbackLocation
+from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.decorators import check_main_thread
@@ -73,6 +74,26 @@ def check_world_size_fits_tree(config: TrainerConfig, world_size: int) -> None:
         f"{world_size} ranks but --pipeline.model.tree-depth {depth} gives only {2**depth} leaves, and every "
         f"rank needs at least one: use --pipeline.model.tree-depth {need} or more, or at most {2**depth} ranks"
     )
+
+
+class SyncedOptimizers(Optimizers):
+    """nerfstudio's Optimizers whose step first makes the ranks' gradients consistent."""
+
+    def __init__(self, config, param_groups, before_step: Callable[[], None]):
+        super().__init__(config, param_groups)
+        self.before_step = before_step
+
+    def optimizer_scaler_step_some(self, grad_scaler, param_groups: List[str]) -> None:
+        self.before_step()
+        super().optimizer_scaler_step_some(grad_scaler, param_groups)
+
+    def optimizer_step_all(self) -> None:
+        self.before_step()
+        super().optimizer_step_all()
+
+    def optimizer_scaler_step_all(self, grad_scaler) -> None:
+        self.before_step()
+        super().optimizer_scaler_step_all(grad_scaler)
 
 
 class LandmarkTrainer(Trainer):
@@ -129,7 +150,15 @@ class LandmarkTrainer(Trainer):
                 scheduler = group.get("scheduler")
                 if scheduler is not None and hasattr(scheduler, "max_steps"):
                     scheduler.max_steps = self.config.max_num_iterations
-        return super().setup_optimizers()
+        sync = self.gradient_sync()
+        if sync is None:
+            return super().setup_optimizers()
+        return SyncedOptimizers(self.config.optimizers.copy(), self.pipeline.get_param_groups(), sync)
+
+    def gradient_sync(self) -> Optional[Callable[[], None]]:
+        """What makes the ranks' gradients consistent before every optimiser step; None in one
+        process.  Distributed trainers return their pipeline's gradient exchange."""
+        return None
 
     def train_iteration(self, step: int):
         """nerfstudio's iteration (zero grads, loss, backward, optimiser and scheduler step),

@@ -28,10 +28,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Type
+from typing import Dict, Literal, Optional, Type
 
 import torch
-from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.distributed.checkpoint import (
@@ -63,26 +62,6 @@ class RetinaTrainerConfig(LandmarkTrainerConfig):
     """TrainerConfig of retina-gs (one or several ranks)."""
 
     _target: Type = field(default_factory=lambda: RetinaTrainer)
-
-
-class _SyncedOptimizers(Optimizers):
-    """nerfstudio's Optimizers whose step first makes the ranks' gradients consistent."""
-
-    def __init__(self, config, param_groups, before_step):
-        super().__init__(config, param_groups)
-        self.before_step = before_step
-
-    def optimizer_scaler_step_some(self, grad_scaler, param_groups: List[str]) -> None:
-        self.before_step()
-        super().optimizer_scaler_step_some(grad_scaler, param_groups)
-
-    def optimizer_step_all(self) -> None:
-        self.before_step()
-        super().optimizer_step_all()
-
-    def optimizer_scaler_step_all(self, grad_scaler) -> None:
-        self.before_step()
-        super().optimizer_scaler_step_all(grad_scaler)
 
 
 class RetinaTrainer(LandmarkTrainer):
@@ -183,11 +162,8 @@ class RetinaTrainer(LandmarkTrainer):
         if self.comm.is_main and (self.base_dir / "config.yml").exists():
             self.config.save_config()
 
-    def setup_optimizers(self) -> Optimizers:
-        if not self.distributed:
-            return super().setup_optimizers()
-        super().setup_optimizers()  # re-targets the schedules to --max-num-iterations
-        return _SyncedOptimizers(self.config.optimizers.copy(), self.pipeline.get_param_groups(), self.pipeline.sync_gradients_)
+    def gradient_sync(self):
+        return self.pipeline.sync_gradients_ if self.distributed else None
 
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:

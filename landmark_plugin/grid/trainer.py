@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Type
 
 import torch
-from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.checkpoints import remove_stale_temp_files
@@ -37,7 +36,6 @@ from landmark_plugin.distributed.checkpoint import (
     write_shards_pointer,
 )
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.gaussians.trainer import _SyncedOptimizers
 from landmark_plugin.grid.parallel import check_parallel_config
 from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
@@ -80,11 +78,8 @@ class GridTrainer(LandmarkTrainer):
             if self.comm.is_main and (self.base_dir / "config.yml").exists():
                 self.config.save_config()
 
-    def setup_optimizers(self) -> Optimizers:
-        if not self.distributed:
-            return super().setup_optimizers()
-        super().setup_optimizers()  # re-targets the schedules to --max-num-iterations
-        return _SyncedOptimizers(self.config.optimizers.copy(), self.pipeline.get_param_groups(), self.pipeline.sync_gradients_)
+    def gradient_sync(self):
+        return self.pipeline.sync_gradients_ if self.distributed else None
 
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:
