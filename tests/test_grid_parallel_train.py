@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import glob
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 import yaml
+
+from test_distributed_train import _finish, _start  # the same subprocess helpers
 
 BIN = Path(sys.executable).parent
 STEPS = 4
@@ -42,17 +41,6 @@ TRAIN = [
     "--pipeline.model.num-proposal-samples-per-ray", "16", "8",
     "--pipeline.model.num-nerf-samples-per-ray", "8",
 ]
-
-
-def _start(args: List[str], cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: int = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed:\n{out[-6000:]}"
-    return out
 
 
 def _train_losses(run_dir: Path):
