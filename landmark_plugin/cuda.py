@@ -326,13 +326,6 @@ def block_features_unsupported(
             return f"lines[{k}] must be [{blocks} or 1, Rl, {channels}] with Rl >= 2, got {tuple(line.shape)}"
         if sorted(int(a) for a in factor_axes) != [0, 1, 2]:
             return f"axes[{k}] must be a permutation of (0, 1, 2), got {tuple(factor_axes)}"
-    if points.requires_grad:
-        # The kernel's d features / d points disagreed with the twin on an H100 (planes and
-        # lines matched).  The likely cause is points on the clamp bounds, where the twin then
-        # relied on clamp's backward (torch 2.11 on CUDA passes the gradient there; the kernel
-        # does not); the twin now spells the rule out (core/grid_features._linear_taps).  Until
-        # a GPU run confirms it, points that need a gradient (camera optimisation) take the twin.
-        return "points that need a gradient are handled by the torch twin"
     tensors = [points, *planes, *lines]
     if any(t.dtype != torch.float32 for t in tensors):
         return "the kernel takes float32 planes, lines and points only"

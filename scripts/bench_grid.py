@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
 
 
-def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool):
+def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool, city_images: int = 240):
     """(dataparser config, description, per-scene overrides of the model configs)."""
     from landmark_plugin.data.city import CityConfig
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
@@ -37,7 +37,7 @@ def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool):
         if smoke:
             city = CityConfig(blocks=(2, 2), num_images=10, width=96, height=72, num_points=400, test_every=5)
         else:
-            city = CityConfig(blocks=(4, 4), num_images=160, width=320, height=240, num_points=20000)
+            city = CityConfig(blocks=(4, 4), num_images=city_images, width=320, height=240, num_points=20000)
         name = f"city-{city.num_images}x{city.width}x{city.height}"
         parser = SyntheticCityDataParserConfig(data=work / name, city=city)
         return parser, f"synthetic city, {city.num_images} images {city.width}x{city.height}", {}
@@ -155,7 +155,7 @@ def evaluate(trainer) -> Dict:
 
 
 def run_one(method: str, scene: str, args) -> Dict:
-    parser, description, overrides = scene_setup(scene, args.work, args.lego, args.smoke)
+    parser, description, overrides = scene_setup(scene, args.work, args.lego, args.smoke, args.city_images)
     out = args.work / "runs"
     if args.steps is not None:
         planned = args.steps
@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rays", type=int, default=None, help="rays per step (default 4096; smoke 64)")
     parser.add_argument("--calibration-steps", type=int, default=60, help="timed steps to estimate s/step")
     parser.add_argument("--steps", type=int, default=None, help="fixed max steps instead of calibrating (smoke: 4)")
+    parser.add_argument("--city-images", type=int, default=240, help="images of the synthetic city (1 in 8 held out)")
     parser.add_argument("--lego", type=Path, default=None, help="lego_synthetic folder (default ../shared/data)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench-grid"))
     parser.add_argument("--json", type=Path, default=None)

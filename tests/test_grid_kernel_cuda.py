@@ -47,7 +47,7 @@ def _both(planes, lines, local, block_index, axes, cotangent, poison=True):
     """Forward outputs and gradients (planes..., lines..., points) of kernel and twin."""
     out = {}
     for who in ("kernel", "twin"):
-        # points take no gradient: the kernel refuses them (see block_features_unsupported)
+        # point gradients: test_point_gradients_match_twin
         leaves = [t.detach().clone().requires_grad_(True) for t in (*planes, *lines)]
         k = len(planes)
         args = (leaves[:k], leaves[k:], local.detach(), block_index, axes)
@@ -119,20 +119,44 @@ def test_backward_register_runs_match_twin(ext, monkeypatch, points_per_thread):
                                                             "line 2"])
 
 
-def test_points_needing_a_gradient_take_the_twin(ext):
-    """The dispatcher sends points that need a gradient to the twin (the kernel refuses them)."""
-    from landmark_plugin.core.grid_features import block_features
+@pytest.mark.parametrize("blocks, mode, levels, channels, shared_line", CASES[:4])
+def test_point_gradients_match_twin(ext, blocks, mode, levels, channels, shared_line):
+    """d features / d points of the kernel equal the twin's (the rule of ``_linear_taps``: no
+    gradient on and beyond the clamp bounds), on seams, faces, texel centres and ray samples
+    (what the camera optimiser's pose gradients flow through)."""
+    planes, lines, axes = random_factors(blocks, mode, levels, channels, shared_line, seed=channels, device="cuda")
+    on_faces = make_points(blocks, n=6000, seed=levels, device="cuda")
+    along_rays = _ray_points(blocks)
+    block_index = torch.cat([on_faces[0], along_rays[0]])
+    local = torch.cat([on_faces[1], along_rays[1]])
+    width = len(axes) * channels
+    cotangent = torch.randn(local.shape[0], width, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
+    grads = {}
+    for who, sample in (("kernel", cuda.sample_block_features), ("twin", sample_block_features)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (*planes, *lines, local)]
+        k = len(planes)
+        features = sample(leaves[:k], leaves[k:2 * k], leaves[-1], block_index, axes)
+        grads[who] = torch.autograd.grad((features * cotangent).sum(), leaves)
+    names = [f"plane {k}" for k in range(len(planes))] + [f"line {k}" for k in range(len(lines))]
+    _assert_grads_close(grads["kernel"][:-1], grads["twin"][:-1], names)
+    # per point (no sums over points here): elementwise against the twin's scale
+    kernel_points, twin_points = grads["kernel"][-1], grads["twin"][-1]
+    assert float(twin_points.abs().max()) > 0
+    torch.testing.assert_close(kernel_points, twin_points, atol=1e-4 * float(twin_points.abs().max()), rtol=1e-4)
 
+
+def test_points_needing_a_gradient_take_the_kernel(ext):
+    """The dispatcher sends points that need a gradient (camera optimisation) to the kernel too."""
     planes, lines, axes = random_factors((2, 2), "xy-z", 2, 4, seed=1, device="cuda")
     block_index, local = make_points((2, 2), n=500, seed=1, device="cuda")
     local = local.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="gradient"):
-        cuda.sample_block_features(planes, lines, local, block_index, axes)
     got = block_features(planes, lines, local, block_index, axes, backend="auto")
-    want = sample_block_features(planes, lines, local, block_index, axes)
+    want = cuda.sample_block_features(planes, lines, local, block_index, axes)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     (grad,) = torch.autograd.grad(got.sum(), local)
+    (twin_grad,) = torch.autograd.grad(sample_block_features(planes, lines, local, block_index, axes).sum(), local)
     assert float(grad.abs().max()) > 0
+    torch.testing.assert_close(grad, twin_grad, atol=1e-4 * float(twin_grad.abs().max()), rtol=1e-4)
 
 
 def test_contended_texels_sum_exactly(ext):
