@@ -38,10 +38,8 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -49,9 +47,21 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from landmark_plugin.bench_phases import (
+    GB,
+    PhaseDriver,
+    Record,
+    build_kernels_in_background,
+    cuda_peak,
+    fit_to_capacity,
+    joined,
+    plot_memory_curves,
+    run_phase_rank,
+    timed_steps,
+)
+
 SCRIPT = Path(__file__).resolve()
 BASE_STEP = 10_000
-GB = 2**30
 PRELOAD = ("landmark_plugin.gaussians.distributed_pipeline", "landmark_plugin.method_configs.retina_gs")
 TARGETS = {"images_per_s": 1.7, "peak_memory": 0.6, "max_count": 1.8}
 MIN_PHASE_S = {"gen": 20, "train": 40, "gsplat": 30, "verify": 30}
@@ -105,10 +115,6 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _say(tag: str, start: float, message: str) -> None:
-    print(f"[{tag} +{time.time() - start:6.1f}s] {message}", flush=True)
-
-
 # ---- gen: the scene --------------------------------------------------------------------------
 def city_config(args):
     from landmark_plugin.data.city import CityConfig
@@ -144,11 +150,11 @@ def phase_gen(args, say: Callable[[str], None]) -> Dict[str, Any]:
     city = args.work / "city"
     config = city_config(args)
     settings = scene_settings(args)
-    build = _build_kernels_in_background() if torch.cuda.is_available() and not args.smoke else None
+    build = build_kernels_in_background() if torch.cuda.is_available() and not args.smoke else None
     marker = city / "bench.json"
     if scene_ready(args):
         say(f"reusing {city}")
-        return {"reused": True, "csrc": _joined(build, say), **settings}
+        return {"reused": True, "csrc": joined(build, say), **settings}
     (city / "images").mkdir(parents=True, exist_ok=True)
     layout = make_layout(config)
     cameras = make_cameras(config, layout)
@@ -187,40 +193,7 @@ def phase_gen(args, say: Callable[[str], None]) -> Dict[str, Any]:
     (city / "transforms.json").write_text(json.dumps(transforms_json(config, cameras, names), indent=2))
     marker.write_text(json.dumps(settings))
     say(f"wrote {len(names)} images of {config.width}x{config.height}")
-    return {"reused": False, "csrc": _joined(build, say), **settings}
-
-
-def _build_kernels_in_background() -> Dict[str, Any]:
-    """Build csrc/ (the (tile, leaf, depth) sort every training render uses) while the scene is
-    made: the build is cached in TORCH_EXTENSIONS_DIR, so the timed phases only load it."""
-    import threading
-
-    state: Dict[str, Any] = {}
-
-    def build() -> None:
-        from landmark_plugin import cuda
-
-        began = time.time()
-        try:
-            cuda.load()
-            state["available"] = True
-        except cuda.CudaUnavailable as error:  # training falls back to the torch twin of the sort
-            state.update(available=False, reason=str(error)[:500])
-        state["seconds"] = round(time.time() - began, 1)
-
-    state["thread"] = threading.Thread(target=build, daemon=True)
-    state["thread"].start()
-    return state
-
-
-def _joined(build: Optional[Dict[str, Any]], say: Callable[[str], None]) -> Optional[Dict]:
-    """The build's outcome.  Waits for the end: a build cut short leaves torch's lock file
-    behind, on which every later build waits forever (the driver then runs without csrc/)."""
-    if build is None:
-        return None
-    build.pop("thread").join()
-    say(f"csrc kernels: {'built/loaded' if build['available'] else 'unavailable'} in {build['seconds']} s")
-    return build
+    return {"reused": False, "csrc": joined(build, say), **settings}
 
 
 # ---- the training context shared by train / gsplat / verify ----------------------------------
@@ -368,8 +341,7 @@ class Bench:
         """This rank's peak since ``reset_peak`` (CPU: bytes of parameters, gradients and
         optimiser state, a proxy that grows with the count as device memory does)."""
         if self.cuda:
-            return {"allocated": torch.cuda.max_memory_allocated(self.device),
-                    "reserved": torch.cuda.max_memory_reserved(self.device), "kind": "cuda"}
+            return cuda_peak(self.device)
         params = list(self.pipeline.model.gauss_params.values())
         size = sum(p.numel() * p.element_size() for p in params)
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
@@ -379,23 +351,9 @@ class Bench:
 
     def measure(self, step: Callable[[int], int], warmup: int, steps: int, deadline: Optional[float]) -> Dict:
         """Images/s over ``steps`` timed steps after ``warmup``, and every rank's peak memory."""
-        from landmark_plugin.distributed.collectives import all_gather_objects, broadcast_object
+        from landmark_plugin.distributed.collectives import all_gather_objects
 
-        per_step = 0.0
-        for i in range(warmup):  # the last warm-up step times one step (the first ones load and build)
-            began = time.perf_counter()
-            step(i)
-            self.sync()
-            per_step = time.perf_counter() - began
-        if deadline is not None and warmup:  # fit the timed steps into the time left (rank 0 decides for all)
-            fits = int((deadline - time.time() - 15.0) / max(per_step, 1e-3))
-            steps = int(broadcast_object(self.comm, max(1, min(steps, fits)), what="timed steps"))
-        self.reset_peak()
-        images, start = 0, time.perf_counter()
-        for i in range(warmup, warmup + steps):
-            images += step(i)
-        self.sync()
-        seconds = time.perf_counter() - start
+        steps, images, seconds = timed_steps(step, warmup, steps, deadline, self.comm, self.sync, self.reset_peak)
         peaks = all_gather_objects(self.comm, self.peak(), "peak memory")
         return {"count": self.count, "steps": steps, "images": images, "seconds": seconds,
                 "images_per_s": images / seconds, "peak_per_rank": peaks,
@@ -403,20 +361,6 @@ class Bench:
 
 
 # ---- phases (one process per rank) -----------------------------------------------------------
-class Record:
-    """A phase's results, rewritten by rank 0 after every measurement (a phase that dies keeps
-    what it measured before)."""
-
-    def __init__(self, path: Path, rank: int):
-        self.path, self.rank, self.data = path, rank, {}
-
-    def put(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        if self.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.data, indent=2, default=str))
-
-
 def run_phase(args, record: Record, bench_of: Callable[[], Bench], world: int, say) -> None:
     if args.phase == "gen":
         record.put("result", phase_gen(args, say))
@@ -474,113 +418,20 @@ def broadcast_of(bench: Bench, value: Any) -> Any:
 def phase_entry(comm, argv: List[str]) -> None:
     """One rank of a phase.  ``comm``: given by ``launch.spawn``; None under torchrun / python."""
     args = parse(argv)
-    start = time.time()
-    rank = comm.rank if comm is not None else int(os.environ.get("RANK", 0))
-    world = comm.world_size if comm is not None else int(os.environ.get("WORLD_SIZE", args.world))
-    local_rank = rank if comm is not None else int(os.environ.get("LOCAL_RANK", 0))
-    tag = "gen" if args.phase == "gen" else f"{args.phase}-w{world}"
-    say = (lambda m: _say(tag, start, m)) if rank == 0 else (lambda m: None)
-    record = Record(args.out / "phases" / f"{tag}.json", rank)
-    try:
-        run_phase(args, record, lambda: Bench(args, rank, world, local_rank, say), world, say)
-    except BaseException as error:  # out of memory too: record it, then end this rank
-        text = "".join(traceback.format_exception(error))
-        (args.out / "phases").mkdir(parents=True, exist_ok=True)
-        (args.out / "phases" / f"{tag}.rank{rank}.error.txt").write_text(text)
-        print(f"[{tag} rank {rank}] failed: {text[-3000:]}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(3)  # peers blocked in a collective are ended by torchrun (or by the driver)
-    say(f"done in {time.time() - start:.1f}s")
-    import torch.distributed as dist
 
-    if comm is None and dist.is_available() and dist.is_initialized():  # the pipeline made torchrun's group
-        dist.destroy_process_group()
+    def body(record: Record, say, rank: int, world: int, local_rank: int) -> None:
+        run_phase(args, record, lambda: Bench(args, rank, world, local_rank, say), world, say)
+
+    run_phase_rank(comm, args.out, args.world, lambda world: "gen" if args.phase == "gen" else f"{args.phase}-w{world}",
+                   body)
 
 
 # ---- the driver ------------------------------------------------------------------------------
-TIMEOUT = -999
-
-
-class Driver:
+class Driver(PhaseDriver):
     """Runs the phases in order under the budget, then fits, plots and prints the table."""
 
     def __init__(self, args, argv: List[str]):
-        self.args, self.start = args, time.time()
-        self.deadline = self.start + args.budget_s
-        args.out.mkdir(parents=True, exist_ok=True)
-        args.work.mkdir(parents=True, exist_ok=True)
-        for old in (args.out / "phases").glob("*"):
-            old.unlink()
-        # children run elsewhere (cwd = --work): absolute paths, given last so they win
-        self.argv = list(argv) + ["--out", str(args.out.resolve()), "--work", str(args.work.resolve())]
-        self.phases: Dict[str, Dict] = {}
-        self.gpus = 0 if args.smoke else torch.cuda.device_count()  # no CUDA context in the driver
-
-    def say(self, message: str) -> None:
-        _say("driver", self.start, message)
-
-    def run(self, phase: str, world: int, extra: List[str] = ()) -> Dict:
-        tag = "gen" if phase == "gen" else f"{phase}-w{world}"
-        left = self.deadline - time.time()
-        reason = None
-        if left < MIN_PHASE_S[phase]:
-            reason = f"only {left:.0f} s of the budget left"
-        elif world > 1 and not self.args.smoke and self.gpus < world:
-            reason = f"{world} ranks need {world} GPUs, {self.gpus} visible"
-        if reason is not None:
-            self.say(f"skip {tag}: {reason}")
-            self.phases[tag] = {"status": "skipped", "reason": reason}
-            return self.phases[tag]
-        self.say(f"start {tag} ({left:.0f} s of budget left)")
-        began = time.time()
-        ends = min(self.deadline, began + PHASE_CAP_S[phase])
-        timeout = min(ends + 15.0, self.deadline) - began
-        argv = self.argv + ["--phase", phase, "--world", str(world), "--deadline", str(ends), *extra]
-        code = self._spawn(argv, world, timeout) if self.args.launcher == "spawn" else self._process(argv, world, timeout)
-        folder = self.args.out / "phases"
-        record = folder / f"{tag}.json"
-        errors = [p.read_text()[-2000:] for p in sorted(folder.glob(f"{tag}.rank*.error.txt"))]
-        status = "ok" if code == 0 else ("timeout" if code == TIMEOUT else "failed")
-        if status != "ok" and any("OutOfMemoryError" in e for e in errors):
-            status = "out of memory"
-        self.phases[tag] = {"status": status, "exit_code": code, "seconds": round(time.time() - began, 1),
-                            "result": json.loads(record.read_text()) if record.exists() else {}, "errors": errors}
-        self.say(f"{tag}: {status} after {time.time() - began:.1f} s")
-        return self.phases[tag]
-
-    def _process(self, argv: List[str], world: int, timeout: float) -> int:
-        import signal
-
-        if world == 1:
-            cmd = [sys.executable, str(SCRIPT), *argv]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   str(SCRIPT), *argv]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if "--phase" in argv and argv[argv.index("--phase") + 1] != "gen":
-            env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun gives each rank: the same on 1 and N ranks
-        # Fewer, larger segments: the memory curve measures what the Gaussians need, not fragmentation.
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        proc = subprocess.Popen(cmd, cwd=self.args.work, env=env, start_new_session=True)
-        try:
-            return proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            self.say(f"phase over its time, ending process group {proc.pid}")
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            return TIMEOUT
-
-    def _spawn(self, argv: List[str], world: int, timeout: float) -> int:
-        from landmark_plugin.distributed.launch import spawn
-
-        codes = spawn(phase_entry, world, args=(argv,), device_type="cpu" if self.gpus == 0 else "cuda",
-                      timeout_s=180.0, join_timeout_s=max(1.0, timeout), start_method="forkserver", preload=PRELOAD)
-        bad = [c for c in codes if c != 0]
-        return 0 if not bad else (TIMEOUT if -9 in bad else bad[0])
+        super().__init__(args, argv, SCRIPT, phase_entry, PRELOAD, MIN_PHASE_S, PHASE_CAP_S)
 
     # ---- after the runs ---------------------------------------------------------------------
     def curve(self, world: int) -> Dict:
@@ -592,11 +443,9 @@ class Driver:
         out: Dict[str, Any] = {"points": points}
         capacities = result.get("setup", {}).get("capacity_bytes") or [0]
         out["capacity_bytes"] = min(capacities)
-        if len({c for c, _ in points}) >= 2 and out["capacity_bytes"] > 0:
-            slope, intercept = np.polyfit([c for c, _ in points], [m for _, m in points], 1)
-            if slope > 0:
-                out.update(bytes_per_gaussian=float(slope), fixed_bytes=float(intercept),
-                           predicted_max=int((out["capacity_bytes"] - intercept) / slope))
+        fit = fit_to_capacity(points, out["capacity_bytes"])
+        if fit is not None:
+            out.update(zip(("bytes_per_gaussian", "fixed_bytes", "predicted_max"), fit))
         return out
 
     def summary(self, curves: Dict[int, Dict]) -> Dict:
@@ -636,39 +485,23 @@ class Driver:
         return out
 
     def plot(self, curves: Dict[int, Dict], path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        unit = "GB" if not self.args.smoke else "MB (CPU proxy)"
-        scale = GB if not self.args.smoke else 2**20
-        for (w, c), color in zip(curves.items(), ("tab:blue", "tab:orange")):
-            if not c["points"]:
-                continue
-            xs, ys = zip(*c["points"])
-            ax.plot([x / 1e6 for x in xs], [y / scale for y in ys], "o", color=color, label=f"{w} GPU(s): measured")
+        drawn = []
+        for w, c in curves.items():
+            curve = {"name": f"{w} GPU(s)", "points": c["points"]}
             if "predicted_max" in c:
-                x = np.linspace(0, c["predicted_max"], 50)
-                ax.plot(x / 1e6, (c["fixed_bytes"] + c["bytes_per_gaussian"] * x) / scale, "-", color=color, alpha=0.6,
-                        label=f"{w} GPU(s): fit, max {c['predicted_max'] / 1e6:.1f} M")
-                ax.axhline(c["capacity_bytes"] / scale, color=color, ls=":", alpha=0.6)
+                curve.update(fit=(c["bytes_per_gaussian"], c["fixed_bytes"], c["predicted_max"]),
+                             capacity=c["capacity_bytes"])
             verify = self.phases.get(f"verify-w{w}", {})
             if verify.get("count"):  # its measured peak, or the capacity it ran out of
                 ok = verify.get("status") == "ok"
                 peaks = verify.get("result", {}).get("verify", {}).get("peak_per_rank")
                 y = max(p["reserved"] for p in peaks) if ok and peaks else c["capacity_bytes"]
-                ax.plot([verify["count"] / 1e6], [y / scale], "*" if ok else "x", color=color, ms=12,
-                        label=f"{w} GPU(s): step at {verify['count'] / 1e6:.1f} M: {verify.get('status')}")
-        ax.set_xlabel("Gaussians (millions, all ranks)")
-        ax.set_ylabel(f"peak memory per rank ({unit}, reserved)")
-        ax.set_title("retina-gs training step: memory against Gaussian count")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+                curve["verify"] = (verify["count"], y, verify.get("status"))
+            drawn.append(curve)
+        unit = "GB" if not self.args.smoke else "MB (CPU proxy)"
+        plot_memory_curves(path, drawn, "Gaussians (millions, all ranks)", f"peak memory per rank ({unit}, reserved)",
+                           "retina-gs training step: memory against Gaussian count", 1e6,
+                           GB if not self.args.smoke else 2**20, "M")
 
     def table(self, summary: Dict) -> str:
         g, unit = self.args.gpus, ("GB" if not self.args.smoke else "MB*")

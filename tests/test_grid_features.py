@@ -246,3 +246,17 @@ def test_clamped_coordinates_pass_no_gradient_on_the_bounds():
     _, weight = _linear_taps(coord, 5)
     (grad,) = torch.autograd.grad(weight.sum(), coord)
     assert grad.tolist() == [0.0, 0.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("limit", [1, 40, 700])
+def test_resample_in_pieces_equals_one_call(monkeypatch, limit):
+    """Grids past interpolate's INT_MAX-element limit resample in pieces of blocks and channels;
+    the pieces give the one-call result exactly (each block and channel resamples alone)."""
+    import landmark_plugin.core.grid_features as grid_features
+
+    gen = torch.Generator().manual_seed(0)
+    plane, line = torch.randn(5, 4, 6, 7, generator=gen), torch.randn(5, 6, 7, generator=gen)
+    whole = {"plane": resample_factor(plane, [7, 11]), "line": resample_factor(line, [11])}
+    monkeypatch.setattr(grid_features, "INTERPOLATE_MAX_ELEMENTS", limit)
+    torch.testing.assert_close(resample_factor(plane, [7, 11]), whole["plane"], atol=0, rtol=0)
+    torch.testing.assert_close(resample_factor(line, [11]), whole["line"], atol=0, rtol=0)

@@ -41,6 +41,8 @@ its torch twin and the reference.
 
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -251,6 +253,10 @@ def seam_mismatch(
     return float((average_seams(values, blocks, spatial_axes) - values).abs().max()) if values.numel() else 0.0
 
 
+INTERPOLATE_MAX_ELEMENTS = 2**31 - 1
+"""Largest output torch's interpolate takes in one call (its CUDA kernels index with int32)."""
+
+
 def resample_factor(values: Float[Tensor, "B *spatial C"], size: Sequence[int]) -> Float[Tensor, "B *size C"]:
     """A plane or line resampled to ``size`` texels per spatial dimension (align_corners).
 
@@ -258,10 +264,20 @@ def resample_factor(values: Float[Tensor, "B *spatial C"], size: Sequence[int]) 
     new texels and the (bi)linear function the factor represents is reproduced exactly; the
     border texels map onto border texels, so seam copies stay equal.
     """
-    channels_first = values.movedim(-1, 1)
     mode = "bilinear" if len(size) == 2 else "linear"
-    resized = F.interpolate(channels_first, size=tuple(size), mode=mode, align_corners=True)
-    return resized.movedim(1, -1).contiguous()
+    out = values.new_empty(values.shape[0], *size, values.shape[-1])
+    # torch's interpolate refuses outputs of INT_MAX elements or more (billion-parameter grids),
+    # so blocks and channels go through it in pieces below that, written straight into ``out``
+    # (which also spares a second full-size copy).
+    texels = math.prod(size)
+    channel_step = max(1, min(values.shape[-1], INTERPOLATE_MAX_ELEMENTS // texels))
+    block_step = max(1, INTERPOLATE_MAX_ELEMENTS // (texels * channel_step))
+    for b in range(0, values.shape[0], block_step):
+        for c in range(0, values.shape[-1], channel_step):
+            piece = values[b : b + block_step, ..., c : c + channel_step].movedim(-1, 1)
+            resized = F.interpolate(piece, size=tuple(size), mode=mode, align_corners=True)
+            out[b : b + block_step, ..., c : c + channel_step] = resized.movedim(1, -1)
+    return out
 
 
 def plane_tv(plane: Float[Tensor, "B Rv Ru C"]) -> Float[Tensor, ""]:

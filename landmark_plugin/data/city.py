@@ -10,8 +10,11 @@ Camera frame: OpenGL / nerfstudio (x right, y up, looking down -z).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -284,31 +287,46 @@ def write_city(
     out_dir: Path,
     config: CityConfig = CityConfig(),
     on_image: Optional[Callable[[int, int], None]] = None,
+    workers: int = 1,
 ) -> Path:
     """Render the city into `out_dir` as a nerfstudio-data dataset and return `out_dir`.
 
     Writes images/frame_XXXXX.png, sparse_pc.ply and transforms.json (explicit
     train/val/test filename lists; val = test).  `on_image(done, total)` reports progress.
+    `workers` > 1 renders the images in that many forked processes (the same bytes: every
+    image depends on the config alone).
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     layout = make_layout(config)
     cameras = make_cameras(config, layout)
-    names = []
-    for i, c2w in enumerate(cameras.camera_to_worlds):
-        rgb, _ = render_view(layout, c2w, cameras.intrinsics, cameras.width, cameras.height)
-        name = f"images/frame_{i:05d}.png"
-        # cv2 because it writes the same bytes for the same pixels (no timestamps or metadata).
-        if not cv2.imwrite(str(out_dir / name), np.ascontiguousarray(rgb[..., ::-1])):
-            raise OSError(f"could not write {out_dir / name}")
-        names.append(name)
-        if on_image is not None:
-            on_image(i + 1, config.num_images)
+    names = [f"images/frame_{i:05d}.png" for i in range(config.num_images)]
+    write = functools.partial(_write_view, out_dir, layout, cameras)
+    if workers > 1:
+        # fork: the workers start at once, with everything imported
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            chunk = max(1, config.num_images // (4 * workers))
+            for done, _ in enumerate(pool.map(write, range(config.num_images), names, chunksize=chunk), 1):
+                if on_image is not None:
+                    on_image(done, config.num_images)
+    else:
+        for i, name in enumerate(names):
+            write(i, name)
+            if on_image is not None:
+                on_image(i + 1, config.num_images)
 
     xyz, point_rgb = sample_points(layout, config.num_points, _rng(config, _POINTS_STREAM))
     write_points_ply(out_dir / "sparse_pc.ply", xyz, point_rgb)
     (out_dir / "transforms.json").write_text(json.dumps(transforms_json(config, cameras, names), indent=2))
     return out_dir
+
+
+def _write_view(out_dir: Path, layout: CityLayout, cameras: CityCameras, index: int, name: str) -> None:
+    """Ray cast camera `index` and write it to `out_dir / name`."""
+    rgb, _ = render_view(layout, cameras.camera_to_worlds[index], cameras.intrinsics, cameras.width, cameras.height)
+    # cv2 because it writes the same bytes for the same pixels (no timestamps or metadata).
+    if not cv2.imwrite(str(out_dir / name), np.ascontiguousarray(rgb[..., ::-1])):
+        raise OSError(f"could not write {out_dir / name}")
 
 
 def transforms_json(config: CityConfig, cameras: CityCameras, names: list) -> dict:
