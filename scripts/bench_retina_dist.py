@@ -455,10 +455,11 @@ class Driver(PhaseDriver):
         peer = self.phases.get(f"gsplat-w{g}", {}).get("result", {}).get("throughput")
         peak = lambda r: max(p["allocated"] for p in r["peak_per_rank"])  # noqa: E731
         out: Dict[str, Any] = {}
-        if one and many:
-            out["images_per_s"] = {"1": one["images_per_s"], str(g): many["images_per_s"],
-                                   "ratio": many["images_per_s"] / one["images_per_s"]}
-            out["peak_memory"] = {"1": peak(one), str(g): peak(many), "ratio": peak(many) / peak(one)}
+        if one:
+            out["images_per_s"], out["peak_memory"] = {"1": one["images_per_s"]}, {"1": peak(one)}
+        if one and many and g > 1:  # with --gpus 1 there is no ratio to take
+            out["images_per_s"].update({str(g): many["images_per_s"], "ratio": many["images_per_s"] / one["images_per_s"]})
+            out["peak_memory"].update({str(g): peak(many), "ratio": peak(many) / peak(one)})
         counts = {}
         for w in (1, g):
             verify = self.phases.get(f"verify-w{w}", {})
@@ -468,9 +469,9 @@ class Driver(PhaseDriver):
         out["max_count"] = {str(w): c for w, c in counts.items()}
         verified = [counts[w]["verified"] for w in (1, g)]
         predicted = [counts[w]["predicted"] for w in (1, g)]
-        if all(verified):
+        if g > 1 and all(verified):
             out["max_count"]["ratio"], out["max_count"]["basis"] = verified[1] / verified[0], "verified"
-        elif all(predicted):
+        elif g > 1 and all(predicted):
             out["max_count"]["ratio"], out["max_count"]["basis"] = predicted[1] / predicted[0], "predicted only"
         if peer:
             out["gsplat"] = {"images_per_s": peer["images_per_s"], "peak_per_rank": [p["allocated"] for p in peer["peak_per_rank"]]}
@@ -510,12 +511,14 @@ class Driver(PhaseDriver):
 
         def row(name, key, fmt, divide=1.0, target_op=">="):
             item = summary.get(key)
-            if not item or "ratio" not in item:
-                lines.append(f"{name:34} {'n/a':>12} {'n/a':>12}")
-                return
+            item = item or {}
             a, b = item.get("1"), item.get(str(g))
             a = a if not isinstance(a, dict) else (a.get("verified") or a.get("predicted"))
             b = b if not isinstance(b, dict) else (b.get("verified") or b.get("predicted"))
+            if "ratio" not in item:  # one side only (--gpus 1, or a failed phase)
+                one_side = format(a / divide, fmt) if a is not None else "n/a"
+                lines.append(f"{name:34} {one_side:>12} {'n/a':>12}")
+                return
             lines.append(f"{name:34} {format(a / divide, fmt):>12} {format(b / divide, fmt):>12} {item['ratio']:>7.3f}x "
                          f"{target_op + str(item['target']):>8} {'yes' if item['met'] else 'NO':>5}")
 
