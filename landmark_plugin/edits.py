@@ -309,8 +309,11 @@ class RetinaLayout:
     kind = "leaf"
     item_name = "Gaussians"
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, means_extent: Optional[Float[Tensor, "2 3"]] = None) -> None:
+        """``means_extent``: [2, 3] min / max corner of all the scene's means, where the model
+        holds one rank's shard of them (default: the model's own means)."""
         self.model = model
+        self.means_extent = means_extent
 
     @property
     def num_blocks(self) -> int:
@@ -326,10 +329,13 @@ class RetinaLayout:
         The far faces move out by one float64 step, so half-open containment equals ownership.
         """
         tree = self.model.cpu_tree
-        means = self.model.means.detach().to("cpu", torch.float64)
         lo, hi = tree.bounds[0].clone(), tree.bounds[1].clone()
-        if means.shape[0] > 0:
-            lo, hi = torch.minimum(lo, means.min(0).values), torch.maximum(hi, means.max(0).values)
+        extent = self.means_extent
+        if extent is None and self.model.num_points > 0:
+            means = self.model.means.detach().to("cpu", torch.float64)
+            extent = torch.stack([means.min(0).values, means.max(0).values])
+        if extent is not None:
+            lo, hi = torch.minimum(lo, extent[0].to(lo)), torch.maximum(hi, extent[1].to(hi))
         hi = torch.nextafter(hi, torch.full_like(hi, math.inf))
         return tree.leaf_boxes(root=torch.stack([lo, hi]))
 
@@ -420,6 +426,16 @@ def scene_layout(model) -> Union[RetinaLayout, GridLayout]:
 def apply_edits(model, edits: LayoutEdits, source: str = "edits") -> None:
     """Install ``edits`` on ``model`` (replacing earlier ones); checked against the model first."""
     scene_layout(model).install(edits, source)
+
+
+def apply_pipeline_edits(pipeline, edits: LayoutEdits, source: str = "edits") -> None:
+    """Install ``edits`` on a loaded pipeline's model.  Our pipelines install them themselves
+    (``apply_edits``; collective on several ranks, where a retina-gs model holds one shard)."""
+    install = getattr(pipeline, "apply_edits", None)
+    if install is None:
+        apply_edits(pipeline.model, edits, source)
+    else:
+        install(edits, source)
 
 
 def describe(edits: LayoutEdits, kind: str = "block") -> Sequence[str]:

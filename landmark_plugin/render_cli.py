@@ -1,38 +1,53 @@
-"""``landmark-render``: nerfstudio's ns-render with ``--edits edits.json`` (layout and appearance edits).
+"""``landmark-render``: nerfstudio's ns-render with ``--edits edits.json``, on one rank or several.
 
 The subcommands are ns-render's own (camera-path, interpolate, spiral, dataset) with one more option;
-the edits file is checked before the checkpoint loads, then installed on the loaded model with
-``landmark_plugin.edits.apply_edits``, exactly as the viewer's 'layout' controls install them::
+the edits file is checked before the checkpoint loads, then installed on the loaded pipeline with
+``landmark_plugin.edits.apply_pipeline_edits``, as the viewer's 'layout' controls install them::
 
     landmark-render interpolate --load-config outputs/.../config.yml --edits edits.json --output-path renders/edited.mp4
+
+Under torchrun every rank loads its shard of a sharded run and ns-render's loop runs on every rank
+in lockstep: each camera is rendered by all ranks together (the pipelines' collective one-camera
+render, see ``gaussians/distributed_pipeline.py`` and ``grid/distributed_pipeline.py``) and every
+rank gets the whole image.  Only rank 0 writes the output; the others write theirs into a temporary
+directory that is removed when they finish::
+
+    torchrun --standalone --nproc-per-node 2 -m landmark_plugin.render_cli dataset --load-config outputs/.../config.yml
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import rich
 import tyro
 from nerfstudio.scripts import render as ns_render
+from nerfstudio.utils.rich_utils import CONSOLE
 from typing_extensions import Annotated
 
-from landmark_plugin.edits import LayoutEdits, apply_edits, load_edits
+from landmark_plugin.distributed.groups import launched_rank, launched_world_size
+from landmark_plugin.edits import LayoutEdits, apply_pipeline_edits, load_edits
 
 
 @contextlib.contextmanager
-def edits_on_load(edits: LayoutEdits, source: str) -> Iterator[None]:
-    """Install ``edits`` on every pipeline ns-render's commands load while the context is open.
+def edits_on_load(edits: Optional[LayoutEdits], source: str) -> Iterator[None]:
+    """Install ``edits`` (if any) on every pipeline ns-render's commands load while the context is open.
 
     The commands load their pipeline inside ``main()`` through the ``eval_setup`` name of their module
     and offer no hook between loading and rendering, so that name is wrapped for the duration.
     """
+    if edits is None:
+        yield
+        return
     original = ns_render.eval_setup
 
     def eval_setup_with_edits(*args, **kwargs):
         result = original(*args, **kwargs)
-        apply_edits(result[1].model, edits, source)  # (config, pipeline, checkpoint path, step)
+        apply_pipeline_edits(result[1], edits, source)  # (config, pipeline, checkpoint path, step)
         return result
 
     ns_render.eval_setup = eval_setup_with_edits
@@ -42,40 +57,60 @@ def edits_on_load(edits: LayoutEdits, source: str) -> Iterator[None]:
         ns_render.eval_setup = original
 
 
+@contextlib.contextmanager
+def only_rank_zero_writes(command: ns_render.BaseRender) -> Iterator[None]:
+    """On a rank other than 0 of a multi-rank render: ``command`` writes under a temporary directory
+    (removed on exit) and prints nothing; rank 0 (or a one-process render) is left as it is."""
+    rank = launched_rank()
+    if launched_world_size() <= 1 or rank == 0:
+        yield
+        return
+    saved_path = command.output_path
+    consoles = (CONSOLE, rich.get_console())  # nerfstudio's messages, ns-render's progress bars
+    saved_quiet = [console.quiet for console in consoles]
+    with tempfile.TemporaryDirectory(prefix=f"landmark-render-rank{rank}-") as scratch:
+        command.output_path = Path(scratch) / saved_path.name
+        for console in consoles:
+            console.quiet = True
+        try:
+            yield
+        finally:
+            command.output_path = saved_path
+            for console, quiet in zip(consoles, saved_quiet):
+                console.quiet = quiet
+
+
 @dataclass
-class EditsOption:
-    """The option landmark-render adds to each ns-render subcommand."""
+class LandmarkRenderOptions:
+    """What landmark-render adds to each ns-render subcommand: ``--edits``, and several ranks."""
 
     edits: Optional[Path] = None
     """Layout / appearance edits (JSON; README "Editing a scene"; the viewer's 'Save edits' writes one)
     applied to the loaded model before rendering."""
 
     def main(self) -> None:
-        if self.edits is None:
-            super().main()  # type: ignore[misc]
-            return
-        edits = load_edits(self.edits)  # a bad file fails here, before the checkpoint loads
-        with edits_on_load(edits, str(self.edits)):
+        edits = None if self.edits is None else load_edits(self.edits)  # a bad file fails before loading
+        with only_rank_zero_writes(self), edits_on_load(edits, str(self.edits)):  # type: ignore[arg-type]
             super().main()  # type: ignore[misc]
 
 
 @dataclass
-class RenderCameraPath(EditsOption, ns_render.RenderCameraPath):
+class RenderCameraPath(LandmarkRenderOptions, ns_render.RenderCameraPath):
     """Render a camera path generated by the viewer or blender add-on, with optional edits."""
 
 
 @dataclass
-class RenderInterpolated(EditsOption, ns_render.RenderInterpolated):
+class RenderInterpolated(LandmarkRenderOptions, ns_render.RenderInterpolated):
     """Render a trajectory that interpolates between training or eval dataset images, with optional edits."""
 
 
 @dataclass
-class SpiralRender(EditsOption, ns_render.SpiralRender):
+class SpiralRender(LandmarkRenderOptions, ns_render.SpiralRender):
     """Render a spiral trajectory (often not great), with optional edits."""
 
 
 @dataclass
-class DatasetRender(EditsOption, ns_render.DatasetRender):
+class DatasetRender(LandmarkRenderOptions, ns_render.DatasetRender):
     """Render all images of a dataset split, with optional edits."""
 
 

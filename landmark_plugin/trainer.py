@@ -7,8 +7,13 @@
   the run naming the step and the parameter groups (landmark_plugin/step_guard.py).
 - A world size larger than the kd-tree's leaf count stops the run before anything is loaded.
 - The viewer binds 127.0.0.1 unless told otherwise.
+- On several ranks (a sharded pipeline with ``comm`` and a collective ``render_view``), the viewer
+  is served from rank 0 and rendered by every rank (``landmark_plugin/viewer/distributed.py``):
+  at the end of every step all ranks meet in ``ViewerSync.step``, which also applies the viewer's
+  pause button and ``shutdown`` on every rank at once; after training
+  (``--viewer.quit-on-train-completion False``) all ranks keep serving views.
 
-Everything else (loop, logging, eval, viewer) is nerfstudio's own.
+Everything else (loop, logging, eval, one-process viewer) is nerfstudio's own.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Literal, Optional, Type
+from typing import Any, Callable, Dict, List, Literal, Optional, Type
 
 import torch
 
@@ -32,9 +37,14 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin import resume
 from landmark_plugin.checkpoints import atomic_torch_save, remove_stale_temp_files
+from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.step_guard import NonFiniteSteps, SkippedStepCallback, find_nonfinite, gradient_norms
+from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{9})\.ckpt$")
+LEGACY_VIEWER_OFF = {"viewer_legacy": "tensorboard"}
+"""What --vis becomes on several ranks where it names the legacy viewer (only nerfstudio's
+current viewer is served there)."""
 
 
 def latest_complete_step(checkpoint_dir: Path) -> Optional[int]:
@@ -97,22 +107,120 @@ class SyncedOptimizers(Optimizers):
 
 
 class LandmarkTrainer(Trainer):
-    """Trainer with atomic checkpoints, bit-exact resume and skipping of non-finite steps."""
+    """Trainer with atomic checkpoints, bit-exact resume, skipping of non-finite steps, and the
+    live viewer of a run on several ranks."""
 
     config: LandmarkTrainerConfig
+    viewer_sync: Optional[ViewerSync] = None
+    """Several ranks with the viewer on: the per-step exchange with rank 0's viewer."""
 
     def __init__(self, config: LandmarkTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
         super().__init__(config, local_rank, world_size)
         self.nonfinite = NonFiniteSteps(config.max_consecutive_nonfinite_steps)
+
+    @property
+    def comm(self) -> Comm:
+        """The run's ranks (the pipeline's; one process when it has none)."""
+        return getattr(self.pipeline, "comm", Comm.single())
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         check_world_size_fits_tree(self.config, self.world_size)  # before any data or device work
         if self.config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
             torch.use_deterministic_algorithms(True, warn_only=True)
-        super().setup(test_mode)
+        live_view = self._wants_live_view()
+        if live_view:
+            # nerfstudio's setup would build its own viewer (on every node's local rank 0,
+            # rendering one shard); ours is built below on rank 0.  vis itself stays as given on
+            # every rank, so every rank makes the same eval decisions (nerfstudio skips eval
+            # with the viewer alone).
+            self.config.is_viewer_enabled = lambda: False  # type: ignore[method-assign]
+        try:
+            super().setup(test_mode)
+        finally:
+            if live_view:
+                del self.config.is_viewer_enabled
         # A skipped step must not feed densification (or any other after-step bookkeeping).
         self.callbacks = [SkippedStepCallback(callback, self.nonfinite.was_skipped) for callback in self.callbacks]
+        self._record_layout()
+        if live_view:
+            self._setup_live_viewer()
+
+    def recorded_layout(self) -> Dict[str, Any]:
+        """Fields of the pipeline config that config.yml records at setup: the world size (where
+        the pipeline config has that field); subclasses add theirs."""
+        return {"world_size": self.comm.world_size}
+
+    def _record_layout(self) -> None:
+        """Set ``recorded_layout`` on the pipeline config; rank 0 rewrites the config.yml a CLI saved."""
+        pipeline_config = self.config.pipeline
+        if not hasattr(pipeline_config, "world_size"):
+            return
+        for name, value in self.recorded_layout().items():
+            setattr(pipeline_config, name, value)
+        if self.comm.is_main and (self.base_dir / "config.yml").exists():
+            self.config.save_config()
+
+    # ---- the viewer of a multi-rank run -----------------------------------------------------
+    def _wants_live_view(self) -> bool:
+        """Several ranks with the viewer on (the legacy viewer is swapped for tensorboard)."""
+        if self.world_size <= 1:
+            return False
+        if self.config.vis in LEGACY_VIEWER_OFF:
+            new = LEGACY_VIEWER_OFF[self.config.vis]
+            CONSOLE.print(f"{self.world_size} ranks: the legacy viewer is not served (--vis {self.config.vis} -> {new}); "
+                          "use --vis viewer")
+            self.config.vis = new  # type: ignore[assignment]
+        return self.config.is_viewer_enabled()
+
+    def _setup_live_viewer(self) -> None:
+        """Rank 0: the viewer and its mailbox; every rank: the per-step ``ViewerSync`` over the
+        pipeline's collective ``render_view`` and ``apply_edits`` (the viewer's layout edits)."""
+        comm, mailbox = self.comm, None
+        if comm.is_main:
+            mailbox = RenderMailbox(timeout_s=getattr(self.config.pipeline, "collective_timeout_s", 600.0))
+            self.viewer_state = ShardedViewer(
+                self.config.viewer,
+                log_filename=self.base_dir / self.config.viewer.relative_log_filename,
+                datapath=self.config.data if self.config.data is not None else self.base_dir,
+                pipeline=self.pipeline,
+                trainer=self,
+                share=self.config.viewer.make_share_url,
+                mailbox=mailbox,
+            )
+            for line in self.viewer_state.viewer_info:
+                CONSOLE.print(f"{line} (rendered by all {comm.world_size} ranks)")
+        self.viewer_sync = ViewerSync(comm, self.pipeline.render_view, mailbox, getattr(self.pipeline, "apply_edits", None))
+
+    def _viewer_control(self) -> Control:
+        """Rank 0: what the viewer and the trainer want at this sync point."""
+        if self.stop_training:
+            return "stop"
+        viewer = self.viewer_state
+        return "pause" if isinstance(viewer, ShardedViewer) and viewer.pause_requested else "train"
+
+    def _update_viewer_state(self, step: int) -> None:
+        super()._update_viewer_state(step)  # rank 0: nerfstudio's step-triggered rerender, camera poses
+        if self.viewer_sync is not None and self.viewer_sync.step(self._viewer_control) == "stop":
+            self.stop_training = True
+
+    def _train_complete_viewer(self) -> None:
+        if self.viewer_sync is None:
+            return super()._train_complete_viewer()
+        if self.comm.is_main and self.viewer_state is not None:
+            self.viewer_state.training_complete()
+            CONSOLE.print("Training complete; the viewer stays up (all ranks serve it). Use ctrl+c to quit", justify="center")
+        self.viewer_sync.serve_until_stop(self._viewer_control)
+
+    def train(self) -> None:
+        try:
+            super().train()
+        except BaseException as error:
+            if self.viewer_sync is not None:
+                self.viewer_sync.close(f"training failed: {type(error).__name__}")
+            raise
+        if self.viewer_sync is not None:
+            self.viewer_sync.close("training has ended")
 
     def checkpoint_state(self, step: int) -> dict:
         """Everything a resume needs: nerfstudio's checkpoint layout plus ``resume`` (random
@@ -201,8 +309,8 @@ class LandmarkTrainer(Trainer):
 
     def _on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (all ranks must skip together)."""
-        comm = getattr(self.pipeline, "comm", None)
-        if comm is None or comm.world_size == 1:
+        comm = self.comm
+        if comm.world_size == 1:
             return flag
         from landmark_plugin.distributed.collectives import all_reduce_ints
 

@@ -1,6 +1,7 @@
-"""Rank function of test_distributed_viewer.py (importable by spawned ranks): a 2-rank retina-gs run
+"""Rank functions of test_distributed_viewer.py (importable by spawned ranks): a 2-rank retina-gs run
 through the real trainer with nerfstudio's viewer on rank 0, steered through files by the test
-process, which drives a headless browser against the viewer.
+process, which drives a headless browser against the viewer; and a 2-rank landmark-grid run whose
+viewer rank 0 drives itself (``train_grid_with_live_viewer``).
 
 Protocol (files in ``signals``; rank 0 writes ``url.json``, ``stable.json``; the test writes ``done``):
 - rank 0 writes ``url.json`` once the viewer serves, and points the first browser client's
@@ -22,7 +23,8 @@ from typing import Dict
 
 import numpy as np
 
-from _trainers import NEVER, retina_config
+from _trainers import NEVER, grid_config, retina_config
+from landmark_plugin.edits import LayoutEdits, RemoveBlock
 
 WAIT_S = 240.0
 MAX_RES = 192
@@ -149,6 +151,9 @@ def train_with_live_viewer(comm, data: str, out: str, signals: str, port: int) -
     trainer.train()
     record["final_step"] = trainer.step
     record["sync_state"] = trainer.viewer_sync.state
+    # Leaves as the live views used them: a Gaussian keeps its leaf between migrations, while a
+    # loaded model assigns leaves by mean; the test renders the saved model with these.
+    record["leaf_ids"] = trainer.pipeline.model.leaf_ids.cpu().clone()
     if watcher is not None:
         watcher.join(timeout=30)
         record["watcher_failures"] = failures
@@ -179,3 +184,99 @@ def train_without_viewer(comm, data: str, out: str, steps: int) -> int:
     trainer.setup()
     trainer.train()
     return trainer.step
+
+
+# ---- landmark-grid: nerfstudio's own render path, driven from rank 0 -------------------------------
+GRID_MAX_RES = 40
+"""The viewer's render resolution in the grid test (ray marching on a shared CPU)."""
+GRID_EDITS = {"version": 1, "ops": [{"op": "copy_block", "block": 0, "to_block": 3}, {"op": "remove_block", "block": 1}]}
+"""Edits made in the live view: under branch parallelism blocks 0-1 are rank 0's and 2-3 rank 1's,
+so the copy reads rank 0's block where rank 1's was."""
+
+
+def _viewer_render(viewer, c2w, state: str) -> Dict:
+    """What one of nerfstudio's render threads does for a browser at camera ``c2w`` ([3, 4]):
+    ``RenderStateMachine._render_img`` (resolution, the stand-in model, depth for the depth layer),
+    without a browser.  ``state`` "high" renders at the viewer's "Max res"."""
+    import torch
+    from nerfstudio.cameras.cameras import CameraType
+    from nerfstudio.viewer.render_state_machine import RenderStateMachine
+    from nerfstudio.viewer.utils import CameraState
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
+
+    machine = RenderStateMachine(viewer, VISER_NERFSTUDIO_SCALE_RATIO, client=None)
+    machine.state = state
+    camera_state = CameraState(fov=1.0, aspect=4 / 3, c2w=torch.as_tensor(c2w, dtype=torch.float32),
+                               camera_type=CameraType.PERSPECTIVE)
+    return machine._render_img(camera_state)
+
+
+def _watch_grid(trainer, record: Dict) -> None:
+    """Rank 0's watcher: a view while training, pause, a full-resolution view, stop."""
+    viewer, sync = trainer.viewer_state, trainer.viewer_sync
+    record["stand_in"] = [cls.__name__ for cls in type(viewer.get_model()).__mro__[:3]]
+    viewer.control_panel._max_res.value = GRID_MAX_RES  # the GUI's "Max res" slider
+    c2w = viewer.pipeline.datamanager.train_dataset.cameras[0].camera_to_worlds
+    _wait_for(lambda: trainer.step >= 1, "training to start")
+    outputs = _viewer_render(viewer, c2w, "low_static")  # served at the end of a training step
+    step = trainer.step
+    _wait_for(lambda: trainer.step > step, "training to go on after the view")
+    record["while_training"] = {"renders": sync.renders, "keys": sorted(outputs)}
+
+    viewer._toggle_training_state(None)  # the GUI's "Pause Training"
+    _wait_for(lambda: sync.state == "paused", "every rank to pause")
+    record["step_paused"] = trainer.step
+    outputs = _viewer_render(viewer, c2w, "high")
+    record["paused_view"] = {"camera": _camera_dict(sync.last_camera), "rgb": outputs["rgb"].detach().cpu().clone(),
+                             "gl_z_buf_depth": tuple(outputs["gl_z_buf_depth"].shape)}
+    # The layout controls' edits (every control installs through ``_install``) reach both ranks.
+    layout = viewer.pipeline.layout
+    record["gui_layout_folders"] = sorted({path.split("/")[2] for path, _ in viewer.viewer_elements if "/layout/" in path})
+    layout._install(LayoutEdits(ops=(RemoveBlock(99),)))  # rejected on every rank, shown in the GUI
+    record["rejected"] = {"edits": layout.edits.to_dict(), "message": layout.edit.n_list.content}
+    layout._install(LayoutEdits.from_dict(GRID_EDITS))
+    record["installed"] = layout.edits.to_dict()
+    outputs = _viewer_render(viewer, c2w, "high")
+    record["edited_view"] = {"camera": _camera_dict(sync.last_camera), "rgb": outputs["rgb"].detach().cpu().clone()}
+    record["step_after_view"] = trainer.step
+    record["renders"] = sync.renders
+    trainer.shutdown()
+
+
+def train_grid_with_live_viewer(comm, data: str, out: str, port: int) -> Dict:
+    """A 2-rank landmark-grid run (branch parallel) with the viewer on rank 0, which renders one
+    view while training and one while paused, installs layout edits through its controls and
+    renders again, then stops the run (the shards are saved)."""
+    config = grid_config(Path(data), Path(out), NEVER)  # trains until the watcher stops it
+    config.pipeline.model.parallel = "branch"
+    # a loaded model has no annealing state: without it, a view renders as the loaded model does
+    config.pipeline.model.use_proposal_weight_anneal = False
+    config.deterministic = False
+    config.timestamp = "live"
+    config.vis = "viewer"
+    config.viewer.websocket_port = port
+    config.viewer.max_num_display_images = 0
+    config.pipeline.collective_timeout_s = 120.0
+    if comm.is_main:
+        config.save_config()
+    trainer = config.setup(local_rank=comm.rank, world_size=comm.world_size)
+    trainer.setup()
+    record: Dict = {"rank": comm.rank, "failures": []}
+    watcher = None
+    if comm.is_main:
+        def watch() -> None:
+            try:
+                _watch_grid(trainer, record)
+            except BaseException as error:  # noqa: BLE001 - reported through the record and by stopping the run
+                record["failures"].append(repr(error))
+                trainer.shutdown()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+    trainer.train()
+    record["final_step"] = trainer.step
+    record["sync_state"] = trainer.viewer_sync.state
+    record["field_edits"] = len(trainer.pipeline.model.field.layout_edits)
+    if watcher is not None:
+        watcher.join(timeout=30)
+    return record

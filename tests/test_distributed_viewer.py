@@ -136,6 +136,52 @@ def test_waiting_viewer_thread_is_released_by_close_and_by_timeout():
         model.get_outputs_for_camera(_camera())
 
 
+def test_gui_edits_are_installed_at_a_sync_point_or_refused_with_the_reason():
+    """Layout edits posted by a GUI callback wait for the sync, which installs them (here on one
+    rank) and hands back a rejection as ``EditsError``; a sync without an installer refuses them."""
+    from landmark_plugin.edits import EditsError, LayoutEdits, RemoveBlock
+
+    sync, _ = _single_sync()
+    installed = []
+
+    def install(edits, source):
+        if edits.hidden_blocks() == [9]:
+            raise EditsError(f"{source}: block 9 does not exist")
+        installed.append((edits, source))
+
+    sync.install_fn = install
+    results: Dict = {}
+
+    def post(key, edits):
+        def run():
+            try:
+                sync.mailbox.install_edits(edits, source="viewer")
+                results[key] = "installed"
+            except EditsError as error:
+                results[key] = str(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    good, bad = LayoutEdits(ops=(RemoveBlock(1),)), LayoutEdits(ops=(RemoveBlock(9),))
+    for key, edits in (("good", good), ("bad", bad)):
+        thread = post(key, edits)
+        _wait_pending(sync, 1)
+        assert key not in results, "the callback waits for the training loop"
+        assert sync.step(lambda: "train") == "train"
+        thread.join(5)
+    assert results == {"good": "installed", "bad": "viewer: block 9 does not exist"}
+    assert installed == [(good, "viewer")], "the edits travel as JSON and come back equal"
+
+    sync.install_fn = None
+    thread = post("refused", good)
+    _wait_pending(sync, 1)
+    sync.step(lambda: "train")
+    thread.join(5)
+    assert "do not install" in results["refused"] and len(installed) == 1
+
+
 # ---- the 2-rank run with a browser ------------------------------------------------------------
 def _browser_missing() -> Optional[str]:
     """Why the browser test cannot run here, or None."""
@@ -269,6 +315,7 @@ def live_run(micro_city, tmp_path_factory):
         pool.shutdown()
     run_dir = next((work / "out").glob("*/retina-gs-small/live"))
     print(f"\nlive run with the browser: {time.monotonic() - started:.1f} s")
+    records[0]["trained_leaf_ids"] = torch.cat([r["leaf_ids"] for r in records])  # the merged rows' order
     return run_dir, records[0], shots
 
 
@@ -383,12 +430,14 @@ def loaded(sharded_run, tmp_path_factory):
         if record is not None:
             # The viewer's camera as the viewer rendered it: over the viewer's background (the
             # model's is "random": eval renders over the colour the viewer sets, as nerfstudio's
-            # one-process viewer does) and with the SH degree of the training step (a loaded
-            # model renders all degrees).
+            # one-process viewer does), with the SH degree of the training step (a loaded
+            # model renders all degrees) and the leaves the Gaussians had in training (a loaded
+            # model assigns them by mean; some drifted across a leaf face since the last migration).
             background = record["last_view"]["background"]
             if background is not None:
                 pipeline.model.set_background(torch.tensor(background))
             pipeline.model.step = record["last_view"]["model_step"]
+            pipeline.model.leaf_ids = record["trained_leaf_ids"].to(pipeline.model.means.device)
             viewer_camera = _viewer_camera(record)
             renders += [_render(pipeline, viewer_camera), _render(pipeline, _other_camera(viewer_camera))]
         out[kind] = {"renders": renders, "num_points": pipeline.model.num_points}
@@ -453,3 +502,53 @@ def test_sharded_run_renders_and_evaluates_as_its_merge(sharded_run, loaded):
     assert loaded["resumed"] == {"start_step": int(ckpt.name.split("-")[1]) + 1, "num_points": merged["num_points"]}
     # ns-render's command line on the sharded run (before the merge): one frame per test view.
     assert len(list(loaded["frames"].rglob("*.jpg"))) == 2
+
+
+# ---- landmark-grid on 2 ranks: nerfstudio's render path through the mailbox -------------------------
+@pytest.mark.slow
+def test_grid_live_view_is_the_model_render(micro_city, tmp_path):  # noqa: F811
+    """A 2-rank landmark-grid run (branch parallel) serves nerfstudio's viewer from rank 0: the
+    viewer's own render path (``RenderStateMachine._render_img``, driven on rank 0 without a browser)
+    gets a view while the ranks train and one after the viewer's pause, rendered by both ranks'
+    model-parallel forward; the paused view equals the one-process render of the run's saved shards
+    (the paused model) for the viewer's camera.  Layout edits made with the viewer's controls reach
+    both ranks (a rejected one on neither), and the edited view equals the one-process edited render."""
+    from _live_viewer_rank import GRID_EDITS, GRID_MAX_RES, train_grid_with_live_viewer
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from landmark_plugin.distributed.launch import free_port, run_ranks
+    from landmark_plugin.edits import LayoutEdits, apply_edits
+
+    started = time.monotonic()
+    records = run_ranks(
+        train_grid_with_live_viewer, 2, tmp_path / "ranks", args=(str(micro_city), str(tmp_path / "out"), free_port()),
+        timeout_s=120.0, start_method="forkserver", preload=("landmark_plugin.grid.trainer", "_live_viewer_rank"),
+    )
+    record = records[0]
+    print(f"\n2-rank landmark-grid run with the live viewer: {time.monotonic() - started:.1f} s")
+    assert not record["failures"], record["failures"]
+    assert record["stand_in"] == ["MailboxNerf", "MailboxModel", "Model"], "the viewer sees a NeRF"
+    training = record["while_training"]
+    assert training["renders"] == 1, "the view was rendered by the ranks' per-step sync while they trained"
+    assert "rgb" in training["keys"] and "gl_z_buf_depth" in training["keys"]
+    assert record["step_after_view"] == record["step_paused"], "nothing trained while paused"
+    assert [r["sync_state"] for r in records] == ["stopped", "stopped"], "the viewer's stop reached every rank"
+
+    view = record["paused_view"]
+    assert max(view["camera"]["width"], view["camera"]["height"]) == GRID_MAX_RES
+    (config,) = (tmp_path / "out").glob("*/landmark-grid/live/config.yml")
+    _, pipeline, _, _ = eval_setup(config, test_mode="inference")
+    mine = _render(pipeline, _viewer_camera({"camera": view["camera"]}))
+    torch.testing.assert_close(view["rgb"], mine, **COMPOSITE_TOL)
+    assert view["rgb"].std() > 0.01, "the view is not blank"
+
+    # The viewer's layout edits: shown, rejected alike on both ranks, installed on both.
+    assert record["gui_layout_folders"] == ["appearance", "edit", "partition"]
+    assert record["rejected"]["edits"]["ops"] == [] and "block 99 does not exist" in record["rejected"]["message"]
+    assert record["installed"] == GRID_EDITS
+    assert [r["field_edits"] for r in records] == [2, 2], "both ranks hold the viewer's edits"
+    edited = record["edited_view"]
+    assert edited["camera"] == view["camera"]
+    apply_edits(pipeline.model, LayoutEdits.from_dict(GRID_EDITS))
+    torch.testing.assert_close(edited["rgb"], _render(pipeline, _viewer_camera(edited)), **COMPOSITE_TOL)
+    assert (edited["rgb"] - view["rgb"]).abs().max() > 1e-3, "the edits change the view"

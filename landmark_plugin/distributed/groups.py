@@ -88,6 +88,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank among those it was started with, before ``init_comm`` (as
+    ``launched_world_size``): the default group's rank, else torchrun's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_world_size() -> int:
     """The number of ranks this process was started among, before ``init_comm``: the default
     group's size when a launcher made one, else torchrun's WORLD_SIZE, else 1."""

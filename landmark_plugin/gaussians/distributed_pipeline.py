@@ -25,9 +25,15 @@ from ``VanillaPipeline``:
   metrics, and the metrics are gathered on every rank (images for the logger go to rank 0);
 - loading (``load_pipeline``, what nerfstudio's eval_setup calls): a pointer to shards (what a
   sharded save leaves in nerfstudio_models/) loads this rank's part of them, a whole-model
-  checkpoint is cut to this rank's Gaussians; one-camera renders through the model (ns-render)
-  are refused, since they would draw this rank's shard only.  One process loading a pointer
-  merges the shards in memory.
+  checkpoint is cut to this rank's Gaussians.  One process loading a pointer merges the shards
+  in memory;
+- one-camera renders (``render_view``, what the live viewer and ``model.get_outputs_for_camera``
+  call): collective, every rank renders its partial, rank 0 composites, and for
+  ``get_outputs_for_camera`` the composite is broadcast, so ns-render's loop (``landmark-render``
+  under torchrun) runs in lockstep on every rank and each gets the whole image.  A rank calling
+  it alone waits for the others until the collective timeout;
+- layout edits (``apply_edits``): blocks resolve against the extent of every rank's Gaussians, as
+  in one process, and copies render on the rank owning their new leaf (``ShardedRetina.render_set``).
 """
 
 from __future__ import annotations
@@ -51,9 +57,16 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.core.schedule import image_owner, interleave_owners, owned_images
 from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
-from landmark_plugin.distributed.collectives import all_gather_objects, all_reduce_grads_, broadcast_object
+from landmark_plugin.distributed.collectives import (
+    all_gather_objects,
+    all_gather_rows,
+    all_reduce_grads_,
+    broadcast_object,
+    broadcast_tensor,
+)
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.distributed.shards import migrate_, shard_
+from landmark_plugin.edits import LayoutEdits, RetinaLayout
 from landmark_plugin.gaussians.sharded import ShardedRetina
 
 
@@ -111,9 +124,9 @@ class DistributedRetinaPipeline(VanillaPipeline):
         self.sharded = ShardedRetina(self.comm, self.model)
         shard_(self.comm, self.model, self.sharded.parts)
         if self.distributed:
-            # The model holds this rank's Gaussians only: a one-camera render through it (what
-            # ns-render and nerfstudio's viewer call) would silently miss the others'.
-            self.model.get_outputs_for_camera = self._refuse_shard_render
+            # The model holds this rank's Gaussians only: its own one-camera render (what
+            # ns-render calls) would silently miss the others', so it renders collectively.
+            self.model.get_outputs_for_camera = self._render_on_every_rank
         if self.distributed and hasattr(self.datamanager, "load_only"):
             # Before any image is read: this rank holds only the images whose loss it computes.
             rank, dm = self.comm.rank, self.datamanager
@@ -131,12 +144,78 @@ class DistributedRetinaPipeline(VanillaPipeline):
     def distributed(self) -> bool:
         return self.comm.world_size > 1
 
-    def _refuse_shard_render(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"rank {self.comm.rank} of {self.comm.world_size} holds only its shard of the Gaussians: render in one "
-            "process (ns-render / ns-viewer merge the shards in memory), or through the pipeline's collective "
-            "renders (evaluation, the live viewer)"
-        )
+    # ---- one camera, every rank ------------------------------------------------------------
+    def render_view(self, camera: Cameras, background: Optional[torch.Tensor] = None,
+                    to_every_rank: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """Collective: every rank renders its partial of ``camera``, rank 0 composites it.
+
+        The model renders in eval mode (no pose correction, full resolution; layout edits
+        applied) and, when ``background`` is given (the viewer's, for a "random" background),
+        over it; both are restored afterwards.
+
+        Returns:
+            splatfacto's outputs (background expanded to the image, as the one-process model
+            returns it) on rank 0, and with ``to_every_rank`` on every rank; else None.
+        """
+        model, sharded = self.model, self.sharded
+        was_training, saved_background = model.training, model.background_color
+        model.eval()
+        if background is not None:
+            model.background_color = background.to(saved_background)
+        try:
+            owners = torch.zeros(1, dtype=torch.int64)  # rank 0 composites
+            visible = torch.ones(1, len(sharded.parts), dtype=torch.bool)
+            with torch.no_grad():
+                outputs, _ = sharded.forward(camera.to(model.device), visible, owners, with_depth=True)
+        finally:
+            model.background_color = saved_background
+            model.train(was_training)
+        out = outputs.get(0)
+        if to_every_rank:
+            out = self._broadcast_view(out, int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0]))
+        if out is not None:
+            height, width = out["rgb"].shape[:2]
+            out["background"] = out["background"].expand(height, width, 3)
+        return out
+
+    def _broadcast_view(self, out: Optional[Dict[str, torch.Tensor]], height: int, width: int) -> Dict[str, torch.Tensor]:
+        """Rank 0's composite (rgb, accumulation, depth, background) on every rank, in one broadcast."""
+        like = self.model.means
+        packed = like.new_zeros(height * width * 5 + 3)
+        if out is not None:
+            image = torch.cat([out["rgb"], out["accumulation"], out["depth"]], dim=-1)
+            packed = torch.cat([image.reshape(-1), out["background"].reshape(-1)]).to(like)
+        packed = broadcast_tensor(self.comm, packed, what="composite of a one-camera render")
+        image = packed[:-3].view(height, width, 5)
+        return {"rgb": image[..., :3], "accumulation": image[..., 3:4], "depth": image[..., 4:5], "background": packed[-3:]}
+
+    def _render_on_every_rank(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
+        """``model.get_outputs_for_camera`` with several ranks: ``render_view`` for every rank.
+
+        Every rank must call it with the same camera (ns-render's loop under torchrun does; see
+        ``landmark_plugin.render_cli``)."""
+        if obb_box is not None:
+            raise NotImplementedError(
+                f"retina-gs on {self.world_size} ranks renders without a crop box: render in one process "
+                "(it merges the shards in memory) to crop"
+            )
+        out = self.render_view(camera, to_every_rank=True)
+        assert out is not None
+        return out
+
+    def apply_edits(self, edits: LayoutEdits, source: str = "edits") -> None:
+        """Install layout edits on this rank's shard (collective on several ranks): leaf boxes
+        are cut from the extent of every rank's Gaussians, as in one process."""
+        RetinaLayout(self.model, means_extent=self._means_extent()).install(edits, source)
+
+    def _means_extent(self) -> torch.Tensor:
+        """[2, 3] min / max corner of every rank's Gaussian means (float64, CPU)."""
+        means = self.model.means.detach().to("cpu", torch.float64)
+        inf = torch.full((3,), torch.inf, dtype=torch.float64)
+        lo = means.min(0).values if means.shape[0] else inf
+        hi = means.max(0).values if means.shape[0] else -inf
+        corners = all_gather_rows(self.comm, torch.stack([lo, hi]), "extent of the Gaussians' means")
+        return torch.stack([corners[0::2].min(0).values, corners[1::2].max(0).values])
 
     # ---- training -------------------------------------------------------------------------
     def _next_pool(self, size: int, world_size: Optional[int] = None) -> List[int]:
@@ -252,6 +331,11 @@ class DistributedRetinaPipeline(VanillaPipeline):
             whole = {"pipeline": loaded_state, "optimizers": {}}
             loaded_state = shard_for_rank(whole, tree_of_state(whole, depth), comm.rank, comm.world_size)["pipeline"]
         super().load_pipeline(loaded_state, step)
+        if self.distributed and not self._loading_rank_parts:
+            # A shard loaded as saved may hold Gaussians that drifted out of this rank's region
+            # since the last migration; loading assigns leaves by mean (as one process does), so
+            # they would belong to no rank's render.  Move them to their owners.
+            migrate_(comm, self.model, None, None, self.sharded.parts, rebuild=False)
 
     @contextlib.contextmanager
     def loading_rank_parts(self) -> Iterator[None]:

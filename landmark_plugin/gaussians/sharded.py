@@ -16,6 +16,12 @@
 
 The composite of the parts' partials in part order equals the single-process render sorted
 by (leaf order, depth), so images, loss and gradients equal the single-process model's.
+
+Layout edits (eval mode only, as in the one-process model) are applied by every rank to its own
+Gaussians: an edit decides each Gaussian's fate from its own position, so the union of the ranks'
+edited sets is the one-process edited set.  A copy lands in the leaf holding its new mean, which
+may belong to another rank: ``render_set`` sends it there (one ``all_to_all_rows``, as
+``shards.migrate_`` moves Gaussians), so every partial still holds exactly its parts' Gaussians.
 """
 
 from __future__ import annotations
@@ -30,11 +36,19 @@ from nerfstudio.models.splatfacto import get_viewmat
 from torch import Tensor
 
 from landmark_plugin.core.composite import composite, expected_depth, paste_partial
+from landmark_plugin.core.edits import edit_gaussians
 from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.raster_ref import RasterSettings, project_gaussians
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
 from landmark_plugin.core.schedule import Parts, assign_owners, content_rect, pack_cameras, part_order
-from landmark_plugin.distributed.collectives import ExchangePlan, Task, all_reduce_ints, all_reduce_sum, exchange_partials
+from landmark_plugin.distributed.collectives import (
+    ExchangePlan,
+    Task,
+    all_reduce_ints,
+    all_reduce_sum,
+    all_to_all_rows,
+    exchange_partials,
+)
 from landmark_plugin.distributed.groups import Comm
 
 
@@ -76,10 +90,33 @@ class ShardedRetina:
         self.record = StepRecord()
 
     # ---- ownership ------------------------------------------------------------------------
-    def local_part_index(self) -> Dict[int, Tensor]:
-        """Part -> [n] rows of the local Gaussians it owns (by the model's stored leaf ids)."""
-        part = self.leaf_part.to(self.model.leaf_ids.device)[self.model.leaf_ids]
+    def local_part_index(self, leaf_ids: Optional[Tensor] = None) -> Dict[int, Tensor]:
+        """Part -> [n] rows of the local Gaussians it owns.
+
+        Args:
+            leaf_ids: [N] leaf of every local Gaussian; default: the model's stored leaf ids.
+        """
+        leaf_ids = self.model.leaf_ids if leaf_ids is None else leaf_ids
+        part = self.leaf_part.to(leaf_ids.device)[leaf_ids]
         return {s: torch.nonzero(part == s).flatten() for s in self.my_parts}
+
+    def render_set(self) -> Tuple[Gaussians, Tensor]:
+        """The activated Gaussians this rank renders and [N] their leaves.
+
+        Training, or no layout edits: the local shard.  Eval mode with edits (collective, every
+        rank holds the same edits): the edited scene's Gaussians in this rank's parts, copies
+        that landed in another rank's leaves received from it.
+        """
+        model = self.model
+        gaussians, leaf_ids = model.activated_gaussians(), model.leaf_ids
+        if model.training or not model.layout_edits:
+            return gaussians, leaf_ids
+        gaussians, leaf_ids = edit_gaussians(gaussians, leaf_ids, model.layout_edits, model.tree)
+        part_rank = torch.as_tensor(self.parts.rank, device=leaf_ids.device)
+        dest = part_rank[self.leaf_part.to(leaf_ids.device)[leaf_ids]]
+        rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
+        received, _ = all_to_all_rows(self.comm, rows, dest)
+        return _unpack_gaussians(received, gaussians), received[:, -1].round().long()
 
     # ---- cameras --------------------------------------------------------------------------
     def view(self, camera: Cameras) -> View:
@@ -105,11 +142,11 @@ class ShardedRetina:
     def visibility(self, cameras: Cameras) -> Bool[Tensor, "P S"]:
         """Which part contributes to which camera: a Gaussian with radius 0 draws nothing."""
         visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
-        g = self.model.activated_gaussians()
+        g, leaf_ids = self.render_set()
         for p in range(len(cameras)):
             v = self.view(cameras[p : p + 1])
             radii = self._radii(g, v)
-            for s, index in self.local_part_index().items():
+            for s, index in self.local_part_index(leaf_ids).items():
                 visible[p, s] = int(bool((radii[index] > 0).any()))
         return all_reduce_ints(self.comm, visible, "visibility") > 0
 
@@ -176,7 +213,7 @@ class ShardedRetina:
     def _render_local(self, views: List[View], visible: Tensor, with_depth: bool):
         """Every visible own part of every camera, cropped; rectangles in a [B, S, 4] table."""
         model = self.model
-        g = model.activated_gaussians()
+        g, leaf_ids = self.render_set()
         rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
         local: Dict[Tuple[int, int], Tensor] = {}
         backend = resolve_backend(model.config.backend, model.means.device)
@@ -185,13 +222,13 @@ class ShardedRetina:
             num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views]
         )
         for b, v in enumerate(views):
-            for s, index in self.local_part_index().items():
+            for s, index in self.local_part_index(leaf_ids).items():
                 if not bool(visible[b, s]) or index.numel() == 0:
                     continue
-                whole = index.numel() == model.num_points  # one part per rank: no gather needed
+                whole = index.numel() == g.means.shape[0]  # one part per rank: no gather needed
                 part = g if whole else Gaussians(*(t[index] for t in g))
                 partial = render_partial(
-                    part, v.positions[model.leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
+                    part, v.positions[leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
                     self.settings, with_depth=with_depth, backend=backend,
                     absgrad=model.strategy.absgrad and backend == "gsplat",
                 )
@@ -309,3 +346,14 @@ class ShardedRetina:
         )
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
         return {"main_loss": main_loss}, {"psnr": total_psnr, "gaussian_count": count}, outputs
+
+
+def _unpack_gaussians(rows: Tensor, like: Gaussians) -> Gaussians:
+    """[M, D] rows (every field of ``like`` flattened, in order, then one more column) as Gaussians."""
+    fields, col = [], 0
+    for t in like:
+        tail = tuple(t.shape[1:])
+        width = int(torch.tensor(tail).prod()) if tail else 1
+        fields.append(rows[:, col : col + width].reshape((rows.shape[0],) + tail).to(t.dtype))
+        col += width
+    return Gaussians(*fields)

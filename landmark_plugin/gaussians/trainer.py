@@ -14,10 +14,8 @@ exact resume), except that ``--load-dir`` may also name a sharded run.  With sev
   (``shard_for_rank``), then Gaussians that drifted out of their rank's region migrate;
 - config.yml records the world size and the kd-tree at setup; logging is nerfstudio's, from
   rank 0;
-- the viewer (``--vis viewer...``) runs on rank 0 and renders through every rank: at the end of
-  every step all ranks meet in ``ViewerSync.step`` (``landmark_plugin/viewer/distributed.py``),
-  which also applies the viewer's pause button and ``shutdown`` on every rank at once; after
-  training (``--viewer.quit-on-train-completion False``) all ranks keep serving views;
+- the viewer (``--vis viewer...``) runs on rank 0 and renders through every rank
+  (``LandmarkTrainer``'s live view over the pipeline's ``render_view``);
 - every sharded save also writes ``nerfstudio_models/step-N.ckpt`` as a pointer to the shards
   (``write_shards_pointer``), so ``ns-eval`` / ``ns-render`` / ``ns-viewer`` load the run
   directly (the pipeline merges the shards in memory).
@@ -25,10 +23,9 @@ exact resume), except that ``--load-dir`` may also name a sharded run.  With sev
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Literal, Optional, Type
+from typing import Any, Dict, Type
 
 import torch
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -47,14 +44,9 @@ from landmark_plugin.distributed.checkpoint import (
     tree_of_state,
     write_shards_pointer,
 )
-from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 from landmark_plugin.trainer import latest_complete_step as latest_checkpoint_step
-from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync, render_view
-
-# What the legacy viewer becomes with several ranks (only nerfstudio's current viewer is served).
-WITHOUT_VIEWER = {"viewer_legacy": "tensorboard"}
 
 
 @dataclass
@@ -70,97 +62,12 @@ class RetinaTrainer(LandmarkTrainer):
     config: RetinaTrainerConfig
 
     @property
-    def comm(self) -> Comm:
-        return getattr(self.pipeline, "comm", Comm.single())
-
-    @property
     def distributed(self) -> bool:
         return self.comm.world_size > 1
 
-    viewer_sync: Optional[ViewerSync] = None
-
-    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        if self.world_size > 1 and self.config.vis in WITHOUT_VIEWER:
-            new = WITHOUT_VIEWER[self.config.vis]
-            CONSOLE.print(f"retina-gs on {self.world_size} ranks: the legacy viewer is not served (--vis {self.config.vis} "
-                          f"-> {new}); use --vis viewer")
-            self.config.vis = new  # type: ignore[assignment]
-        live_view = self.world_size > 1 and self.config.is_viewer_enabled()
-        if not live_view:
-            super().setup(test_mode)
-            self._record_layout()
-            return
-        # nerfstudio's setup would build its own viewer (on every node's local rank 0, rendering
-        # one shard); ours is built below on rank 0.  vis itself stays as given on every rank, so
-        # every rank makes the same eval decisions (nerfstudio skips eval with the viewer alone).
-        self.config.is_viewer_enabled = lambda: False  # type: ignore[method-assign]
-        try:
-            super().setup(test_mode)
-        finally:
-            del self.config.is_viewer_enabled
-        self._record_layout()
-        self._setup_live_viewer()
-
-    def _setup_live_viewer(self) -> None:
-        """Rank 0: the viewer and its mailbox; every rank: the per-step ``ViewerSync``."""
-        comm, mailbox = self.comm, None
-        if comm.is_main:
-            mailbox = RenderMailbox(timeout_s=getattr(self.config.pipeline, "collective_timeout_s", 600.0))
-            self.viewer_state = ShardedViewer(
-                self.config.viewer,
-                log_filename=self.base_dir / self.config.viewer.relative_log_filename,
-                datapath=self.config.data if self.config.data is not None else self.base_dir,
-                pipeline=self.pipeline,
-                trainer=self,
-                share=self.config.viewer.make_share_url,
-                mailbox=mailbox,
-            )
-            for line in self.viewer_state.viewer_info:
-                CONSOLE.print(f"{line} (rendered by all {comm.world_size} ranks)")
-        self.viewer_sync = ViewerSync(comm, functools.partial(render_view, self.pipeline), mailbox)
-
-    # ---- the viewer of a multi-rank run -----------------------------------------------------
-    def _viewer_control(self) -> Control:
-        """Rank 0: what the viewer and the trainer want at this sync point."""
-        if self.stop_training:
-            return "stop"
-        viewer = self.viewer_state
-        return "pause" if isinstance(viewer, ShardedViewer) and viewer.pause_requested else "train"
-
-    def _update_viewer_state(self, step: int) -> None:
-        if self.viewer_sync is None:
-            return super()._update_viewer_state(step)
-        super()._update_viewer_state(step)  # rank 0: nerfstudio's step-triggered rerender, camera poses
-        if self.viewer_sync.step(self._viewer_control) == "stop":
-            self.stop_training = True
-
-    def _train_complete_viewer(self) -> None:
-        if self.viewer_sync is None:
-            return super()._train_complete_viewer()
-        if self.comm.is_main and self.viewer_state is not None:
-            self.viewer_state.training_complete()
-            CONSOLE.print("Training complete; the viewer stays up (all ranks serve it). Use ctrl+c to quit", justify="center")
-        self.viewer_sync.serve_until_stop(self._viewer_control)
-
-    def train(self) -> None:
-        try:
-            super().train()
-        except BaseException as error:
-            if self.viewer_sync is not None:
-                self.viewer_sync.close(f"training failed: {type(error).__name__}")
-            raise
-        if self.viewer_sync is not None:
-            self.viewer_sync.close("training has ended")
-
-    def _record_layout(self) -> None:
-        """config.yml gets the world size and the tree (rank 0 rewrites the file a CLI saved)."""
-        pipeline_config = self.config.pipeline
-        if not hasattr(pipeline_config, "world_size"):
-            return
-        pipeline_config.world_size = self.comm.world_size
-        pipeline_config.tree = self.pipeline.model.tree.to_dict()
-        if self.comm.is_main and (self.base_dir / "config.yml").exists():
-            self.config.save_config()
+    def recorded_layout(self) -> Dict[str, Any]:
+        """config.yml also records the kd-tree at setup."""
+        return {**super().recorded_layout(), "tree": self.pipeline.model.tree.to_dict()}
 
     def gradient_sync(self):
         return self.pipeline.sync_gradients_ if self.distributed else None

@@ -16,22 +16,33 @@ from ``VanillaPipeline`` (see ``grid/parallel.py`` for the strategies):
 - ``sync_gradients_`` (called by ``GridTrainer`` before every optimiser step) makes every rank's
   gradients the single-process ones;
 - evaluation is collective: every rank renders every eval image (a model-parallel group
-  together), so metrics are the same everywhere; rank 0 logs them.
+  together), so metrics are the same everywhere; rank 0 logs them.  ns-eval under torchrun
+  runs the same way (nerfstudio's loop over the eval images, in lockstep on every rank);
+- one-camera renders (``render_view``, the live viewer; ``model.get_outputs_for_camera``,
+  ns-render) need no more than that: the model's forward is collective over the model-parallel
+  group and gives every rank the whole image, so every rank must render the same cameras in the
+  same order (``landmark-render`` under torchrun, ns-eval, the viewer's per-step sync do);
+- layout edits act on the sample points before they are routed to blocks, so the ranks
+  evaluate the edited points exactly as one process does (``apply_edits``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass, field
 from typing import Dict, Literal, Optional, Type
 
 import torch
 import tyro
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.model_components.renderers import background_color_override_context
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.distributed.checkpoint import shards_of_pointer
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
+from landmark_plugin.edits import LayoutEdits, apply_edits
 from landmark_plugin.grid.model import SHARDED_LOSSES
 from landmark_plugin.grid.parallel import GridPlan, same_randomness, step_seed
 from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, sharded_keys
@@ -115,6 +126,32 @@ class DistributedGridPipeline(VanillaPipeline):
             return super().get_eval_image_metrics_and_images(step)
         with self._eval_randomness(step):
             return super().get_eval_image_metrics_and_images(step)
+
+    # ---- one camera, every rank ------------------------------------------------------------
+    def render_view(self, camera: Cameras, background: Optional[torch.Tensor] = None,
+                    to_every_rank: bool = True) -> Dict[str, torch.Tensor]:
+        """The model's render of ``camera`` in eval mode (over ``background`` when given).
+
+        Collective on several ranks (every rank calls it with the same camera); every rank
+        returns the whole image whatever ``to_every_rank`` says (the model-parallel forward
+        joins the samples' outputs on every rank of a group).
+        """
+        model = self.model
+        was_training = model.training
+        model.eval()
+        override = contextlib.nullcontext()
+        if background is not None:
+            override = background_color_override_context(background.to(self.device))
+        try:
+            with override, torch.no_grad():
+                return model.get_outputs_for_camera(camera.to(self.device))
+        finally:
+            model.train(was_training)
+
+    def apply_edits(self, edits: LayoutEdits, source: str = "edits") -> None:
+        """Install layout edits (every rank holds the field's box and block grid, so each
+        installs the same edits on its own)."""
+        apply_edits(self.model, edits, source)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_names(self) -> Dict:

@@ -12,8 +12,9 @@ With one rank it is ``LandmarkTrainer``, except that ``--load-dir`` may also nam
 - ``--load-dir`` may name a sharded run (its directory, ``shards/``, a ``shards/step-*`` folder, or
   its nerfstudio_models/ of pointers) or a single-process nerfstudio_models/: with the layout that
   saved it each rank loads its own shard, otherwise the checkpoint is merged and re-split;
-- config.yml records the world size; rank 0 logs; the viewer is off (``landmark-merge`` or the
-  pointer checkpoints let ns-viewer open the run afterwards).
+- config.yml records the world size; rank 0 logs;
+- the viewer (``--vis viewer...``) runs on rank 0 and renders through every rank
+  (``LandmarkTrainer``'s live view over the pipeline's ``render_view``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,9 @@ from landmark_plugin.distributed.checkpoint import (
     shards_of_pointer,
     write_shards_pointer,
 )
-from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.grid.parallel import check_parallel_config
 from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
-
-# What the viewer-enabled --vis choices become with several ranks.
-WITHOUT_VIEWER = {"viewer": "tensorboard", "viewer_legacy": "tensorboard", "viewer+tensorboard": "tensorboard",
-                  "viewer+wandb": "wandb", "viewer+comet": "comet"}
 
 
 @dataclass
@@ -58,25 +54,12 @@ class GridTrainer(LandmarkTrainer):
     config: GridTrainerConfig
 
     @property
-    def comm(self) -> Comm:
-        return getattr(self.pipeline, "comm", Comm.single())
-
-    @property
     def distributed(self) -> bool:
         return getattr(self.pipeline, "plan", None) is not None
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         check_parallel_config(self.config.pipeline.model, self.world_size)  # before any data or device work
-        if self.world_size > 1 and self.config.vis in WITHOUT_VIEWER:
-            new = WITHOUT_VIEWER[self.config.vis]
-            CONSOLE.print(f"landmark-grid on {self.world_size} ranks: the viewer is off (--vis {self.config.vis} -> {new}); "
-                          "open ns-viewer on the run afterwards")
-            self.config.vis = new  # type: ignore[assignment]
         super().setup(test_mode)
-        if hasattr(self.config.pipeline, "world_size"):
-            self.config.pipeline.world_size = self.comm.world_size
-            if self.comm.is_main and (self.base_dir / "config.yml").exists():
-                self.config.save_config()
 
     def gradient_sync(self):
         return self.pipeline.sync_gradients_ if self.distributed else None

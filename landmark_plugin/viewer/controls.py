@@ -17,7 +17,7 @@ import colorsys
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,6 +151,7 @@ class LayoutControls(nn.Module):
         self._server = None
         self._drawn: dict = {}
         self._edits = LayoutEdits()
+        self._installer: Optional[Callable[[LayoutEdits, str], None]] = None
         layout = scene_layout(model)
         kind, count = layout.kind, layout.num_blocks
         names = [str(i) for i in range(count)]
@@ -195,7 +196,7 @@ class LayoutControls(nn.Module):
     def __getstate__(self):
         # the lock and the viser handles belong to this process's viewer
         state = dict(self.__dict__)
-        state.update(_lock=None, _server=None, _drawn={})
+        state.update(_lock=None, _server=None, _drawn={}, _installer=None)
         return state
 
     def __setstate__(self, state) -> None:
@@ -214,11 +215,19 @@ class LayoutControls(nn.Module):
     def _picked(self) -> int:
         return int(self.partition.f_block.value)
 
+    def route_installs(self, install: Optional[Callable[[LayoutEdits, str], None]]) -> None:
+        """Install edits through ``install`` (which raises ``EditsError`` to reject them) instead of
+        on this model alone: the live view of a multi-rank run sends them to every rank.  None: locally."""
+        self._installer = install
+
     def _install(self, edits: LayoutEdits, source: str = "viewer") -> None:
         """Install on the model; a rejected edit leaves the current ones and says why."""
         with self._lock:
             try:
-                self._layout().install(edits, source)
+                if self._installer is None:
+                    self._layout().install(edits, source)
+                else:
+                    self._installer(edits, source)
             except EditsError as error:
                 self._refresh(message=str(error))
                 return

@@ -1,19 +1,23 @@
-"""Live viewing of a multi-rank retina-gs run: nerfstudio's viser viewer on rank 0, every rank rendering.
+"""Live viewing of a multi-rank run: nerfstudio's viser viewer on rank 0, every rank rendering.
 
 nerfstudio's viewer renders from one thread per browser client, calling
 ``get_model().get_outputs_for_camera(camera)`` while the trainer's lock keeps the training loop
-out.  With the Gaussians sharded over ranks that cannot work as is: a render is collective
-(every rank renders its partial, the owner composites, see ``gaussians/sharded.py``), and
-collectives must be issued by every rank's main thread in the same order.  So:
+out.  With the model sharded over ranks that cannot work as is: a render is collective
+(retina-gs: every rank renders its partial, the owner composites, see ``gaussians/sharded.py``;
+landmark-grid: every rank of a model-parallel group evaluates its blocks, planes or channels),
+and collectives must be issued by every rank's main thread in the same order.  So:
 
 - the viewer (``ShardedViewer``, rank 0 only, bound where ``--viewer.websocket-host`` says:
-  127.0.0.1 by default) hands its render threads a stand-in model (``MailboxModel``) whose
-  ``get_outputs_for_camera`` posts the camera into a ``RenderMailbox`` and waits;
+  127.0.0.1 by default) hands its render threads a stand-in model (``mailbox_model``: Gaussians
+  or a NeRF to the viewer, like the training model) whose ``get_outputs_for_camera`` posts the
+  camera into a ``RenderMailbox`` and waits;
 - at one fixed point of every training step (after the optimiser step and the after-step
   callbacks, where nerfstudio updates its viewer) every rank calls ``ViewerSync.step``: rank 0
-  broadcasts one small tensor (``pack_message``: nothing / a camera to render / paused / stop),
-  and for a camera all ranks render their partials, rank 0 composites and hands the image back
-  to the waiting viewer thread.  While training, at most one view is rendered per step, so the
+  broadcasts one small tensor (``pack_message``: nothing / a camera to render / layout edits /
+  paused / stop), and for a camera all ranks render it together (the pipeline's ``render_view``)
+  and rank 0 hands the image back to the waiting viewer thread; layout edits made with the
+  model's GUI controls follow as one broadcast object and every rank installs them (the
+  pipeline's ``apply_edits``).  While training, at most one view (or edit) is served per step, so the
   viewer costs training one tiny broadcast per step plus the renders it asks for, at the
   resolution its own render-time budget picks (nerfstudio's ``RenderStateMachine`` measures the
   time from request to image, as it does when it waits for the trainer's lock);
@@ -28,7 +32,9 @@ then raises nerfstudio's render-interrupted exception, which the viewer's render
 survives (it skips that frame).  The stand-in model never touches the training model, so the
 viewer's background colour and eval / train switches do not leak into training; the render
 uses the viewer's background only for models whose background is "random" (as splatfacto).
-Not served: the viewer's crop box (the sharded render has no crop), non-perspective cameras.
+Not served: the viewer's crop box (the sharded render has no crop), and for Gaussians
+non-perspective cameras.  The trainers' side (setup, the per-step call, serving after training)
+is ``LandmarkTrainer``'s, shared by both methods.
 """
 
 from __future__ import annotations
@@ -41,21 +47,23 @@ from typing import Callable, Dict, List, Literal, Optional
 
 import torch
 from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.models.base_model import Model
 from nerfstudio.models.splatfacto import SplatfactoModel
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer import Viewer
 from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException
 from torch import Tensor
 
-from landmark_plugin.distributed.collectives import broadcast_tensor
+from landmark_plugin.distributed.collectives import broadcast_object, broadcast_tensor
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.edits import EditsError, LayoutEdits
 
 IDLE_POLL_S = 0.2
 """While paused or serving after training: how long rank 0 waits for a request before it sends
 the other ranks a heartbeat (an empty round)."""
 
-# Message kinds of the per-step broadcast.
-CONTINUE, RENDER, WAIT, STOP = 0, 1, 2, 3
+# Message kinds of the per-step broadcast (EDITS: layout edits follow as a broadcast object).
+CONTINUE, RENDER, WAIT, STOP, EDITS = 0, 1, 2, 3, 4
 MESSAGE_SIZE = 24  # kind, camera-to-world [3, 4], fx fy cx cy width height type, background [3] + flag
 Control = Literal["train", "pause", "stop"]
 
@@ -99,10 +107,13 @@ def unpack_background(message: Tensor) -> Optional[Tensor]:
 # ---- rank 0: viewer threads <-> the training loop --------------------------------------------
 @dataclass
 class ViewRequest:
-    """One camera a viewer thread waits for; ``done`` is set once ``outputs`` or ``error`` is."""
+    """What a viewer thread waits for: a camera to render, or (``edits``) layout edits to install on
+    every rank; ``done`` is set once ``outputs`` or ``error`` is."""
 
-    camera: Cameras
-    background: Optional[Tensor]
+    camera: Optional[Cameras] = None
+    background: Optional[Tensor] = None
+    edits: Optional[LayoutEdits] = None
+    source: str = "viewer"
     done: threading.Event = field(default_factory=threading.Event)
     outputs: Optional[Dict[str, Tensor]] = None
     error: Optional[str] = None
@@ -122,10 +133,30 @@ class RenderMailbox:
         self._pending: List[ViewRequest] = []
         self._closed: Optional[str] = None
 
-    # viewer thread
+    # viewer threads
     def render(self, camera: Cameras, background: Optional[Tensor]) -> Dict[str, Tensor]:
         """Post ``camera`` and wait for its outputs; raises ``RenderDropped`` instead of hanging."""
         request = ViewRequest(camera.to("cpu"), None if background is None else background.detach().cpu())
+        self._post_and_wait(request)
+        if request.error is not None:
+            raise RenderDropped(request.error)
+        assert request.outputs is not None
+        return request.outputs
+
+    def install_edits(self, edits: LayoutEdits, source: str = "viewer") -> None:
+        """Post layout edits for every rank (a GUI control's callback) and wait until they are
+        installed; raises ``EditsError`` saying why when they are not (rejected, or the run ended)."""
+        request = ViewRequest(edits=edits, source=source)
+        try:
+            self._post_and_wait(request)
+        except RenderDropped as dropped:
+            raise EditsError(f"the edits were not installed on the ranks: {dropped}") from None
+        if request.error is not None:
+            raise EditsError(request.error)
+
+    def _post_and_wait(self, request: ViewRequest) -> None:
+        """Post ``request`` and wait until it is done; ``RenderDropped`` after the timeout, when the
+        mailbox is closed, or on nerfstudio's interrupt."""
         with self._cond:
             if self._closed is not None:
                 raise RenderDropped(self._closed)
@@ -141,10 +172,6 @@ class RenderMailbox:
         except BaseException:
             self._withdraw(request)
             raise
-        if request.error is not None:
-            raise RenderDropped(request.error)
-        assert request.outputs is not None
-        return request.outputs
 
     def _withdraw(self, request: ViewRequest) -> None:
         with self._cond:
@@ -174,18 +201,24 @@ class RenderMailbox:
         return self._closed is not None
 
 
-class MailboxModel(SplatfactoModel):
+class MailboxModel(torch.nn.Module):
     """What the viewer's render threads see as the model: it renders through the mailbox.
 
-    A SplatfactoModel only so that nerfstudio's viewer treats it as Gaussians (it passes its
-    background colour and reads the depth output as splatfacto's); ``Model.__init__`` is not run,
-    since the stand-in holds no parameters: ``eval()`` / ``train()`` flip only its own flag, and
-    the background is sent with the request instead of being set on the training model.
+    ``Model.__init__`` is not run, since the stand-in holds no parameters: ``eval()`` /
+    ``train()`` flip only its own flag, and the background is sent with the request instead of
+    being set on the training model.  nerfstudio's viewer tells Gaussians from NeRFs by the
+    model's class (background colour, depth handling, export tab), so the viewer gets one of
+    the two subclasses below, whichever the training model is (``mailbox_model``).
+
+    Args:
+        mailbox: rank 0's mailbox.
+        perspective_only: refuse other camera types (the Gaussian rasteriser is perspective).
     """
 
-    def __init__(self, mailbox: RenderMailbox):  # noqa: D107 - see the class docstring
+    def __init__(self, mailbox: RenderMailbox, perspective_only: bool = True):  # noqa: D107 - see the class docstring
         torch.nn.Module.__init__(self)
         self.mailbox = mailbox
+        self.perspective_only = perspective_only
         self.viewer_background: Optional[Tensor] = None
         self._warned: set = set()
 
@@ -199,7 +232,7 @@ class MailboxModel(SplatfactoModel):
     def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, Tensor]:  # type: ignore[override]
         if obb_box is not None:
             self._note_once("crop", "live view of a multi-rank run: the viewer's crop box is ignored (not supported yet)")
-        if int(camera.camera_type.reshape(-1)[0]) != CameraType.PERSPECTIVE.value:
+        if self.perspective_only and int(camera.camera_type.reshape(-1)[0]) != CameraType.PERSPECTIVE.value:
             self._note_once("type", "live view of a multi-rank run renders perspective cameras only")
             raise RenderDropped("only perspective cameras are rendered")
         return self.mailbox.render(camera, self.viewer_background)
@@ -210,18 +243,40 @@ class MailboxModel(SplatfactoModel):
             CONSOLE.print(f"[yellow]{message}")
 
 
+class MailboxGaussians(MailboxModel, SplatfactoModel):
+    """The stand-in as Gaussians: nerfstudio's viewer passes it its background colour and reads
+    the depth output as splatfacto's."""
+
+
+class MailboxNerf(MailboxModel, Model):
+    """The stand-in as a NeRF: the viewer renders it as any ray-based model."""
+
+
+def mailbox_model(mailbox: RenderMailbox, like: Model) -> MailboxModel:
+    """The stand-in for a training model ``like``: Gaussians or a NeRF to the viewer, as it is."""
+    if isinstance(like, SplatfactoModel):
+        return MailboxGaussians(mailbox, perspective_only=True)
+    return MailboxNerf(mailbox, perspective_only=False)
+
+
 class _ViewedPipeline:
     """The parts of rank 0's pipeline the viewer reads (data manager: training cameras and
-    images; model: camera optimiser, export tab, initial points).
+    images; model: camera optimiser, export tab, initial points; config: the run's world size),
+    and the model's layout controls (``layout``, when it has them).
 
     Cached properties, because nerfstudio's viewer searches the pipeline for custom GUI
     elements by reading every public attribute recursively and skips only cached properties:
     on a rank that holds part of the images, reading the data manager's eval properties
     fails, and GUI elements acting on rank 0's model alone would not be seen by the others.
+    The layout controls are searched: their edits go to every rank (``ShardedViewer``).
     """
 
     def __init__(self, pipeline):
         self._pipeline = pipeline
+        self.config = pipeline.config
+        layout = getattr(pipeline.model, "layout", None)
+        if layout is not None:
+            self.layout = layout
 
     @cached_property
     def datamanager(self):
@@ -239,16 +294,21 @@ class ShardedViewer(Viewer):
     Built with no train lock: its render threads never touch the training model (the main
     thread renders, between steps), and holding the lock while waiting for the main thread
     would deadlock the next step.  The initial point cloud it shows (hidden by default) is
-    rank 0's shard only; the model's custom GUI elements are not shown (see ``_ViewedPipeline``).
+    rank 0's shard only.  Of the model's custom GUI elements only its layout controls are shown;
+    the edits they make are installed by every rank (``RenderMailbox.install_edits``, served by
+    ``ViewerSync``), while their statistics table counts rank 0's shard.
     """
 
     def __init__(self, config, log_filename, datapath, pipeline, trainer, mailbox: RenderMailbox, share: bool = False):
-        self.remote_model = MailboxModel(mailbox)
+        self.remote_model = mailbox_model(mailbox, pipeline.model)
         self.pause_requested = False
+        layout = getattr(pipeline.model, "layout", None)
+        if layout is not None:
+            layout.route_installs(mailbox.install_edits)
         super().__init__(config, log_filename, datapath, _ViewedPipeline(pipeline), trainer=trainer, train_lock=None,
                          share=share)
 
-    def get_model(self) -> SplatfactoModel:  # type: ignore[override]
+    def get_model(self) -> MailboxModel:  # type: ignore[override]
         return self.remote_model
 
     def _toggle_training_state(self, _) -> None:
@@ -259,6 +319,7 @@ class ShardedViewer(Viewer):
 
 # ---- every rank: the per-step synchronisation -------------------------------------------------
 RenderFn = Callable[[Cameras, Optional[Tensor]], Optional[Dict[str, Tensor]]]
+InstallFn = Callable[[LayoutEdits, str], None]
 
 
 class ViewerSync:
@@ -267,15 +328,20 @@ class ViewerSync:
     Args:
         comm: the run's ranks.
         render: collective; renders one camera (with the viewer's background or None) and
-            returns the composited outputs on rank 0 (None elsewhere).
+            returns the outputs on rank 0 (the pipeline's ``render_view``).
         mailbox: rank 0's mailbox; None on the other ranks.
+        install_edits: collective; installs layout edits on this rank's model, raising
+            ``EditsError`` (on every rank alike) to reject them (the pipeline's ``apply_edits``).
+            None: the viewer's edits are refused.
     """
 
-    def __init__(self, comm: Comm, render: RenderFn, mailbox: Optional[RenderMailbox]):
+    def __init__(self, comm: Comm, render: RenderFn, mailbox: Optional[RenderMailbox],
+                 install_edits: Optional[InstallFn] = None):
         if comm.is_main != (mailbox is not None):
             raise ValueError("rank 0, and only rank 0, holds the viewer's mailbox")
         self.comm = comm
         self.render_fn = render
+        self.install_fn = install_edits
         self.mailbox = mailbox
         self.state: Literal["training", "paused", "serving", "stopped"] = "training"
         """Where the ranks are: training, paused by the viewer, serving after training, or stopped."""
@@ -317,6 +383,9 @@ class ViewerSync:
             if kind == RENDER:
                 self._render(message, request)
                 served += 1
+            if kind == EDITS:
+                self._install(request)
+                served += 1
 
     def _next(self, state: Control, after_training: bool, served: int):
         """Rank 0: what this round does, and the request it serves (if any)."""
@@ -327,9 +396,29 @@ class ViewerSync:
         if not idle and served > 0:
             return None, pack_message(CONTINUE)  # one view per training step
         request = self.mailbox.take(IDLE_POLL_S if idle else 0.0)
+        if request is not None and request.edits is not None and self.install_fn is None:
+            request.finish(error="this run's ranks do not install the viewer's edits")
+            request = None
+        if request is None:
+            return None, pack_message(WAIT if idle else CONTINUE)
+        if request.edits is not None:
+            return request, pack_message(EDITS)
+        return request, pack_message(RENDER, request.camera, request.background)
+
+    def _install(self, request: Optional[ViewRequest]) -> None:
+        """Every rank installs rank 0's edits; a rejection (the same on every rank) goes back to
+        the waiting GUI callback."""
+        assert self.install_fn is not None
+        sent = (request.edits.to_json(), request.source) if request is not None and request.edits is not None else None
+        text, source = broadcast_object(self.comm, sent, what="viewer layout edits")
+        try:
+            self.install_fn(LayoutEdits.from_json(text, source), source)
+        except EditsError as error:
+            if request is not None:
+                request.finish(error=str(error))
+            return
         if request is not None:
-            return request, pack_message(RENDER, request.camera, request.background)
-        return None, pack_message(WAIT if idle else CONTINUE)
+            request.finish(outputs={})
 
     def _render(self, message: Tensor, request: Optional[ViewRequest]) -> None:
         start = time.perf_counter()
@@ -349,30 +438,3 @@ class ViewerSync:
             else:
                 request.finish(outputs=outputs)
 
-
-def render_view(pipeline, camera: Cameras, background: Optional[Tensor]) -> Optional[Dict[str, Tensor]]:
-    """Collective: every rank renders its partial of ``camera``, rank 0 composites it.
-
-    ``pipeline`` is a ``DistributedRetinaPipeline``.  The model renders in eval mode (no pose
-    correction, full resolution) and, when its background is "random", over the viewer's
-    background colour; both are restored afterwards.  Returns splatfacto's outputs on rank 0
-    (background expanded to the image, as the one-process model returns it), None elsewhere.
-    """
-    model, sharded = pipeline.model, pipeline.sharded
-    was_training, saved_background = model.training, model.background_color
-    model.eval()
-    if background is not None:
-        model.background_color = background.to(saved_background)
-    try:
-        owners = torch.zeros(1, dtype=torch.int64)  # rank 0 composites
-        visible = torch.ones(1, len(sharded.parts), dtype=torch.bool)
-        with torch.no_grad():
-            outputs, _ = sharded.forward(camera.to(model.device), visible, owners, with_depth=True)
-    finally:
-        model.background_color = saved_background
-        model.train(was_training)
-    out = outputs.get(0)
-    if out is not None:
-        height, width = out["rgb"].shape[:2]
-        out["background"] = out["background"].expand(height, width, 3)
-    return out
