@@ -17,11 +17,13 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kCameraFloats = 16; // Rc (9, row major), centre (3), fx, fy, cx, cy
 
-// Per-entry staging area in dynamic shared memory (struct of arrays, [block] each).
+// Per-entry staging area in dynamic shared memory (struct of arrays, [block] each).  The boxes
+// themselves are not staged: only shared copies (a few percent of the entries) test one, and
+// the few boxes of a tree stay in L1 / L2, while staging six floats per entry cost every
+// entry shared memory and occupancy.
 struct Staged {
     float4 *geom;  // x, y, opacity, depth
     float4 *conic; // a, b, c, Gaussian index (int bits)
-    float *box;    // [block * 6] lo xyz, hi xyz of the entry's box
     int *box_id;   // -1: unclipped
     float *rgb;    // [block * CDIM] (backward only)
 };
@@ -30,15 +32,14 @@ __device__ __forceinline__ Staged stage_layout(float *smem, int block, bool with
     Staged st;
     st.geom = reinterpret_cast<float4 *>(smem);
     st.conic = st.geom + block;
-    st.box = reinterpret_cast<float *>(st.conic + block);
-    st.box_id = reinterpret_cast<int *>(st.box + 6 * block);
+    st.box_id = reinterpret_cast<int *>(st.conic + block);
     st.rgb = with_rgb ? reinterpret_cast<float *>(st.box_id + block) : nullptr;
     return st;
 }
 
 size_t stage_bytes(int block, int channels, bool with_rgb) {
     return static_cast<size_t>(block) *
-           (2 * sizeof(float4) + 6 * sizeof(float) + sizeof(int) + (with_rgb ? channels * sizeof(float) : 0));
+           (2 * sizeof(float4) + sizeof(int) + (with_rgb ? channels * sizeof(float) : 0));
 }
 
 template <int CDIM>
@@ -46,19 +47,13 @@ __device__ __forceinline__ void stage_entry(
     const Staged &st, int slot, int entry, bool with_rgb, const float2 *__restrict__ means2d,
     const float *__restrict__ conics, const float *__restrict__ colors,
     const float *__restrict__ opacities, const float *__restrict__ depths,
-    const float *__restrict__ boxes, const int32_t *__restrict__ flatten_ids,
-    const int32_t *__restrict__ isect_boxes
+    const int32_t *__restrict__ flatten_ids, const int32_t *__restrict__ isect_boxes
 ) {
     const int g = flatten_ids[entry];
     const float2 xy = means2d[g];
     st.geom[slot] = make_float4(xy.x, xy.y, opacities[g], depths[g]);
     st.conic[slot] = make_float4(conics[3 * g], conics[3 * g + 1], conics[3 * g + 2], __int_as_float(g));
-    const int b = isect_boxes[entry];
-    st.box_id[slot] = b;
-    if (b >= 0) {
-#pragma unroll
-        for (int j = 0; j < 6; ++j) st.box[6 * slot + j] = boxes[6 * b + j];
-    }
+    st.box_id[slot] = isect_boxes[entry];
     if (with_rgb) {
 #pragma unroll
         for (int k = 0; k < CDIM; ++k) st.rgb[CDIM * slot + k] = colors[static_cast<int64_t>(g) * CDIM + k];
@@ -75,13 +70,14 @@ __device__ __forceinline__ void pixel_direction(const float *cam, float px, floa
     }
 }
 
-// Whether the ray point at `depth` lies in [lo, hi) of the box.
-__device__ __forceinline__ bool ray_point_in_box(const float *cam, const float dir[3], float depth, const float *box) {
+// Whether the ray point at `depth` lies in [lo, hi) of the box (6 floats in global memory).
+__device__ __forceinline__ bool ray_point_in_box(const float *cam, const float dir[3], float depth,
+                                                 const float *__restrict__ box) {
     bool in = true;
 #pragma unroll
     for (int j = 0; j < 3; ++j) {
         const float p = __fadd_rn(cam[9 + j], __fmul_rn(depth, dir[j]));
-        in &= (p >= box[j]) && (p < box[3 + j]);
+        in &= (p >= __ldg(box + j)) && (p < __ldg(box + 3 + j));
     }
     return in;
 }
@@ -100,13 +96,14 @@ __device__ __forceinline__ float entry_alpha(
 }
 
 __device__ __forceinline__ bool entry_counts(
-    const Staged &st, int t, const float *cam, const float dir[3], float px, float py,
-    const ClipRasterSettings &s, float &alpha, float &vis, float &dx, float &dy
+    const Staged &st, int t, const float *__restrict__ boxes, const float *cam, const float dir[3], float px,
+    float py, const ClipRasterSettings &s, float &alpha, float &vis, float &dx, float &dy
 ) {
     float sigma;
     alpha = entry_alpha(st.geom[t], st.conic[t], px, py, s.alpha_max, sigma, vis, dx, dy);
     if (sigma < 0.f || alpha < s.alpha_min) return false;
-    return st.box_id[t] < 0 || ray_point_in_box(cam, dir, st.geom[t].w, st.box + 6 * t);
+    const int b = st.box_id[t];
+    return b < 0 || ray_point_in_box(cam, dir, st.geom[t].w, boxes + 6 * b);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -174,13 +171,13 @@ __global__ void clip_rasterize_fwd_kernel(
         if (__syncthreads_count(done) == block) break; // also guards the staging area
         if (batch_start + tr < range.end) {
             stage_entry<CDIM>(st, tr, batch_start + tr, false, means2d, conics, colors, opacities,
-                              depths, boxes, flatten_ids, isect_boxes);
+                              depths, flatten_ids, isect_boxes);
         }
         __syncthreads();
         const int count = min(block, range.end - batch_start);
         for (int t = 0; t < count && !done; ++t) {
             float alpha, vis, dx, dy;
-            if (!entry_counts(st, t, cam, dir, px, py, s, alpha, vis, dx, dy)) continue;
+            if (!entry_counts(st, t, boxes, cam, dir, px, py, s, alpha, vis, dx, dy)) continue;
             const float next_T = __fmul_rn(T, __fsub_rn(1.f, alpha));
             if (next_T <= s.min_transmittance) { // this entry ends the pixel and is excluded
                 done = true;
@@ -262,7 +259,7 @@ __global__ void clip_rasterize_bwd_kernel(
         __syncthreads(); // the previous batch is no longer read
         if (batch_end - tr >= range.start) {
             stage_entry<CDIM>(st, tr, batch_end - tr, true, means2d, conics, colors, opacities,
-                              depths, boxes, flatten_ids, isect_boxes);
+                              depths, flatten_ids, isect_boxes);
         }
         __syncthreads();
         const int count = min(block, batch_end + 1 - range.start);
@@ -270,7 +267,7 @@ __global__ void clip_rasterize_bwd_kernel(
         for (int t = max(0, batch_end - warp_last); t < count; ++t) {
             float alpha = 0.f, vis = 0.f, dx = 0.f, dy = 0.f;
             bool valid = inside && batch_end - t <= last;
-            if (valid) valid = entry_counts(st, t, cam, dir, px, py, s, alpha, vis, dx, dy);
+            if (valid) valid = entry_counts(st, t, boxes, cam, dir, px, py, s, alpha, vis, dx, dy);
             if (!__any_sync(kFullMask, valid)) continue;
             float v_rgb[CDIM];
             float v_a = 0.f, v_b = 0.f, v_c = 0.f, v_x = 0.f, v_y = 0.f, v_o = 0.f;
