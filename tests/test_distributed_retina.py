@@ -9,6 +9,7 @@ the loss and every Gaussian's gradient at step 0, and every parameter after 5 Ad
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from _retina_dist_helpers import (
     step_optimizers,
     target_image,
 )
+from conftest import gloo_world_sizes
+
 from landmark_plugin.distributed.launch import run_ranks
 
 # Ranks fork from a server that imported nerfstudio once (spawning re-imports it per rank).
@@ -31,13 +34,18 @@ TOL = dict(rtol=0.0, atol=1e-5)  # the issue's bound; float64 keeps the real err
 STEPS, BATCH = 5, 2
 
 
-def _train_worker(comm, steps: int, batch_size: int):
+def tree_depth_for(world_size: int) -> int:
+    """The tiny scene's tree: depth 2 (4 leaves), deeper when there are more ranks than leaves."""
+    return max(2, math.ceil(math.log2(world_size)))
+
+
+def _train_worker(comm, steps: int, batch_size: int, depth: int = 2):
     from landmark_plugin.core.schedule import Parts
     from landmark_plugin.distributed.shards import owner_ranks, shard_
     from landmark_plugin.gaussians.sharded import ShardedRetina
 
     torch.set_default_dtype(torch.float64)
-    model, cameras = make_model(), make_cameras()
+    model, cameras = make_model(depth=depth), make_cameras()
     parts = Parts.of(model.config.tree_depth, comm.world_size)
     ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
     shard_(comm, model, parts)
@@ -65,10 +73,10 @@ def _train_worker(comm, steps: int, batch_size: int):
     return {"ids": ids, "records": records, "params": params}
 
 
-def _reference_worker(comm):
+def _reference_worker(comm, depth: int = 2):
     torch.set_default_dtype(torch.float64)
     try:
-        model, cameras = make_model(), make_cameras()
+        model, cameras = make_model(depth=depth), make_cameras()
         optimizers = make_optimizers(model)
         model.optimizers = optimizers
         records = []
@@ -86,16 +94,19 @@ def _reference_worker(comm):
         torch.set_default_dtype(torch.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def _reference(tmp_dir):
+@functools.lru_cache(maxsize=None)
+def _reference(tmp_dir, depth: int = 2):
     """The single-process run, in a child process (the test process stays free of autograd)."""
-    return run_ranks(_reference_worker, 1, tmp_dir / "reference", timeout_s=120, **FAST_START)[0]
+    return run_ranks(_reference_worker, 1, tmp_dir / f"reference-depth{depth}", args=(depth,), timeout_s=120,
+                     **FAST_START)[0]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", gloo_world_sizes())
 def test_sharded_training_equals_single_process(tmp_path, world_size):
-    results = run_ranks(_train_worker, world_size, tmp_path, args=(STEPS, BATCH), timeout_s=120, **FAST_START)
-    ref_records, ref_params = _reference(tmp_path.parent)
+    depth = tree_depth_for(world_size)
+    results = run_ranks(_train_worker, world_size, tmp_path, args=(STEPS, BATCH, depth),
+                        timeout_s=60 * max(2, world_size), **FAST_START)
+    ref_records, ref_params = _reference(tmp_path.parent, depth)
     ids = torch.cat([r["ids"] for r in results])
     assert torch.equal(torch.sort(ids).values, torch.arange(ids.numel())), "every Gaussian on exactly one rank"
     assert all(r["ids"].numel() > 0 for r in results), "the tiny scene should give every rank Gaussians"

@@ -15,6 +15,8 @@ import functools
 import pytest
 import torch
 
+from conftest import gloo_world_sizes
+
 from landmark_plugin.core.grid_parallel import GridLayout, shard_factor
 from landmark_plugin.distributed.launch import run_ranks
 
@@ -36,6 +38,8 @@ CASES = [  # (strategy, world size, model-parallel size)
     ("channel", 4, 2),
     ("none", 2, 1),  # pure data parallel
 ]
+if 8 in gloo_world_sizes():  # issue 9's 8-process check: 4-way model parallel x 2-way data parallel
+    CASES += [("branch", 8, 4), ("plane", 8, 4), ("channel", 8, 4), ("none", 8, 1)]
 
 
 @functools.lru_cache(maxsize=None)
