@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, List
 
 import numpy as np
 
@@ -104,6 +104,22 @@ def _watch(trainer, signals: Path, record: Dict) -> None:
     trainer.shutdown()
 
 
+def _watch_in_background(trainer, watch: Callable[[], None], failures: List[str]) -> threading.Thread:
+    """Run ``watch`` (the test's driver of the viewer) beside training; an error is recorded in
+    ``failures`` and stops the run instead of leaving it training forever."""
+
+    def run() -> None:
+        try:
+            watch()
+        except BaseException as error:  # noqa: BLE001 - reported through the record and by stopping the run
+            failures.append(repr(error))
+            trainer.shutdown()
+
+    watcher = threading.Thread(target=run, daemon=True)
+    watcher.start()
+    return watcher
+
+
 def train_with_live_viewer(comm, data: str, out: str, signals: str, port: int) -> Dict:
     """The run (see the module docstring); rank 0 returns what its watcher recorded."""
     from landmark_plugin.viewer.distributed import RenderDropped
@@ -138,16 +154,7 @@ def train_with_live_viewer(comm, data: str, out: str, signals: str, port: int) -
 
         sync.render_fn = keep_last
         failures = []
-
-        def watch() -> None:
-            try:
-                _watch(trainer, Path(signals), record)
-            except BaseException as error:  # noqa: BLE001 - reported through the record and by stopping the run
-                failures.append(repr(error))
-                trainer.shutdown()
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        watcher = _watch_in_background(trainer, lambda: _watch(trainer, Path(signals), record), failures)
     trainer.train()
     record["final_step"] = trainer.step
     record["sync_state"] = trainer.viewer_sync.state
@@ -264,15 +271,7 @@ def train_grid_with_live_viewer(comm, data: str, out: str, port: int) -> Dict:
     record: Dict = {"rank": comm.rank, "failures": []}
     watcher = None
     if comm.is_main:
-        def watch() -> None:
-            try:
-                _watch_grid(trainer, record)
-            except BaseException as error:  # noqa: BLE001 - reported through the record and by stopping the run
-                record["failures"].append(repr(error))
-                trainer.shutdown()
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        watcher = _watch_in_background(trainer, lambda: _watch_grid(trainer, record), record["failures"])
     trainer.train()
     record["final_step"] = trainer.step
     record["sync_state"] = trainer.viewer_sync.state

@@ -9,7 +9,8 @@ with one ``all_to_all``, optionally after rebuilding the kd-tree from all curren
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -75,14 +76,22 @@ def gaussian_rows(model, optimizers: Optional[Dict], strategy_state: Optional[Di
     return torch.cat([c.to(dtype) for c in columns], dim=1), layout
 
 
+def split_columns(rows: Tensor, tails: Sequence[Tuple[int, ...]]) -> List[Tensor]:
+    """[N, D] rows cut into one [N, *tail] tensor per trailing shape, in order: the inverse of
+    concatenating per-row tensors flattened along dim 1."""
+    out, col = [], 0
+    for tail in tails:
+        width = math.prod(tail)
+        out.append(rows[:, col : col + width].reshape((rows.shape[0], *tail)))
+        col += width
+    return out
+
+
 def set_gaussian_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], rows: Tensor, layout: Layout) -> None:
     """Inverse of ``gaussian_rows``: the shard becomes exactly ``rows``."""
-    n, col = rows.shape[0], 0
-    values: Dict[Tuple[str, str], Tensor] = {}
-    for name, kind, tail in layout:
-        width = int(torch.tensor(tail).prod()) if tail else 1
-        values[(name, kind)] = rows[:, col : col + width].reshape((n,) + tail)
-        col += width
+    n = rows.shape[0]
+    columns = split_columns(rows, [tail for _, _, tail in layout])
+    values: Dict[Tuple[str, str], Tensor] = {(name, kind): c for (name, kind, _), c in zip(layout, columns)}
     for name in list(model.gauss_params.keys()):
         moments = {kind: values[(name, kind)] for kind in MOMENTS if (name, kind) in values}
         has_state = optimizers is not None and name in optimizers and bool(optimizers[name].state)

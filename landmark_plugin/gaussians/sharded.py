@@ -50,6 +50,7 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.distributed.shards import split_columns
 
 
 @dataclass
@@ -350,10 +351,5 @@ class ShardedRetina:
 
 def _unpack_gaussians(rows: Tensor, like: Gaussians) -> Gaussians:
     """[M, D] rows (every field of ``like`` flattened, in order, then one more column) as Gaussians."""
-    fields, col = [], 0
-    for t in like:
-        tail = tuple(t.shape[1:])
-        width = int(torch.tensor(tail).prod()) if tail else 1
-        fields.append(rows[:, col : col + width].reshape((rows.shape[0],) + tail).to(t.dtype))
-        col += width
-    return Gaussians(*fields)
+    columns = split_columns(rows, [tuple(t.shape[1:]) for t in like])
+    return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, like)))
