@@ -94,4 +94,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> share_leaves_cuda(
     int64_t width, int64_t height, int64_t tile_size, double alpha_min, double reach_margin
 );
 
+// The copies' tile intersections of clip mode in one go (share_leaves_cuda + gsplat's
+// isect_tiles on the copies + sort_tile_leaf_depth + the box of each entry): returns
+// isect_offsets [TH, TW] int32, flatten_ids [M] int32 and isect_boxes [M] int32 (-1: unclipped).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_intersections_cuda(
+    const at::Tensor &means2d,       // [N, 2] float32
+    const at::Tensor &conics,        // [N, 3] float32
+    const at::Tensor &depths,        // [N] float32
+    const at::Tensor &radii,         // [N] int32
+    const at::Tensor &opacities,     // [N] float32
+    const at::Tensor &camera,        // [16] float32
+    const at::Tensor &boxes,         // [L, 2, 3] float64
+    const at::Tensor &leaf_position, // [L] int32, a permutation of 0..L-1
+    int64_t width, int64_t height, int64_t tile_size, double alpha_min, double reach_margin
+);
+
 } // namespace landmark

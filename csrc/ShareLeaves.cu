@@ -1,14 +1,27 @@
-// Boundary sharing of clip mode in two launches: which leaves each Gaussian's copies go to.
+// Boundary sharing of clip mode: which leaves each Gaussian's copies go to, and the copies'
+// tile intersections sorted for the one-pass clipped rasteriser.
 //
 // The CUDA version of core/clip.py's ``share_leaves(reach_boxes(...))`` (read its docstring
 // for the geometry).  One thread per Gaussian computes its reach box in float64 with the
 // twin's operations in the twin's order -- products and sums rounded one at a time
 // (__dmul_rn / __dadd_rn keep nvcc from contracting them into FMAs the twin does not do) --
-// and tests it against every leaf box.  Pass 1 counts the leaves met, an exclusive scan
-// (torch.cumsum on the host side) gives each Gaussian its first output row, pass 2 writes
-// (gaussian, leaf, box) rows in (gaussian, leaf) order, exactly the twin's nonzero() order.
+// and tests it against every leaf box.
+//
+// share_leaves_cuda: pass 1 counts the leaves met, an exclusive scan (torch.cumsum on the
+// host side) gives each Gaussian its first output row, pass 2 writes (gaussian, leaf, box)
+// rows in (gaussian, leaf) order, exactly the twin's nonzero() order.
+//
+// clip_intersections_cuda (twin: core/render_clip.py _clip_intersections_torch) goes
+// straight to the sorted tile entries of the copies: pass 1 counts leaves x tiles per
+// Gaussian, pass 2 writes each copy's (tile, leaf position, depth) keys in (gaussian, leaf,
+// tile) order -- the order gsplat's isect_tiles gives the copies -- and the stable radix
+// sort orders them.  The sorted value is the Gaussian id with the top bit set for a shared
+// copy; a last pass splits it into flatten_ids and the box (the leaf at the key's position).
+// Building the copies first and running gsplat's isect_tiles on them moved every copy
+// through a dozen gathers and casts; this is one pass over the Gaussians and one sort.
 #include "Common.h"
 #include "Ops.h"
+#include "SortIntersections.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,6 +50,26 @@ struct ShareArgs {
     double reach_margin;
 };
 
+struct TileRect {
+    int x0, x1, y0, y1; // tiles [x0, x1) x [y0, y1)
+};
+
+__host__ __device__ __forceinline__ int tiles_along(int pixels, int tile_size) {
+    return (pixels + tile_size - 1) / tile_size;
+}
+
+// The tiles Gaussian i is binned to: gsplat's isect_tiles rule in float32 (floor / ceil of
+// (mean -/+ radius) / tile_size clamped to the grid), as raster_ref.tile_ranges.
+__device__ __forceinline__ TileRect tile_rect(const ShareArgs &a, int64_t i) {
+    const float tiles_x = (float)tiles_along(a.width, a.tile_size);
+    const float tiles_y = (float)tiles_along(a.height, a.tile_size);
+    const float ts = (float)a.tile_size;
+    const float rf = (float)a.radii[i] / ts;
+    const float txc = a.means2d[2 * i] / ts, tyc = a.means2d[2 * i + 1] / ts;
+    return TileRect{(int)fminf(fmaxf(floorf(txc - rf), 0.f), tiles_x), (int)fminf(fmaxf(ceilf(txc + rf), 0.f), tiles_x),
+                    (int)fminf(fmaxf(floorf(tyc - rf), 0.f), tiles_y), (int)fminf(fmaxf(ceilf(tyc + rf), 0.f), tiles_y)};
+}
+
 // The reach box of Gaussian i, [lo, hi] per world axis; false when it reaches nothing.
 __device__ bool reach_box(const ShareArgs &a, int64_t i, double lo[3], double hi[3]) {
     double cam[16];
@@ -58,16 +91,8 @@ __device__ bool reach_box(const ShareArgs &a, int64_t i, double lo[3], double hi
     const double sxx = cc / det, sxy = -cb / det, syy = ca / det;
     const double zx = z / fx, zy = z / fy;
     const double r2 = fmax(mul(2.0, level), 0.0);
-    // tiles the Gaussian is binned to: gsplat's rule in float32, as raster_ref.tile_ranges
-    const int tiles_x = (a.width + a.tile_size - 1) / a.tile_size;
-    const int tiles_y = (a.height + a.tile_size - 1) / a.tile_size;
-    const float ts = (float)a.tile_size;
-    const float rf = (float)a.radii[i] / ts;
-    const float txc = a.means2d[2 * i] / ts, tyc = a.means2d[2 * i + 1] / ts;
-    const double tx0 = fminf(fmaxf(floorf(txc - rf), 0.f), (float)tiles_x);
-    const double tx1 = fminf(fmaxf(ceilf(txc + rf), 0.f), (float)tiles_x);
-    const double ty0 = fminf(fmaxf(floorf(tyc - rf), 0.f), (float)tiles_y);
-    const double ty1 = fminf(fmaxf(ceilf(tyc + rf), 0.f), (float)tiles_y);
+    const TileRect t = tile_rect(a, i);
+    const double tx0 = t.x0, tx1 = t.x1, ty0 = t.y0, ty1 = t.y1;
     const double dx_lo = sub(add(mul(tx0, (double)a.tile_size), 0.5), m0);
     const double dx_hi = sub(sub(fmin(mul(tx1, (double)a.tile_size), (double)a.width), 0.5), m0);
     const double dy_lo = sub(add(mul(ty0, (double)a.tile_size), 0.5), m1);
@@ -103,14 +128,19 @@ __device__ __forceinline__ bool meets(const ShareArgs &a, int leaf, const double
     return ok;
 }
 
+// Leaves met by Gaussian i (0 when it reaches nothing).
+__device__ __forceinline__ int leaves_met(const ShareArgs &a, int64_t i, double lo[3], double hi[3]) {
+    if (!reach_box(a, i, lo, hi)) return 0;
+    int met = 0;
+    for (int leaf = 0; leaf < a.num_leaves; ++leaf) met += meets(a, leaf, lo, hi);
+    return met;
+}
+
 __global__ void count_kernel(ShareArgs a, int64_t *__restrict__ counts) {
     const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (i >= a.n) return;
     double lo[3], hi[3];
-    int64_t count = 0;
-    if (reach_box(a, i, lo, hi))
-        for (int leaf = 0; leaf < a.num_leaves; ++leaf) count += meets(a, leaf, lo, hi);
-    counts[i] = count;
+    counts[i] = leaves_met(a, i, lo, hi);
 }
 
 __global__ void write_kernel(
@@ -132,6 +162,93 @@ __global__ void write_kernel(
     }
 }
 
+__device__ __forceinline__ int64_t tile_count(const TileRect &t) {
+    return (int64_t)(t.x1 - t.x0) * (t.y1 - t.y0);
+}
+
+__global__ void isect_count_kernel(ShareArgs a, int64_t *__restrict__ counts) {
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= a.n) return;
+    double lo[3], hi[3];
+    const int met = leaves_met(a, i, lo, hi);
+    counts[i] = met == 0 ? 0 : met * tile_count(tile_rect(a, i));
+}
+
+constexpr int32_t kSharedBit = INT32_MIN; // top bit of a sorted value: the copy is clipped
+
+__global__ void isect_write_kernel(
+    ShareArgs a, const int32_t *__restrict__ leaf_position, int position_bits,
+    const int64_t *__restrict__ counts, const int64_t *__restrict__ ends,
+    int64_t *__restrict__ keys, int32_t *__restrict__ values
+) {
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= a.n || counts[i] == 0) return;
+    double lo[3], hi[3];
+    const bool shared = leaves_met(a, i, lo, hi) > 1;
+    const TileRect t = tile_rect(a, i);
+    const int tiles_x = tiles_along(a.width, a.tile_size);
+    const int64_t depth_bits = (int64_t)(uint32_t)__float_as_int(a.depths[i]);
+    const int32_t value = (int32_t)i | (shared ? kSharedBit : 0);
+    int64_t row = ends[i] - counts[i];
+    for (int leaf = 0; leaf < a.num_leaves; ++leaf) {
+        if (!meets(a, leaf, lo, hi)) continue;
+        const int64_t position_key = ((int64_t)leaf_position[leaf] << 32) | depth_bits;
+        for (int ty = t.y0; ty < t.y1; ++ty) {
+            for (int tx = t.x0; tx < t.x1; ++tx) {
+                keys[row] = ((int64_t)(ty * tiles_x + tx) << (32 + position_bits)) | position_key;
+                values[row] = value;
+                ++row;
+            }
+        }
+    }
+}
+
+__global__ void invert_positions_kernel(int num_leaves, const int32_t *__restrict__ leaf_position,
+                                        int32_t *__restrict__ leaf_at) {
+    const int leaf = blockIdx.x * blockDim.x + threadIdx.x;
+    if (leaf < num_leaves) leaf_at[leaf_position[leaf]] = leaf;
+}
+
+__global__ void split_values_kernel(
+    int64_t m, const int64_t *__restrict__ sorted_keys, const int32_t *__restrict__ sorted_values,
+    const int32_t *__restrict__ leaf_at, int64_t position_mask, int32_t *__restrict__ flatten_ids,
+    int32_t *__restrict__ isect_boxes
+) {
+    const int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (e >= m) return;
+    const int32_t value = sorted_values[e];
+    flatten_ids[e] = value & INT32_MAX;
+    isect_boxes[e] = value < 0 ? leaf_at[(sorted_keys[e] >> 32) & position_mask] : -1;
+}
+
+ShareArgs share_args(
+    const at::Tensor &means2d, const at::Tensor &conics, const at::Tensor &depths, const at::Tensor &radii,
+    const at::Tensor &opacities, const at::Tensor &camera, const at::Tensor &boxes,
+    int64_t width, int64_t height, int64_t tile_size, double alpha_min, double reach_margin, const char *op
+) {
+    for (const at::Tensor *t : {&means2d, &conics, &depths, &opacities, &camera}) {
+        LMK_CHECK_INPUT(*t);
+        TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": float32 inputs expected");
+    }
+    LMK_CHECK_INPUT(radii);
+    LMK_CHECK_DTYPE(radii, at::kInt);
+    LMK_CHECK_INPUT(boxes);
+    LMK_CHECK_DTYPE(boxes, at::kDouble);
+    const int64_t n = depths.numel();
+    TORCH_CHECK(means2d.numel() == 2 * n && conics.numel() == 3 * n && radii.numel() == n && opacities.numel() == n,
+                op, ": means2d [N,2], conics [N,3], radii [N], opacities [N] expected");
+    TORCH_CHECK(camera.numel() == 16 && boxes.dim() == 3 && boxes.size(1) == 2 && boxes.size(2) == 3,
+                op, ": camera [16] and boxes [L,2,3] expected");
+    return ShareArgs{means2d.data_ptr<float>(), conics.data_ptr<float>(), depths.data_ptr<float>(),
+                     radii.data_ptr<int32_t>(), opacities.data_ptr<float>(), camera.data_ptr<float>(),
+                     boxes.data_ptr<double>(), n, (int)boxes.size(0), (int)width, (int)height, (int)tile_size,
+                     alpha_min, reach_margin};
+}
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
 } // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> share_leaves_cuda(
@@ -140,30 +257,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> share_leaves_cuda(
     int64_t width, int64_t height, int64_t tile_size, double alpha_min, double reach_margin
 ) {
     LMK_DEVICE_GUARD(means2d);
-    for (const at::Tensor *t : {&means2d, &conics, &depths, &opacities, &camera}) {
-        LMK_CHECK_INPUT(*t);
-        TORCH_CHECK(t->scalar_type() == at::kFloat, "share_leaves_cuda: float32 inputs expected");
-    }
-    LMK_CHECK_INPUT(radii);
-    LMK_CHECK_DTYPE(radii, at::kInt);
-    LMK_CHECK_INPUT(boxes);
-    LMK_CHECK_DTYPE(boxes, at::kDouble);
-    const int64_t n = depths.numel();
-    TORCH_CHECK(means2d.numel() == 2 * n && conics.numel() == 3 * n && radii.numel() == n && opacities.numel() == n,
-                "share_leaves_cuda: means2d [N,2], conics [N,3], radii [N], opacities [N] expected");
-    TORCH_CHECK(camera.numel() == 16 && boxes.dim() == 3 && boxes.size(1) == 2 && boxes.size(2) == 3,
-                "share_leaves_cuda: camera [16] and boxes [L,2,3] expected");
-    ShareArgs a{means2d.data_ptr<float>(), conics.data_ptr<float>(), depths.data_ptr<float>(),
-                radii.data_ptr<int32_t>(), opacities.data_ptr<float>(), camera.data_ptr<float>(),
-                boxes.data_ptr<double>(), n, (int)boxes.size(0), (int)width, (int)height, (int)tile_size,
-                alpha_min, reach_margin};
+    const ShareArgs a = share_args(means2d, conics, depths, radii, opacities, camera, boxes, width, height,
+                                   tile_size, alpha_min, reach_margin, "share_leaves_cuda");
+    const int64_t n = a.n;
     auto long_options = depths.options().dtype(at::kLong);
     at::Tensor counts = at::empty({n}, long_options);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const int threads = 256;
-    const int64_t blocks = (n + threads - 1) / threads;
     if (n > 0) {
-        count_kernel<<<blocks, threads, 0, stream>>>(a, counts.data_ptr<int64_t>());
+        count_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a, counts.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     at::Tensor ends = counts.cumsum(0);
@@ -172,12 +273,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> share_leaves_cuda(
     at::Tensor leaf = at::empty({total}, long_options);
     at::Tensor box = at::empty({total}, long_options);
     if (total > 0) {
-        write_kernel<<<blocks, threads, 0, stream>>>(
+        write_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
             a, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), gaussian.data_ptr<int64_t>(),
             leaf.data_ptr<int64_t>(), box.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     return {gaussian, leaf, box};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_intersections_cuda(
+    const at::Tensor &means2d, const at::Tensor &conics, const at::Tensor &depths, const at::Tensor &radii,
+    const at::Tensor &opacities, const at::Tensor &camera, const at::Tensor &boxes,
+    const at::Tensor &leaf_position, int64_t width, int64_t height, int64_t tile_size, double alpha_min,
+    double reach_margin
+) {
+    LMK_DEVICE_GUARD(means2d);
+    const ShareArgs a = share_args(means2d, conics, depths, radii, opacities, camera, boxes, width, height,
+                                   tile_size, alpha_min, reach_margin, "clip_intersections_cuda");
+    LMK_CHECK_INPUT(leaf_position);
+    LMK_CHECK_DTYPE(leaf_position, at::kInt);
+    TORCH_CHECK(leaf_position.numel() == a.num_leaves, "clip_intersections_cuda: one leaf position per box expected");
+    TORCH_CHECK(a.n < (int64_t)INT32_MAX, "clip_intersections_cuda: more than 2^31 - 1 Gaussians");
+    const int64_t n = a.n;
+    const int64_t num_tiles = (int64_t)tiles_along(a.width, a.tile_size) * tiles_along(a.height, a.tile_size);
+    int position_bits = 1, tile_bits = 1;
+    while ((int64_t(1) << position_bits) < a.num_leaves) ++position_bits;
+    while ((int64_t(1) << tile_bits) <= num_tiles) ++tile_bits;
+    TORCH_CHECK(32 + position_bits + tile_bits <= 63, "clip_intersections_cuda: ", a.num_leaves, " leaves and ",
+                num_tiles, " tiles do not fit a 64-bit sort key");
+    auto options = depths.options();
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor counts = at::empty({n}, options.dtype(at::kLong));
+    if (n > 0) {
+        isect_count_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a, counts.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    at::Tensor ends = counts.cumsum(0);
+    const int64_t m = n > 0 ? ends[n - 1].item<int64_t>() : 0;  // one sync: the entry count
+    at::Tensor keys = at::empty({m}, options.dtype(at::kLong));
+    at::Tensor values = at::empty({m}, options.dtype(at::kInt));
+    if (m > 0) {
+        isect_write_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
+            a, leaf_position.data_ptr<int32_t>(), position_bits, counts.data_ptr<int64_t>(),
+            ends.data_ptr<int64_t>(), keys.data_ptr<int64_t>(), values.data_ptr<int32_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    TileSorted sorted = sort_tiles_stable(keys, values, position_bits, tile_bits, num_tiles);
+    at::Tensor flatten_ids = at::empty({m}, options.dtype(at::kInt));
+    at::Tensor isect_boxes = at::empty({m}, options.dtype(at::kInt));
+    if (m > 0) {
+        at::Tensor leaf_at = at::empty({a.num_leaves}, options.dtype(at::kInt));
+        invert_positions_kernel<<<blocks_for(a.num_leaves), kThreads, 0, stream>>>(
+            a.num_leaves, leaf_position.data_ptr<int32_t>(), leaf_at.data_ptr<int32_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        split_values_kernel<<<blocks_for(m), kThreads, 0, stream>>>(
+            m, sorted.keys.data_ptr<int64_t>(), sorted.values.data_ptr<int32_t>(), leaf_at.data_ptr<int32_t>(),
+            (int64_t(1) << position_bits) - 1, flatten_ids.data_ptr<int32_t>(), isect_boxes.data_ptr<int32_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t tiles_y = tiles_along(a.height, a.tile_size), tiles_x = tiles_along(a.width, a.tile_size);
+    return {sorted.offsets.view({tiles_y, tiles_x}), flatten_ids, isect_boxes};
 }
 
 } // namespace landmark

@@ -7,6 +7,7 @@
 // so with a single leaf position the order equals gsplat's sorted order exactly.
 #include "Common.h"
 #include "Ops.h"
+#include "SortIntersections.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,6 +51,31 @@ __global__ void tile_offsets_kernel(
 
 } // namespace
 
+TileSorted sort_tiles_stable(const at::Tensor &keys, const at::Tensor &values, int position_bits,
+                             int tile_bits, int64_t num_tiles) {
+    const int64_t n = keys.numel();
+    TORCH_CHECK(n < (int64_t)INT32_MAX, "more than 2^31 intersections in one camera");
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    TileSorted out{at::empty({num_tiles}, keys.options().dtype(at::kInt)), at::empty_like(keys),
+                   at::empty_like(values)};
+    const int threads = 256;
+    if (n > 0) {
+        const int end_bit = 32 + position_bits + tile_bits;
+        size_t temp_bytes = 0;
+        C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+            nullptr, temp_bytes, keys.data_ptr<int64_t>(), out.keys.data_ptr<int64_t>(),
+            values.data_ptr<int32_t>(), out.values.data_ptr<int32_t>(), (int)n, 0, end_bit, stream));
+        at::Tensor temp = at::empty({(int64_t)temp_bytes}, keys.options().dtype(at::kByte));
+        C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+            temp.data_ptr(), temp_bytes, keys.data_ptr<int64_t>(), out.keys.data_ptr<int64_t>(),
+            values.data_ptr<int32_t>(), out.values.data_ptr<int32_t>(), (int)n, 0, end_bit, stream));
+    }
+    tile_offsets_kernel<<<(n + 1 + threads - 1) / threads, threads, 0, stream>>>(
+        n, out.keys.data_ptr<int64_t>(), 32 + position_bits, num_tiles, out.offsets.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> sort_tile_leaf_depth(
     const at::Tensor &isect_ids,
     const at::Tensor &values,
@@ -69,32 +95,16 @@ std::tuple<at::Tensor, at::Tensor> sort_tile_leaf_depth(
     TORCH_CHECK(position_bits >= 1 && tile_bits >= 1 && 32 + position_bits + tile_bits <= 63,
                 "sort key of 32 + ", position_bits, " + ", tile_bits, " bits does not fit 63 bits");
     const int64_t n = isect_ids.numel();
-    TORCH_CHECK(n < (int64_t)INT32_MAX, "more than 2^31 intersections in one camera");
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    at::Tensor offsets = at::empty({num_tiles}, isect_ids.options().dtype(at::kInt));
     at::Tensor keys = at::empty_like(isect_ids);
-    at::Tensor sorted_keys = at::empty_like(isect_ids);
-    at::Tensor sorted_values = at::empty_like(values);
-    const int threads = 256;
     if (n > 0) {
-        leaf_keys_kernel<<<(n + threads - 1) / threads, threads, 0, stream>>>(
+        const int threads = 256;
+        leaf_keys_kernel<<<(n + threads - 1) / threads, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             n, isect_ids.data_ptr<int64_t>(), values.data_ptr<int32_t>(), value_position.data_ptr<int32_t>(),
             (int)position_bits, keys.data_ptr<int64_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int end_bit = 32 + (int)position_bits + (int)tile_bits;
-        size_t temp_bytes = 0;
-        C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-            nullptr, temp_bytes, keys.data_ptr<int64_t>(), sorted_keys.data_ptr<int64_t>(),
-            values.data_ptr<int32_t>(), sorted_values.data_ptr<int32_t>(), (int)n, 0, end_bit, stream));
-        at::Tensor temp = at::empty({(int64_t)temp_bytes}, isect_ids.options().dtype(at::kByte));
-        C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-            temp.data_ptr(), temp_bytes, keys.data_ptr<int64_t>(), sorted_keys.data_ptr<int64_t>(),
-            values.data_ptr<int32_t>(), sorted_values.data_ptr<int32_t>(), (int)n, 0, end_bit, stream));
     }
-    tile_offsets_kernel<<<(n + 1 + threads - 1) / threads, threads, 0, stream>>>(
-        n, sorted_keys.data_ptr<int64_t>(), 32 + (int)position_bits, num_tiles, offsets.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {offsets, sorted_values};
+    TileSorted sorted = sort_tiles_stable(keys, values, (int)position_bits, (int)tile_bits, num_tiles);
+    return {sorted.offsets, sorted.values};
 }
 
 } // namespace landmark

@@ -400,6 +400,20 @@ def sample_block_features(
 # clip mode's boundary sharing
 
 
+def _sharing_inputs(means2d, conics, depths, radii, opacities, camera, boxes) -> list[Tensor]:
+    """The sharing kernels' inputs: float32 (float64 boxes), flat, contiguous, no grad."""
+    f32 = dict(device=means2d.device, dtype=torch.float32)
+    return [
+        means2d.detach().reshape(-1, 2).to(**f32).contiguous(),
+        conics.detach().reshape(-1, 3).to(**f32).contiguous(),
+        depths.detach().reshape(-1).to(**f32).contiguous(),
+        radii.reshape(-1).to(torch.int32).contiguous(),
+        opacities.detach().reshape(-1).to(**f32).contiguous(),
+        camera.detach().to(**f32).contiguous(),
+        boxes.detach().to(device=means2d.device, dtype=torch.float64).contiguous(),
+    ]
+
+
 def share_leaves(
     means2d: Float[Tensor, "N 2"],
     conics: Float[Tensor, "N 3"],
@@ -417,14 +431,40 @@ def share_leaves(
 
     Twin: ``core.clip.share_leaves(core.clip.reach_boxes(...), boxes)``.
     """
-    f32 = dict(device=means2d.device, dtype=torch.float32)
     return load().share_leaves_cuda(
-        means2d.detach().reshape(-1, 2).to(**f32).contiguous(),
-        conics.detach().reshape(-1, 3).to(**f32).contiguous(),
-        depths.detach().reshape(-1).to(**f32).contiguous(),
-        radii.reshape(-1).to(torch.int32).contiguous(),
-        opacities.detach().reshape(-1).to(**f32).contiguous(),
-        camera.detach().to(**f32).contiguous(),
-        boxes.detach().to(device=means2d.device, dtype=torch.float64).contiguous(),
+        *_sharing_inputs(means2d, conics, depths, radii, opacities, camera, boxes),
+        width, height, settings.tile_size, float(settings.alpha_min), float(reach_margin),
+    )
+
+
+def clip_intersections(
+    means2d: Float[Tensor, "N 2"],
+    conics: Float[Tensor, "N 3"],
+    depths: Float[Tensor, " N"],
+    radii: Int[Tensor, " N"],
+    opacities: Float[Tensor, " N"],
+    camera: Float[Tensor, " 16"],
+    boxes: Float[Tensor, "L 2 3"],
+    leaf_position: Int[Tensor, " L"],
+    width: int,
+    height: int,
+    settings: RasterSettings,
+    reach_margin: float,
+) -> tuple[Int[Tensor, "TH TW"], Int[Tensor, " M"], Int[Tensor, " M"]]:
+    """The tile intersections of clip mode's copies, sorted by (tile, leaf position, depth),
+    straight from the projection (sharing, binning and sort in one op).
+
+    Twin: ``core.render_clip._clip_intersections_torch`` (the same entries in the same order).
+
+    Args:
+        leaf_position: [L] place of each leaf in the camera's order, a permutation of 0..L-1.
+
+    Returns:
+        isect_offsets [TH, TW] int32, flatten_ids [M] int32 (Gaussian of each entry) and
+        isect_boxes [M] int32 (box of each entry, -1 = unclipped).
+    """
+    return load().clip_intersections_cuda(
+        *_sharing_inputs(means2d, conics, depths, radii, opacities, camera, boxes),
+        leaf_position.to(device=means2d.device, dtype=torch.int32).contiguous(),
         width, height, settings.tile_size, float(settings.alpha_min), float(reach_margin),
     )

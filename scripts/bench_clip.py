@@ -6,8 +6,9 @@ Methods (all render the same Gaussians of one camera; projection is done once, u
   gsplat     isect_tiles (sorted by tile, depth) + gsplat rasterize_to_pixels
   one-pass   isect_tiles re-keyed by (tile, leaf position, depth) + gsplat rasterize_to_pixels
              (``plain`` mode: all leaves in one launch)
-  clip       boundary sharing + isect_tiles of the copies re-keyed by (tile, leaf position,
-             depth) + the box-clipped kernel of csrc/ (``clip`` mode, one pass)
+  clip       the csrc/ op from projection to the copies' sorted entries (boundary sharing,
+             gsplat's tile binning of each copy, one radix sort by (tile, leaf position,
+             depth)) + the box-clipped kernel of csrc/ (``clip`` mode, one pass)
   unclipped  our kernel on gsplat's own intersections with no box (kernel overhead alone)
 Columns: ``prep`` (intersections, sort, sharing), ``raster`` (rasteriser forward + backward),
 ``total`` and ``total / gsplat``.  Targets (issue 11): one-pass <= 1.1x, clip <= 1.25x.
@@ -104,7 +105,6 @@ def methods_cuda(P: Projected, position, clip_leaves):
     from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles, rasterize_to_pixels
 
     from landmark_plugin import cuda
-    from landmark_plugin.core.clip import sharing_copies
     from landmark_plugin.core.render import _sort_by_tile_leaf_depth
     from landmark_plugin.core.render_clip import clip_intersections
 
@@ -126,8 +126,7 @@ def methods_cuda(P: Projected, position, clip_leaves):
         return c[0], 1.0 - a[0]
 
     def clip_prep():
-        copies = sharing_copies(P.proj(), P.opacities, P.camera, clip_leaves.boxes, W, H, P.settings)
-        return clip_intersections(m2, r, d, copies, clip_leaves.leaf_position, W, H, ts)
+        return clip_intersections(P.proj(), P.opacities, P.camera, clip_leaves, W, H, P.settings)
 
     def clip_raster(state, x):
         return cuda.rasterize_clipped(*x, P.depths, clip_leaves.boxes, P.camera, W, H, *state, P.settings)

@@ -228,3 +228,38 @@ def test_unclipped_copies_render_like_plain():
     got = _one_pass(proj, colors, params, copies, boxes, camera32, order, settings)
     want = rasterize(proj, colors, params["opacities"], WIDTH, HEIGHT, settings, group=order_positions(order)[leaf])
     assert _max_diff(got, want) == 0.0
+
+
+@pytest.mark.parametrize("camera", ["outside", "oblique"])
+@pytest.mark.parametrize("depth", [0, 2])
+def test_clip_intersections_twin_lists_every_copy_tile_in_order(depth, camera):
+    """The entries the clipped kernel walks (twin of the CUDA op): every copy once per tile
+    of its Gaussian (gsplat's binning), per tile ordered by (leaf position, depth, copy)."""
+    from landmark_plugin.core.raster_ref import tile_ranges
+    from landmark_plugin.core.render_clip import ClipLeaves, clip_intersections
+
+    params, tree, viewmat, K = _scene(40 + depth, depth, camera, n=150)
+    settings = RasterSettings(tile_size=8)
+    proj, _, boxes, camera32, order = _setup(params, tree, viewmat, K, settings)
+    position = order_positions(order)
+    offsets, flatten_ids, isect_boxes = clip_intersections(
+        proj, params["opacities"], camera32, ClipLeaves(boxes, position), WIDTH, HEIGHT, settings
+    )
+    copies = sharing_copies(proj, params["opacities"], camera32, boxes, WIDTH, HEIGHT, settings)
+    rect = tile_ranges(proj.means2d, proj.radii, 8, WIDTH, HEIGHT).tolist()
+    tiles_x, tiles_y = math.ceil(WIDTH / 8), math.ceil(HEIGHT / 8)
+    depth32 = proj.depths.to(torch.float32).tolist()
+    want = []
+    for c, (g, leaf, box) in enumerate(zip(*(t.tolist() for t in copies))):
+        x0, x1, y0, y1 = rect[g]
+        for ty in range(y0, y1):
+            for tx in range(x0, x1):
+                want.append((ty * tiles_x + tx, int(position[leaf]), depth32[g], c, g, box))
+    want.sort()
+    assert len(want) > 200
+    if depth > 0:
+        assert any(w[5] >= 0 for w in want), "the scene should share some Gaussians"
+    assert flatten_ids.tolist() == [w[4] for w in want]
+    assert isect_boxes.tolist() == [w[5] for w in want]
+    first = [sum(1 for w in want if w[0] < t) for t in range(tiles_x * tiles_y)]
+    assert offsets.shape == (tiles_y, tiles_x) and offsets.flatten().tolist() == first

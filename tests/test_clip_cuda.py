@@ -71,11 +71,12 @@ def _scene(seed: int, depth: int, n: int = 6000, channels: int = 3, eye=(2.2, -2
 
 
 def _kernel_and_twin(s, colors, cot_c, cot_t, absgrad=False):
-    from landmark_plugin.core.render_clip import clip_intersections
+    from landmark_plugin.core.render_clip import ClipLeaves, clip_intersections
     from landmark_plugin.cuda import rasterize_clipped as kernel
 
+    proj = Projection(s["means2d"][0], s["conics"][0], s["depths"][0], s["radii"][0])
     offsets, flatten_ids, isect_boxes = clip_intersections(
-        s["means2d"], s["radii"], s["depths"], s["copies"], s["position"], WIDTH, HEIGHT, s["settings"].tile_size
+        proj, s["p"]["opacities"], s["camera"], ClipLeaves(s["boxes"], s["position"]), WIDTH, HEIGHT, s["settings"]
     )
     out = {}
     for who in ("kernel", "twin"):
@@ -267,3 +268,32 @@ def test_sharing_kernel_equals_twin(ext, depth: int, eye) -> None:
         assert (twin.box >= 0).any(), "the scene should share some Gaussians across leaves"
     for got, want in zip(kernel, twin):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("depth, eye", [(0, (2.2, -2.0, 1.1)), (2, (2.2, -2.0, 1.1)), (4, (0.3, -3.0, 0.05)),
+                                        (3, (2.5, 0.2, 2.4))])
+def test_clip_intersections_op_equals_twin(ext, depth: int, eye) -> None:
+    """The one-op sharing + binning + sort gives the twin's entries in the twin's order
+    (offsets, Gaussian and box of every entry); with one leaf, gsplat's own sorted entries."""
+    from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles
+
+    from landmark_plugin.core.render_clip import ClipLeaves, _clip_intersections_torch, clip_intersections
+
+    s = _scene(seed=31 + depth, depth=depth, eye=eye)
+    proj = Projection(s["means2d"][0], s["conics"][0], s["depths"][0], s["radii"][0])
+    args = (proj, s["p"]["opacities"], s["camera"], ClipLeaves(s["boxes"], s["position"]), WIDTH, HEIGHT,
+            s["settings"])
+    got = clip_intersections(*args)
+    want = _clip_intersections_torch(*args)
+    assert got[1].numel() > 10_000
+    if depth > 0:
+        assert int((want[2] >= 0).sum()) > 100, "the scene should share some Gaussians across leaves"
+    for name, a, b in zip(("offsets", "flatten_ids", "isect_boxes"), got, want):
+        assert a.dtype == torch.int32 and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name} differ at {int((a != b).sum())} places"
+    if depth == 0:
+        tiles_x, tiles_y = (WIDTH + 15) // 16, (HEIGHT + 15) // 16
+        _, ids, flat = isect_tiles(s["means2d"], s["radii"], s["depths"], 16, tiles_x, tiles_y, sort=True)
+        assert torch.equal(got[0], isect_offset_encode(ids, 1, tiles_x, tiles_y)[0].to(torch.int32))
+        assert torch.equal(got[1], flat.to(torch.int32))
+        assert bool((got[2] == -1).all())

@@ -22,9 +22,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from landmark_plugin.core.clip import Copies, clip_camera, rasterize_clipped, sharing_copies
+from landmark_plugin.core.clip import _REACH_MARGIN, clip_camera, rasterize_clipped, sharing_copies
 from landmark_plugin.core.projection import Projection, RasterSettings, project_gaussians
-from landmark_plugin.core.render import Backend, Gaussians, Partial, _colors, _sort_by_tile_leaf_depth, resolve_backend
+from landmark_plugin.core.raster_ref import tile_ranges
+from landmark_plugin.core.render import (
+    Backend,
+    Gaussians,
+    Partial,
+    _colors,
+    _sort_by_tile_leaf_depth_torch,
+    resolve_backend,
+)
 from landmark_plugin.core.sh import camera_center
 
 
@@ -99,38 +107,60 @@ def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, sett
 
 
 def clip_intersections(
-    means2d: Float[Tensor, "1 N 2"],
-    radii: Int[Tensor, "1 N"],
-    depths: Float[Tensor, "1 N"],
-    copies: Copies,
-    leaf_position: Int[Tensor, " L"],
+    proj: Projection,
+    opacities: Float[Tensor, " N"],
+    camera: Float[Tensor, " 16"],
+    leaves: ClipLeaves,
     width: int,
     height: int,
-    tile_size: int,
+    settings: RasterSettings = RasterSettings(),
 ) -> tuple[Int[Tensor, "TH TW"], Int[Tensor, " M"], Int[Tensor, " M"]]:
-    """gsplat's tile intersections of the copies, sorted by (tile, leaf position, depth).
+    """The tile intersections of the sharing copies, sorted by (tile, leaf position, depth):
+    the entries the box-clipped rasteriser walks.
+
+    Each copy (``clip.sharing_copies``) is binned to its Gaussian's tiles by gsplat's
+    ``isect_tiles`` rule.  On CUDA one csrc/ op goes from the projection to the sorted
+    entries; elsewhere (or without the kernels) the torch twin below gives the same
+    entries in the same order.
 
     Returns:
-        isect_offsets [TH, TW] int32, flatten_ids [M] int32 (Gaussian of each entry) and
-        isect_boxes [M] int32 (box of each entry, -1 = unclipped).
+        isect_offsets [TH, TW] int32 (first entry of each tile), flatten_ids [M] int32
+        (Gaussian of each entry) and isect_boxes [M] int32 (box of each entry, -1 = unclipped).
     """
-    from gsplat.cuda._wrapper import isect_tiles
+    if proj.means2d.is_cuda:
+        from landmark_plugin import cuda
 
-    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+        if cuda.require(allow_fallback=True) is not None:
+            return cuda.clip_intersections(
+                proj.means2d, proj.conics, proj.depths, proj.radii, opacities, camera, leaves.boxes,
+                leaves.leaf_position, width, height, settings, _REACH_MARGIN,
+            )
+    return _clip_intersections_torch(proj, opacities, camera, leaves, width, height, settings)
+
+
+def _clip_intersections_torch(proj, opacities, camera, leaves, width, height, settings):
+    """Twin of ``cuda.clip_intersections``: sharing copies, each copy's tiles in gsplat's
+    order (rows, then columns), one stable sort by (tile, leaf position, depth)."""
+    copies = sharing_copies(proj, opacities, camera, leaves.boxes, width, height, settings, use_kernel=False)
+    ts = settings.tile_size
+    tiles_x, tiles_y = math.ceil(width / ts), math.ceil(height / ts)
     g = copies.gaussian
-    _, isect_ids, copy_ids = isect_tiles(
-        means2d[:, g].contiguous(), radii[:, g].contiguous(), depths[:, g].contiguous(),
-        tile_size, tiles_x, tiles_y, sort=False,
+    rect = tile_ranges(proj.means2d[g], proj.radii[g], ts, width, height)  # [C, 4] x0 x1 y0 y1
+    columns = rect[:, 1] - rect[:, 0]
+    count = columns * (rect[:, 3] - rect[:, 2])
+    copy = torch.repeat_interleave(torch.arange(g.shape[0], device=g.device), count)
+    within = torch.arange(copy.shape[0], device=g.device) - (torch.cumsum(count, 0) - count)[copy]
+    tile = (rect[copy, 2] + within // columns[copy]) * tiles_x + rect[copy, 0] + within % columns[copy]
+    depth_bits = proj.depths.detach().to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    isect_ids = (tile << 32) | depth_bits[g[copy]]
+    num_positions = int(leaves.leaf_position.shape[0])
+    offsets, order = _sort_by_tile_leaf_depth_torch(
+        isect_ids, copy, leaves.leaf_position.to(g.device)[copies.leaf], num_positions, tiles_x * tiles_y
     )
-    num_positions = int(leaf_position.shape[0])
-    offsets, copy_ids = _sort_by_tile_leaf_depth(
-        isect_ids, copy_ids, leaf_position[copies.leaf], num_positions, tiles_x * tiles_y
-    )
-    copy_ids = copy_ids.long()
     return (
         offsets.view(tiles_y, tiles_x),
-        g[copy_ids].to(torch.int32).contiguous(),
-        copies.box[copy_ids].to(torch.int32).contiguous(),
+        g[order].to(torch.int32),
+        copies.box[order].to(torch.int32),
     )
 
 
@@ -154,9 +184,8 @@ def _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, setti
         colors = torch.cat([colors, depths[0, :, None]], dim=-1)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
     proj = Projection(means2d[0].detach(), conics[0].detach(), depths[0].detach(), radii[0])
-    copies = sharing_copies(proj, gaussians.opacities.detach(), camera, leaves.boxes, width, height, settings)
     offsets, flatten_ids, isect_boxes = clip_intersections(
-        means2d, radii, depths, copies, leaves.leaf_position, width, height, settings.tile_size
+        proj, gaussians.opacities.detach(), camera, leaves, width, height, settings
     )
     color, trans = rasterize_clipped_cuda(
         means2d, conics, colors, gaussians.opacities, depths[0], leaves.boxes, camera, width, height,
