@@ -13,8 +13,8 @@
 //
 // clip_intersections_cuda (twin: core/render_clip.py _clip_intersections_torch) goes
 // straight to the sorted tile entries of the copies: pass 1 counts leaves x tiles per
-// Gaussian, pass 2 writes each copy's (tile, leaf position, depth) keys in (gaussian, leaf,
-// tile) order -- the order gsplat's isect_tiles gives the copies -- and the stable radix
+// Gaussian (and keeps the set of leaves met when there are at most 32), pass 2 writes each
+// copy's (tile, leaf position, depth) keys in (gaussian, leaf, tile) order -- the order gsplat's isect_tiles gives the copies -- and the stable radix
 // sort orders them.  The sorted value is the Gaussian id with the top bit set for a shared
 // copy; a last pass splits it into flatten_ids and the box (the leaf at the key's position).
 // Building the copies first and running gsplat's isect_tiles on them moved every copy
@@ -72,6 +72,7 @@ __device__ __forceinline__ TileRect tile_rect(const ShareArgs &a, int64_t i) {
 
 // The reach box of Gaussian i, [lo, hi] per world axis; false when it reaches nothing.
 __device__ bool reach_box(const ShareArgs &a, int64_t i, double lo[3], double hi[3]) {
+    if (a.radii[i] <= 0) return false; // culled: skip the float64 work (the usable test below agrees)
     double cam[16];
 #pragma unroll
     for (int k = 0; k < 16; ++k) cam[k] = (double)a.camera[k];
@@ -166,40 +167,64 @@ __device__ __forceinline__ int64_t tile_count(const TileRect &t) {
     return (int64_t)(t.x1 - t.x0) * (t.y1 - t.y0);
 }
 
-__global__ void isect_count_kernel(ShareArgs a, int64_t *__restrict__ counts) {
+// Pass 1: entries per Gaussian (leaves met x tiles), and with at most kMaskLeaves leaves the
+// set of leaves met, so pass 2 needs no float64 work.
+constexpr int kMaskLeaves = 32;
+
+__global__ void isect_count_kernel(ShareArgs a, int64_t *__restrict__ counts, uint32_t *__restrict__ leaf_masks) {
     const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (i >= a.n) return;
+    const int64_t tiles = tile_count(tile_rect(a, i));
     double lo[3], hi[3];
-    const int met = leaves_met(a, i, lo, hi);
-    counts[i] = met == 0 ? 0 : met * tile_count(tile_rect(a, i));
+    uint32_t mask = 0;
+    int met = 0;
+    if (tiles > 0 && reach_box(a, i, lo, hi)) {
+        for (int leaf = 0; leaf < a.num_leaves; ++leaf) {
+            if (!meets(a, leaf, lo, hi)) continue;
+            ++met;
+            if (leaf < kMaskLeaves) mask |= 1u << leaf;
+        }
+    }
+    counts[i] = met * tiles;
+    if (leaf_masks != nullptr) leaf_masks[i] = mask;
 }
 
 constexpr int32_t kSharedBit = INT32_MIN; // top bit of a sorted value: the copy is clipped
 
+// Pass 2: each copy's (tile, leaf position, depth) keys, copies in leaf order, tiles row by
+// row.  kMasks: the leaves come from pass 1's masks; otherwise from the reach box again.
+template <bool kMasks>
 __global__ void isect_write_kernel(
-    ShareArgs a, const int32_t *__restrict__ leaf_position, int position_bits,
-    const int64_t *__restrict__ counts, const int64_t *__restrict__ ends,
+    ShareArgs a, const uint32_t *__restrict__ leaf_masks, const int32_t *__restrict__ leaf_position,
+    int position_bits, const int64_t *__restrict__ counts, const int64_t *__restrict__ ends,
     int64_t *__restrict__ keys, int32_t *__restrict__ values
 ) {
     const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (i >= a.n || counts[i] == 0) return;
-    double lo[3], hi[3];
-    const bool shared = leaves_met(a, i, lo, hi) > 1;
     const TileRect t = tile_rect(a, i);
     const int tiles_x = tiles_along(a.width, a.tile_size);
-    const int64_t depth_bits = (int64_t)(uint32_t)__float_as_int(a.depths[i]);
-    const int32_t value = (int32_t)i | (shared ? kSharedBit : 0);
+    const int64_t depth_bits = (int64_t)(uint32_t)__float_as_int(a.depths[i]) & kDepthMask;
     int64_t row = ends[i] - counts[i];
-    for (int leaf = 0; leaf < a.num_leaves; ++leaf) {
-        if (!meets(a, leaf, lo, hi)) continue;
-        const int64_t position_key = ((int64_t)leaf_position[leaf] << 32) | depth_bits;
+    auto write_copy = [&](int leaf, bool shared) {
+        const int64_t position_key = ((int64_t)leaf_position[leaf] << kDepthBits) | depth_bits;
+        const int32_t value = (int32_t)i | (shared ? kSharedBit : 0);
         for (int ty = t.y0; ty < t.y1; ++ty) {
             for (int tx = t.x0; tx < t.x1; ++tx) {
-                keys[row] = ((int64_t)(ty * tiles_x + tx) << (32 + position_bits)) | position_key;
+                keys[row] = ((int64_t)(ty * tiles_x + tx) << (kDepthBits + position_bits)) | position_key;
                 values[row] = value;
                 ++row;
             }
         }
+    };
+    if (kMasks) {
+        uint32_t mask = leaf_masks[i];
+        const bool shared = __popc(mask) > 1;
+        for (; mask != 0; mask &= mask - 1) write_copy(__ffs(mask) - 1, shared);
+    } else {
+        double lo[3], hi[3];
+        const bool shared = leaves_met(a, i, lo, hi) > 1;
+        for (int leaf = 0; leaf < a.num_leaves; ++leaf)
+            if (meets(a, leaf, lo, hi)) write_copy(leaf, shared);
     }
 }
 
@@ -218,7 +243,7 @@ __global__ void split_values_kernel(
     if (e >= m) return;
     const int32_t value = sorted_values[e];
     flatten_ids[e] = value & INT32_MAX;
-    isect_boxes[e] = value < 0 ? leaf_at[(sorted_keys[e] >> 32) & position_mask] : -1;
+    isect_boxes[e] = value < 0 ? leaf_at[(sorted_keys[e] >> kDepthBits) & position_mask] : -1;
 }
 
 ShareArgs share_args(
@@ -299,13 +324,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_intersections_cuda(
     int position_bits = 1, tile_bits = 1;
     while ((int64_t(1) << position_bits) < a.num_leaves) ++position_bits;
     while ((int64_t(1) << tile_bits) <= num_tiles) ++tile_bits;
-    TORCH_CHECK(32 + position_bits + tile_bits <= 63, "clip_intersections_cuda: ", a.num_leaves, " leaves and ",
+    TORCH_CHECK(kDepthBits + position_bits + tile_bits <= 63, "clip_intersections_cuda: ", a.num_leaves, " leaves and ",
                 num_tiles, " tiles do not fit a 64-bit sort key");
     auto options = depths.options();
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor counts = at::empty({n}, options.dtype(at::kLong));
+    const bool masks = a.num_leaves <= kMaskLeaves;
+    at::Tensor leaf_masks = at::empty({masks ? n : 0}, options.dtype(at::kInt));
+    uint32_t *masks_ptr = masks ? reinterpret_cast<uint32_t *>(leaf_masks.data_ptr<int32_t>()) : nullptr;
     if (n > 0) {
-        isect_count_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a, counts.data_ptr<int64_t>());
+        isect_count_kernel<<<blocks_for(n), kThreads, 0, stream>>>(a, counts.data_ptr<int64_t>(), masks_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     at::Tensor ends = counts.cumsum(0);
@@ -313,8 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_intersections_cuda(
     at::Tensor keys = at::empty({m}, options.dtype(at::kLong));
     at::Tensor values = at::empty({m}, options.dtype(at::kInt));
     if (m > 0) {
-        isect_write_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-            a, leaf_position.data_ptr<int32_t>(), position_bits, counts.data_ptr<int64_t>(),
+        auto write = masks ? isect_write_kernel<true> : isect_write_kernel<false>;
+        write<<<blocks_for(n), kThreads, 0, stream>>>(
+            a, masks_ptr, leaf_position.data_ptr<int32_t>(), position_bits, counts.data_ptr<int64_t>(),
             ends.data_ptr<int64_t>(), keys.data_ptr<int64_t>(), values.data_ptr<int32_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -3,8 +3,11 @@
 // gsplat's isect_tiles(sort=False) gives keys `tile << 32 | depth_bits` in generation order.
 // The one-pass multi-leaf rule needs the leaf position between tile and depth.  torch.sort on
 // the widened int64 key sorts all 64 bits and is not stable; cub's radix sort over only the
-// bits in use (32 + position_bits + tile_bits) is what gsplat's own sort costs, and stable,
-// so with a single leaf position the order equals gsplat's sorted order exactly.
+// bits in use (31 + position_bits + tile_bits) is what gsplat's own sort costs, and stable,
+// so with a single leaf position the order equals gsplat's sorted order exactly.  Binned
+// Gaussians lie in front of the camera (gsplat culls z <= near_plane), so a depth's sign bit
+// is always 0 and the key keeps only its 31 other bits: at 16 leaves and 1080p that is 48
+// bits, six 8-bit radix passes instead of seven.
 #include "Common.h"
 #include "Ops.h"
 #include "SortIntersections.h"
@@ -29,9 +32,9 @@ __global__ void leaf_keys_kernel(
     if (i >= n) return;
     const int64_t key = isect_ids[i];
     const int64_t tile = key >> 32;
-    const int64_t depth_bits = key & 0xFFFFFFFFLL;
+    const int64_t depth_bits = key & kDepthMask;
     const int64_t position = value_position[values[i]];
-    keys[i] = (tile << (32 + position_bits)) | (position << 32) | depth_bits;
+    keys[i] = (tile << (kDepthBits + position_bits)) | (position << kDepthBits) | depth_bits;
 }
 
 // offsets[t] = first sorted entry whose tile is >= t (searchsorted left over the tiles).
@@ -60,7 +63,7 @@ TileSorted sort_tiles_stable(const at::Tensor &keys, const at::Tensor &values, i
                    at::empty_like(values)};
     const int threads = 256;
     if (n > 0) {
-        const int end_bit = 32 + position_bits + tile_bits;
+        const int end_bit = kDepthBits + position_bits + tile_bits;
         size_t temp_bytes = 0;
         C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
             nullptr, temp_bytes, keys.data_ptr<int64_t>(), out.keys.data_ptr<int64_t>(),
@@ -71,7 +74,7 @@ TileSorted sort_tiles_stable(const at::Tensor &keys, const at::Tensor &values, i
             values.data_ptr<int32_t>(), out.values.data_ptr<int32_t>(), (int)n, 0, end_bit, stream));
     }
     tile_offsets_kernel<<<(n + 1 + threads - 1) / threads, threads, 0, stream>>>(
-        n, out.keys.data_ptr<int64_t>(), 32 + position_bits, num_tiles, out.offsets.data_ptr<int32_t>());
+        n, out.keys.data_ptr<int64_t>(), kDepthBits + position_bits, num_tiles, out.offsets.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
 }
@@ -92,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> sort_tile_leaf_depth(
     LMK_CHECK_DTYPE(values, at::kInt);
     LMK_CHECK_DTYPE(value_position, at::kInt);
     TORCH_CHECK(isect_ids.numel() == values.numel(), "isect_ids and values must have one entry each");
-    TORCH_CHECK(position_bits >= 1 && tile_bits >= 1 && 32 + position_bits + tile_bits <= 63,
-                "sort key of 32 + ", position_bits, " + ", tile_bits, " bits does not fit 63 bits");
+    TORCH_CHECK(position_bits >= 1 && tile_bits >= 1 && kDepthBits + position_bits + tile_bits <= 63,
+                "sort key of ", kDepthBits, " + ", position_bits, " + ", tile_bits, " bits does not fit 63 bits");
     const int64_t n = isect_ids.numel();
     at::Tensor keys = at::empty_like(isect_ids);
     if (n > 0) {

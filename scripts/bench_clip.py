@@ -16,6 +16,7 @@ Columns: ``prep`` (intersections, sort, sharing), ``raster`` (rasteriser forward
     python scripts/bench_clip.py --json bench_clip.json      # 2M Gaussians, 1920x1080, depth 0 2 4
     python scripts/bench_clip.py --smoke                     # CPU: torch twins, tiny, seconds
     compute-sanitizer --tool memcheck python scripts/bench_clip.py --memcheck   # tiny GPU case
+    python scripts/bench_clip.py --profile 4                 # per-kernel GPU times, depth 4
 """
 
 from __future__ import annotations
@@ -248,6 +249,32 @@ def memcheck(args) -> None:
     print("memcheck case done: 2000 Gaussians, 128x96, depth 2, forward + backward")
 
 
+def profile(args) -> None:
+    """Per-kernel GPU time of each method's prep and raster at one tree depth (torch.profiler)."""
+    from landmark_plugin.core.projection import RasterSettings
+
+    settings = RasterSettings()
+    gaussians, viewmat, K = make_scene(args.num_gaussians, args.width, args.height, "cuda", args.seed)
+    P = Projected(gaussians, viewmat, K, args.width, args.height, settings)
+    position, clip_leaves = leaves_for(gaussians, viewmat, args.profile)
+    for name, (prep, raster) in methods_cuda(P, position, clip_leaves).items():
+        time_method(prep, raster, P, "cuda", repeats=1, warmup=2)
+        print_kernel_times(lambda: time_method(prep, raster, P, "cuda", repeats=args.repeats, warmup=0),
+                           f"{name}, depth {args.profile}: GPU time over {args.repeats} forward + backward")
+
+
+def print_kernel_times(run_once, title: str, rows: int = 14) -> None:
+    """Run ``run_once`` under torch.profiler and print its CUDA kernels by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_once()
+        torch.cuda.synchronize()
+    print(f"\n== {title} ==")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-gaussians", type=int, default=2_000_000)
@@ -260,6 +287,8 @@ def parse(argv=None):
     p.add_argument("--json", type=Path, default=None, help="write the rows (and the settings) here")
     p.add_argument("--smoke", action="store_true", help="CPU, torch twins, 300 Gaussians at 40x30")
     p.add_argument("--memcheck", action="store_true", help="one tiny clipped forward + backward on the GPU")
+    p.add_argument("--profile", type=int, default=None, metavar="DEPTH",
+                   help="per-kernel GPU times of every method at this tree depth (torch.profiler)")
     args = p.parse_args(argv)
     if args.smoke:
         args.num_gaussians, args.width, args.height = 300, 40, 30
@@ -271,6 +300,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.memcheck:
         memcheck(args)
+        return 0
+    if args.profile is not None:
+        profile(args)
         return 0
     if not args.smoke and not torch.cuda.is_available():
         print("bench_clip.py needs a CUDA device (use --smoke for the CPU twins)", file=sys.stderr)

@@ -114,6 +114,10 @@ def run(args) -> list[dict]:
             continue
         reference = None
         for name, render in renderers(gaussians, viewmat, K, args.width, args.height, args.depth, backend).items():
+            if args.profile:
+                with torch.no_grad():
+                    render()
+                    _bench_clip().print_kernel_times(render, f"{name}, {count} Gaussians: one frame")
             try:
                 seconds, peak, image = time_render(render, device, args.repeats)
             except torch.cuda.OutOfMemoryError as err:
@@ -143,6 +147,7 @@ def parse(argv=None):
     parser.add_argument("--depth", type=int, default=4, help="kd-tree depth of the one-pass / clip leaves")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="CPU, torch backend, tiny sizes")
+    parser.add_argument("--profile", action="store_true", help="also print each renderer's CUDA kernel times")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:

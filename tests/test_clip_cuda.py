@@ -271,10 +271,11 @@ def test_sharing_kernel_equals_twin(ext, depth: int, eye) -> None:
 
 
 @pytest.mark.parametrize("depth, eye", [(0, (2.2, -2.0, 1.1)), (2, (2.2, -2.0, 1.1)), (4, (0.3, -3.0, 0.05)),
-                                        (3, (2.5, 0.2, 2.4))])
+                                        (3, (2.5, 0.2, 2.4)), (6, (2.2, -2.0, 1.1))])
 def test_clip_intersections_op_equals_twin(ext, depth: int, eye) -> None:
     """The one-op sharing + binning + sort gives the twin's entries in the twin's order
-    (offsets, Gaussian and box of every entry); with one leaf, gsplat's own sorted entries."""
+    (offsets, Gaussian and box of every entry); with one leaf, gsplat's own sorted entries.
+    Depth 6 (64 leaves) takes the op's path without per-Gaussian leaf masks."""
     from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles
 
     from landmark_plugin.core.render_clip import ClipLeaves, _clip_intersections_torch, clip_intersections

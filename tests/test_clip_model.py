@@ -27,3 +27,26 @@ def test_clip_mode_renders_like_unpartitioned_and_trains(tiny_city, tmp_path):
     model.train()
     losses = trainer.run_steps(0, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_auto_mode_is_clip_only_where_exact_and_fast(monkeypatch):
+    """``mode auto`` (the default) renders clip with the csrc/ kernel on one rank, plain on the
+    torch backend, without the kernels, and on several ranks; explicit modes are kept."""
+    from types import SimpleNamespace
+
+    from landmark_plugin import cuda
+    from landmark_plugin.gaussians.model import RetinaGSModel, RetinaGSModelConfig
+
+    assert RetinaGSModelConfig().mode == "auto"
+
+    def resolved(mode, backend, ranks, kernels):
+        monkeypatch.setattr(cuda, "require", lambda allow_fallback: object() if kernels else None)
+        model = SimpleNamespace(config=SimpleNamespace(mode=mode), _auto_mode=None, ranks=ranks)
+        return RetinaGSModel.render_mode(model, backend)
+
+    assert resolved("auto", "gsplat", 1, kernels=True) == "clip"
+    assert resolved("auto", "gsplat", 1, kernels=False) == "plain"
+    assert resolved("auto", "gsplat", 2, kernels=True) == "plain"
+    assert resolved("auto", "torch", 1, kernels=True) == "plain"
+    assert resolved("clip", "torch", 2, kernels=False) == "clip"
+    assert resolved("plain", "gsplat", 1, kernels=True) == "plain"

@@ -180,6 +180,10 @@ def _render_partial_gsplat(
     return Partial(render[0], 1.0 - alpha[0], means2d, radii)
 
 
+_DEPTH_BITS = 31
+"""Bits of a (positive) float32 depth in the (tile, leaf position, depth) sort key."""
+
+
 def _sort_by_tile_leaf_depth(
     isect_ids: Int[Tensor, "M"],
     flatten_ids: Int[Tensor, "M"],
@@ -195,7 +199,7 @@ def _sort_by_tile_leaf_depth(
     Returns:
         offsets [num_tiles] int32 (first intersection of each tile) and the sorted flatten_ids.
     """
-    if 32 + max(1, (num_positions - 1).bit_length()) + max(1, num_tiles.bit_length()) > 63:
+    if _DEPTH_BITS + max(1, (num_positions - 1).bit_length()) + max(1, num_tiles.bit_length()) > 63:
         raise ValueError(f"{num_positions} leaf positions and {num_tiles} tiles do not fit a 64-bit sort key")
     if isect_ids.is_cuda:
         from landmark_plugin import cuda
@@ -216,18 +220,20 @@ def _sort_by_tile_leaf_depth_torch(
 
     gsplat's key is ``tile_id << 32 | depth_bits`` (one camera: no camera bits).  Positive
     float32 depths order like their bit patterns, so inserting the leaf position between the
-    tile and the depth bits gives the lexicographic key in one int64 sort.
+    tile and the depth bits gives the lexicographic key in one int64 sort.  Binned Gaussians
+    lie in front of the camera, so the depth's sign bit is 0 and the key keeps its other 31
+    bits (``_DEPTH_BITS``, as the CUDA sort does: one radix pass fewer at 16 leaves).
 
     Returns:
         offsets [num_tiles] int32 (first intersection of each tile) and the sorted flatten_ids.
     """
     position_bits = max(1, (num_positions - 1).bit_length())
     tile_id = isect_ids >> 32
-    depth_bits = isect_ids & 0xFFFFFFFF
+    depth_bits = isect_ids & ((1 << _DEPTH_BITS) - 1)
     position = leaf_position[flatten_ids.long()].to(torch.int64)
-    key = (tile_id << (32 + position_bits)) | (position << 32) | depth_bits
+    key = (tile_id << (_DEPTH_BITS + position_bits)) | (position << _DEPTH_BITS) | depth_bits
     key, order = torch.sort(key, stable=True)
-    sorted_tiles = key >> (32 + position_bits)
+    sorted_tiles = key >> (_DEPTH_BITS + position_bits)
     tiles = torch.arange(num_tiles, device=key.device, dtype=sorted_tiles.dtype)
     offsets = torch.searchsorted(sorted_tiles, tiles).to(torch.int32)
     return offsets, flatten_ids[order].contiguous()

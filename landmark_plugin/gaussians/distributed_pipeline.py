@@ -115,11 +115,12 @@ class DistributedRetinaPipeline(VanillaPipeline):
         timeout = datetime.timedelta(seconds=config.collective_timeout_s)
         self.comm = init_comm(device, timeout=timeout, backend=config.backend)
         self.world_size = self.comm.world_size
-        if self.distributed and getattr(self.model.config, "mode", "plain") != "plain":
+        self.model.ranks = self.world_size
+        if self.distributed and self.model.config.mode == "clip":
             raise NotImplementedError(
                 f"retina-gs mode '{self.model.config.mode}' on {self.world_size} ranks: the sharded step renders "
                 "each rank's own Gaussians only (mode plain); sharing Gaussians across ranks for clip mode is not "
-                "implemented yet. Pass --pipeline.model.mode plain"
+                "implemented yet. Pass --pipeline.model.mode plain (or auto, which renders plain on several ranks)"
             )
         self.sharded = ShardedRetina(self.comm, self.model)
         shard_(self.comm, self.model, self.sharded.parts)

@@ -54,13 +54,16 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     """kd-tree depth: the Gaussians are owned by 2**tree_depth leaves (whole subtrees go to ranks)."""
     split_axes: Literal["widest", "xy"] = "widest"
     """Split each kd-tree node on its widest axis, or alternate x and y (aerial captures)."""
-    mode: Literal["plain", "clip"] = "plain"
+    mode: Literal["auto", "plain", "clip"] = "auto"
     """plain: each Gaussian is rendered by its own leaf only, and the composite equals one render
     sorted by (leaf order, depth).  clip: RetinaGS's rule: a Gaussian counts at a pixel only in the
     leaf whose box holds the point on the pixel's ray at the Gaussian's centre depth, and it is
     shared with every leaf it can reach, so the render equals the unpartitioned render of all
     Gaussians (boundaries are invisible); CUDA kernel of csrc/ on GPU (built on first use), its
-    torch twin with backend torch."""
+    torch twin with backend torch.  auto: clip where it is exact and fast -- one rank rendering
+    with the csrc/ kernel (1.09-1.20x gsplat's rasteriser, BENCHMARKS.md) -- and plain otherwise:
+    on the torch backend (the clip twin is ~3x slower), without the kernels, and on several ranks
+    (sharing Gaussians across ranks is not implemented)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
@@ -135,6 +138,10 @@ class RetinaGSModel(SplatfactoModel):
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self._backend_checked = False
+        self._auto_mode: Optional[str] = None
+        self.ranks = 1
+        """Ranks the Gaussians are sharded over (set by the distributed pipeline): ``auto`` mode
+        renders plain on several."""
 
     # ---- the tree -------------------------------------------------------------------------
     def _set_tree(self, tree: KDTree) -> None:
@@ -258,7 +265,7 @@ class RetinaGSModel(SplatfactoModel):
         self._note_backend(backend)
         sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree) if self.config.sh_degree > 0 else None
         absgrad = self.strategy.absgrad and backend == "gsplat"
-        if self.config.mode == "clip":
+        if self.render_mode(backend) == "clip":
             leaves = ClipLeaves(self.clip_boxes, order_positions(order).to(self.means.device, non_blocking=True))
             partial = render_partial_clipped(
                 gaussians, leaves, viewmat, K, width, height, sh_degree, RasterSettings(),
@@ -304,6 +311,22 @@ class RetinaGSModel(SplatfactoModel):
             opacities=torch.sigmoid(self.opacities).squeeze(-1),
             sh=sh,
         )
+
+    def render_mode(self, backend: str) -> Literal["plain", "clip"]:
+        """The rule renders use: ``config.mode``, with ``auto`` resolved (see its docstring)."""
+        if self.config.mode != "auto":
+            return self.config.mode
+        if self._auto_mode is None:
+            from landmark_plugin import cuda
+
+            clip = backend == "gsplat" and self.ranks == 1 and cuda.require(allow_fallback=True) is not None
+            self._auto_mode = "clip" if clip else "plain"
+            why = {
+                "clip": "exact render, csrc/ kernel",
+                "plain": "several ranks" if self.ranks > 1 else "no csrc/ kernel on this machine",
+            }[self._auto_mode]
+            CONSOLE.print(f"retina-gs: mode auto -> {self._auto_mode} ({why})")
+        return self._auto_mode
 
     def _note_backend(self, backend: str) -> None:
         """On the torch backend densify on the plain gradient (no absgrad there), and say so once."""
