@@ -175,6 +175,26 @@ def test_colmap_missing_model_file(tmp_path):
     fails_naming(root / "sparse" / "0", colmap_config(root))  # no images.bin / images.txt
 
 
+def test_colmap_image_folders(tmp_path):
+    """The image folder nerfstudio will read must exist: images/ at full size, images_<factor>/
+    when downscaled (then images/ itself may be absent, as in datasets shipped pre-scaled)."""
+    from landmark_plugin.data.validate import InputError, check_colmap_folder
+
+    from nerfstudio.data.utils import colmap_parsing_utils as colmap_io
+
+    root = colmap_folder(tmp_path / "scene")
+    colmap_io.write_images_binary({}, str(root / "sparse" / "0" / "images.bin"))
+    colmap_io.write_points3D_binary({}, str(root / "sparse" / "0" / "points3D.bin"))
+    scaled = colmap_config(root)
+    scaled.downscale_factor = 4
+    with pytest.raises(InputError, match="images_4: downscaled image folder not found"):
+        check_colmap_folder(scaled)
+    (root / "images").rename(root / "images_4")
+    check_colmap_folder(scaled)  # pre-scaled only: accepted
+    with pytest.raises(InputError, match="images: image folder not found"):
+        check_colmap_folder(colmap_config(root))
+
+
 # ---------------------------------------------------------------- MatrixCity
 
 

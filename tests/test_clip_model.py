@@ -30,14 +30,14 @@ def test_clip_mode_renders_like_unpartitioned_and_trains(tiny_city, tmp_path):
 
 
 def test_auto_mode_is_clip_only_where_exact_and_fast(monkeypatch):
-    """``mode auto`` (the default) renders clip with the csrc/ kernel on one rank, plain on the
-    torch backend, without the kernels, and on several ranks; explicit modes are kept."""
+    """``mode auto`` renders clip with the csrc/ kernel on one rank, plain on the torch backend,
+    without the kernels, and on several ranks; explicit modes are kept."""
     from types import SimpleNamespace
 
     from landmark_plugin import cuda
     from landmark_plugin.gaussians.model import RetinaGSModel, RetinaGSModelConfig
 
-    assert RetinaGSModelConfig().mode == "auto"
+    assert RetinaGSModelConfig().mode == "plain"
 
     def resolved(mode, backend, ranks, kernels):
         monkeypatch.setattr(cuda, "require", lambda allow_fallback: object() if kernels else None)

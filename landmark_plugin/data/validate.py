@@ -264,13 +264,14 @@ def check_colmap_folder(config: ColmapDataParserConfig) -> None:
         if file.stat().st_size == 0:
             raise InputError(f"{file}: empty COLMAP file")
     images = config.data / config.images_path
-    if not images.is_dir():
-        raise InputError(f"{images}: image folder not found (images_path={config.images_path})")
     factor = config.downscale_factor
     if factor is not None and factor > 1:
+        # nerfstudio reads only images_<factor> then; the full-size folder may be absent.
         scaled = images.parent / f"{images.name}_{factor}"
         if not scaled.is_dir():
             raise InputError(f"{scaled}: downscaled image folder not found (downscale_factor={factor})")
+    elif not images.is_dir():
+        raise InputError(f"{images}: image folder not found (images_path={config.images_path})")
 
 
 def diagnose_colmap_failure(config: ColmapDataParserConfig, error: BaseException) -> InputError:
