@@ -14,10 +14,12 @@ checkpoint at step 3) is shared by the checks:
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -60,6 +62,19 @@ def _render_first_test_view(config_path: Path) -> torch.Tensor:
     camera = pipeline.datamanager.eval_dataset.cameras[0:1]
     with torch.no_grad():
         return pipeline.model.get_outputs_for_camera(camera)["rgb"]
+
+
+def _render_test_views(config_path: Path) -> dict:
+    """image name -> rgb of every test camera, one process."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(config_path, test_mode="test")
+    dataset = pipeline.datamanager.eval_dataset
+    out = {}
+    for index, filename in enumerate(dataset._dataparser_outputs.image_filenames):
+        with torch.no_grad():
+            out[Path(filename).stem] = pipeline.model.get_outputs_for_camera(dataset.cameras[index : index + 1])["rgb"]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +138,16 @@ def test_branch_parallel_run_shards_merges_evaluates_and_resumes(city, tmp_path)
     _finish(evaluate)
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert 0.0 < results["psnr"] < 60.0
+
+    # The merged (single-process) checkpoint rendered on 2 ranks: each keeps its two blocks, and
+    # the frames are the one-process render.
+    frames = tmp_path / "frames-two-ranks"
+    _finish(_start([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "landmark_plugin.render_cli",
+                    "dataset", "--load-config", str(config_path), "--split", "test", "--rendered-output-names",
+                    "raw-rgb", "--output-path", str(frames)], tmp_path))
+    rendered = {path.name.split(".")[0]: path for path in (frames / "test" / "raw-rgb").rglob("*.npy.gz")}
+    views = _render_test_views(config_path)
+    assert sorted(rendered) == sorted(views) and len(views) >= 1
+    for name, path in rendered.items():
+        with gzip.open(path, "rb") as f:
+            torch.testing.assert_close(torch.from_numpy(np.load(f)), views[name], rtol=0, atol=1e-5, msg=name)

@@ -45,7 +45,7 @@ from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.edits import LayoutEdits, apply_edits
 from landmark_plugin.grid.model import SHARDED_LOSSES
 from landmark_plugin.grid.parallel import GridPlan, same_randomness, step_seed
-from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, sharded_keys
+from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
 
 EVAL_STREAM = 1 << 20
 """Seed stream of evaluation (data-parallel ranks use streams 0 .. D-1)."""
@@ -163,11 +163,30 @@ class DistributedGridPipeline(VanillaPipeline):
     def load_pipeline(self, loaded_state: Dict, step: int) -> None:
         """VanillaPipeline's, except that a pointer to shards (what a sharded save leaves in
         nerfstudio_models/ for ns-eval / ns-render / ns-viewer) loads the shards: merged in memory
-        on one process, this rank's part on several."""
+        on one process, this rank's part on several; and that a single-process checkpoint on
+        several ranks loads this rank's part."""
         pointed = shards_of_pointer(loaded_state)
         if pointed is not None:
             base, shard_step = pointed
             state = grid_state_of_shards(base, shard_step, self.plan, self.model, param_names(self))
             CONSOLE.print(f"Loaded the shards of step {shard_step} in {base}")
             loaded_state = state["pipeline"]
+        elif self._holds_whole_model(loaded_state):
+            # A single-process checkpoint (a one-process run, landmark-merge) on several ranks:
+            # keep this rank's part of every sharded factor.
+            whole = {"pipeline": loaded_state, "optimizers": {}}
+            keys = sharded_keys(self.plan, self.model)
+            loaded_state = shard_grid_state(whole, self.plan.layout, self.plan.rank, keys, param_names(self))["pipeline"]
+            CONSOLE.print(f"Loaded rank {self.plan.rank}'s part of a single-process checkpoint")
         super().load_pipeline(loaded_state, step)
+
+    def _holds_whole_model(self, loaded_state: Dict) -> bool:
+        """Whether ``loaded_state`` holds whole factors where this rank holds parts (a state
+        already cut for this rank, as a resume passes, has this rank's shapes)."""
+        if self.plan is None or self.plan.layout.parts == 1:
+            return False
+        own = self.state_dict()
+        return any(
+            key in loaded_state and loaded_state[key].shape != own[key].shape
+            for key in sharded_keys(self.plan, self.model)
+        )
