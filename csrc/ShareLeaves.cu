@@ -14,8 +14,8 @@
 // clip_intersections_cuda (twin: core/render_clip.py _clip_intersections_torch) goes
 // straight to the sorted tile entries of the copies: pass 1 counts leaves x tiles per
 // Gaussian (and keeps the set of leaves met when there are at most 32), pass 2 writes each
-// copy's (tile, leaf position, depth) keys in (gaussian, leaf, tile) order -- the order gsplat's isect_tiles gives the copies -- and the stable radix
-// sort orders them.  The sorted value is the Gaussian id with the top bit set for a shared
+// copy's (tile, leaf position, depth) keys in (gaussian, leaf, tile) order -- the order
+// gsplat's isect_tiles gives the copies -- and the stable radix sort orders them.  The sorted value is the Gaussian id with the top bit set for a shared
 // copy; a last pass splits it into flatten_ids and the box (the leaf at the key's position).
 // Building the copies first and running gsplat's isect_tiles on them moved every copy
 // through a dozen gathers and casts; this is one pass over the Gaussians and one sort.
