@@ -155,6 +155,7 @@ def test_disk_stream_keeps_a_bounded_cache_and_reads_ahead(micro_city):
     dm.prefetch_train([5, 6])
     assert sorted(store.pending) == [5, 6]
     assert torch.equal(store[5]["image"], dm.train_dataset.get_data(5, image_type="uint8")["image"])
+    store.pending[6].result()  # the read-ahead of 6 runs on the pool: wait for it, not for an access
     assert dm.loaded_indices() == [0, 1, 5, 6]
 
 
