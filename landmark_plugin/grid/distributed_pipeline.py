@@ -171,22 +171,17 @@ class DistributedGridPipeline(VanillaPipeline):
             state = grid_state_of_shards(base, shard_step, self.plan, self.model, param_names(self))
             CONSOLE.print(f"Loaded the shards of step {shard_step} in {base}")
             loaded_state = state["pipeline"]
-        elif self._holds_whole_model(loaded_state):
+        elif self._holds_whole_model(loaded_state, keys := sharded_keys(self.plan, self.model)):
             # A single-process checkpoint (a one-process run, landmark-merge) on several ranks:
             # keep this rank's part of every sharded factor.
             whole = {"pipeline": loaded_state, "optimizers": {}}
-            keys = sharded_keys(self.plan, self.model)
             loaded_state = shard_grid_state(whole, self.plan.layout, self.plan.rank, keys, param_names(self))["pipeline"]
             CONSOLE.print(f"Loaded rank {self.plan.rank}'s part of a single-process checkpoint")
         super().load_pipeline(loaded_state, step)
 
-    def _holds_whole_model(self, loaded_state: Dict) -> bool:
-        """Whether ``loaded_state`` holds whole factors where this rank holds parts (a state
-        already cut for this rank, as a resume passes, has this rank's shapes)."""
-        if self.plan is None or self.plan.layout.parts == 1:
-            return False
+    def _holds_whole_model(self, loaded_state: Dict, keys: Dict[str, str]) -> bool:
+        """Whether ``loaded_state`` holds whole factors where this rank holds parts of the
+        sharded ``keys`` (a state already cut for this rank, as a resume passes, has this
+        rank's shapes; one process shards nothing: ``keys`` is empty)."""
         own = self.state_dict()
-        return any(
-            key in loaded_state and loaded_state[key].shape != own[key].shape
-            for key in sharded_keys(self.plan, self.model)
-        )
+        return any(key in loaded_state and loaded_state[key].shape != own[key].shape for key in keys)
