@@ -110,7 +110,7 @@ def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int
     from landmark_plugin.grid.model import SHARDED_LOSSES
     from landmark_plugin.grid.parallel import GridPlan
     from landmark_plugin.distributed.collectives import all_gather_objects
-    from landmark_plugin.grid.sharded_state import merge_grid_shards, sharded_keys
+    from landmark_plugin.grid.sharded_state import merge_grid_shards, shard_grid_state, sharded_keys
 
     torch.set_default_dtype(torch.float64)
     model = make_model(parallel, model_parallel_size)
@@ -138,8 +138,12 @@ def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int
     shard = {"pipeline": {"_model." + k: v for k, v in model.state_dict().items()}, "optimizers": {},
              "param_names": {}, "grid_layout": result["layout"], "grid_sharded_keys": result["keys"]}
     shards = all_gather_objects(comm, shard)[: plan.layout.parts]
+    merged = merge_grid_shards(shards)
     if comm.is_main:
-        result["merged_eval_rgb"] = merged_render(parallel, merge_grid_shards(shards)["pipeline"])
+        result["merged_eval_rgb"] = merged_render(parallel, merged["pipeline"])
+    # ... and cut again for this rank (a one-process checkpoint loaded on these ranks): its own state
+    recut = shard_grid_state(merged, plan.layout, plan.mp.rank, result["keys"], {})["pipeline"]
+    result["recut_differs"] = [k for k, v in shard["pipeline"].items() if not torch.equal(recut[k], v)]
     return result
 
 

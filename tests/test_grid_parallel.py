@@ -1,11 +1,12 @@
-"""Model-parallel landmark-grid on 2 and 4 gloo CPU processes equals the single-process model.
+"""Model-parallel landmark-grid on 2, 3 and 4 gloo CPU processes equals the single-process model.
 
 For every strategy (branch, plane, channel; and data parallel on top), each rank holds its share
 of the field and proposal grids.  Compared with one process holding the whole model (float64,
 same initial parameters, same rays and jitter): the rendered colours, the loss and every
 gradient at step 0 (each rank's shard against the same cut of the single-process gradient, so
 every copy of a shared texel is checked), every parameter after 5 Adam steps, an eval render,
-and the render of the merged checkpoint (merged and rendered by a fresh model on rank 0).
+the render of the merged checkpoint (merged and rendered by a fresh model on rank 0), and the
+merged checkpoint cut again for every rank (a one-process checkpoint loaded on several ranks).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ CASES = [  # (strategy, world size, model-parallel size)
     ("branch", 4, 4),
     ("plane", 2, 2),
     ("plane", 4, 4),
+    ("plane", 3, 3),  # 3 does not divide the 4-cell planes: 8 sub-planes, 3, 3 and 2 per rank
+    ("branch", 3, 3),  # 4 blocks: 2, 1 and 1 per rank
     ("channel", 2, 2),
     ("channel", 4, 4),
     ("branch", 4, 2),  # 2 model-parallel groups x data parallel 2
@@ -72,6 +75,10 @@ def test_sharded_training_equals_single_process(tmp_path, strategy, world_size, 
         assert keys, "no factor tensor is sharded"
         for key in keys:
             assert results[0]["params"][key].numel() < ref["params"][key].numel()
+        if layout.shards_blocks:  # each rank holds its block_counts() (uneven where M does not divide them)
+            plane_key = next(k for k, kind in keys.items() if kind == "plane")
+            assert [r["params"][plane_key].shape[0] for r in results[:model_parallel]] == layout.block_counts()
+    assert all(not r["recut_differs"] for r in results), "merged then cut again: each rank's own state"
     for rank_result in results:
         mp_rank, dp_rank, keys = rank_result["mp_rank"], rank_result["dp_rank"], rank_result["keys"]
         for step, (got, want) in enumerate(zip(rank_result["records"], ref["records"])):

@@ -1,6 +1,7 @@
 """Exactness of the model-parallel layouts of landmark-grid (landmark_plugin/core/grid_parallel.py):
 shard / merge round trips, sub-planes that sample like their block's plane, regulariser shares
-that add up to the model's values, and clear refusals of layouts that do not divide."""
+that add up to the model's values (also where blocks or sub-planes do not divide evenly over the
+ranks), and clear refusals of layouts that leave a rank without a share."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def test_sub_planes_stitch_back_and_sample_like_the_plane(blocks, split):
         GridLayout("plane", (2, 1), 4, (2, 2)),
         GridLayout("plane", (1, 1), 2, (1, 2)),
         GridLayout("channel", (2, 2), 3),
+        GridLayout("branch", (2, 2), 3),  # uneven: 2, 1, 1 blocks
+        GridLayout("plane", (2, 1), 3, (1, 2)),  # uneven: 2, 1, 1 sub-planes
+        GridLayout("plane", (1, 1), 3, (4, 2)),  # uneven: 3, 3, 2 sub-planes
     ],
 )
 def test_shards_merge_back_and_partition_the_model(layout):
@@ -74,9 +78,12 @@ def test_shards_merge_back_and_partition_the_model(layout):
     if layout.strategy == "channel":
         assert all(p.shape == (*plane.shape[:3], 6 // layout.parts) for p in pieces)
     else:
-        assert sum(p.shape[0] for p in pieces) == layout.num_fine_blocks
+        counts = [p.shape[0] for p in pieces]
+        assert sum(counts) == layout.num_fine_blocks and max(counts) - min(counts) <= 1 and min(counts) >= 1
+        assert counts == sorted(counts, reverse=True) == layout.block_counts()
         owner = layout.block_owner()
-        assert torch.equal(torch.bincount(owner), torch.full((layout.parts,), layout.num_fine_blocks // layout.parts))
+        assert torch.equal(torch.bincount(owner, minlength=layout.parts), torch.tensor(counts))
+        assert torch.equal(owner, torch.sort(owner).values), "every rank holds a run of consecutive fine blocks"
     if layout.strategy != "plane":  # lines: blocks or channels like the planes
         line = torch.randn(layout.blocks[0] * layout.blocks[1], 5, 6, dtype=torch.float64)
         lines = [shard_factor(line, "line", layout, r) for r in range(layout.parts)]
@@ -90,6 +97,9 @@ def test_shards_merge_back_and_partition_the_model(layout):
         (GridLayout("branch", (2, 2), 2), True),
         (GridLayout("plane", (2, 1), 4, (2, 2)), True),
         (GridLayout("plane", (1, 1), 3, (3, 1)), True),
+        (GridLayout("plane", (2, 2), 3, (1, 2)), True),  # 3, 3, 2 sub-planes
+        (GridLayout("plane", (1, 1), 3, (2, 2)), True),  # 2, 1, 1 sub-planes
+        (GridLayout("branch", (2, 2), 3), False),  # 2, 1, 1 blocks, lines per block
         (GridLayout("channel", (2, 2), 2), False),
         (GridLayout("channel", (1, 2), 2), True),
     ],
@@ -118,23 +128,40 @@ def test_channels_gathered_by_rank_are_reordered_factor_by_factor():
     assert torch.equal(channels_to_factor_major(gathered, 3), full)
 
 
-def test_layouts_that_do_not_divide_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="blocks do not divide evenly into 3 ranks"):
-        check_layout("branch", (2, 2), 3)
+def test_layouts_that_leave_a_rank_empty_are_refused_with_the_reason():
+    check_layout("branch", (2, 2), 3)  # uneven (2, 1, 1 blocks) is fine
+    with pytest.raises(ValueError, match=r"only 2x2 = 4 blocks, fewer than the ranks"):
+        check_layout("branch", (2, 2), 5)
     with pytest.raises(ValueError, match=r"components \[6\] are not divisible by 4"):
         check_layout("channel", (2, 2), 4, channels=[8, 6])
     with pytest.raises(ValueError, match="model-parallel size must be 1"):
         check_layout("none", (2, 2), 2)
     with pytest.raises(ValueError, match="shared z line"):
         check_layout("plane", (2, 2), 2, shared_lines=False)
-    with pytest.raises(ValueError, match="no split of the x-y planes into 4 sub-planes"):
-        choose_split(4, [(6, 3)])
-    assert choose_split(4, [(8, 8), (4, 2)]) == (2, 2)  # square sub-planes where every plane divides
-    assert choose_split(4, [(8, 8), (4, 1)]) == (4, 1)  # ... else the split that divides them all
+    with pytest.raises(ValueError, match="cut into at most 2 sub-planes of whole cells over the 1x1 blocks, fewer than"):
+        choose_split(3, (1, 1), [(4, 1), (2, 3)])
+
+
+def test_split_is_even_where_the_cells_allow_else_as_even_as_they_allow():
+    assert choose_split(4, (1, 1), [(8, 8), (4, 2)]) == (2, 2)  # square sub-planes where every plane divides
+    assert choose_split(4, (1, 1), [(8, 8), (4, 1)]) == (4, 1)  # ... else the split that divides them all
+    assert choose_split(2, (2, 2), [(8, 8)]) == (1, 2)  # every block over every rank, as before
+    # 3 ranks, cells that do not divide by 3: the fewest texels on the largest rank (seams counted):
+    # 4x2 sub-planes of 2x2 cells, 3, 3 and 2 of them (27 texels; 2x2 sub-planes: 2, 1, 1 of 15)
+    assert choose_split(3, (1, 1), [(8, 4)]) == (4, 2)
+    assert GridLayout("plane", (1, 1), 3, (4, 2)).block_counts() == [3, 3, 2]
+    assert choose_split(4, (2, 2), [(6, 3)]) == (1, 1)  # no 4-way cut of (6, 3) cells, but 4 blocks
 
 
 @pytest.mark.parametrize(
-    "layout", [GridLayout("branch", (2, 2), 2), GridLayout("plane", (1, 1), 4, (2, 2)), GridLayout("channel", (2, 1), 2)]
+    "layout",
+    [
+        GridLayout("branch", (2, 2), 2),
+        GridLayout("plane", (1, 1), 4, (2, 2)),
+        GridLayout("channel", (2, 1), 2),
+        GridLayout("branch", (2, 2), 3),
+        GridLayout("plane", (2, 1), 3, (1, 2)),
+    ],
 )
 def test_checkpoint_shards_and_adam_moments_round_trip(layout):
     """shard_grid_state (resume on another layout) then merge_grid_shards (landmark-merge) gives the

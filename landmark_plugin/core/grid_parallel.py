@@ -5,13 +5,17 @@ Vocabulary (DESIGN.md section 4, Strategies).  The *model* is the single-process
 C]``), see ``core/grid_features.py``.  A *layout* says which part of every factor tensor each of
 the ``M`` ranks of a model-parallel group holds:
 
-- ``branch``: whole blocks; rank r holds the ``B / M`` consecutive blocks ``r * B / M ...``; a
-  shared line is replicated;
-- ``plane``: the x-y plane of every block is cut into ``sx * sy`` sub-planes that share their
-  border texels (the seam scheme of ``grid_features``, one level down), giving a *fine* block grid
-  ``(bx * sx, by * sy)``; ranks hold consecutive fine blocks as in ``branch``; the (shared) z line
-  is replicated.  Stitching the sub-planes back gives the model's planes exactly: a sub-plane
-  texel is a model texel, and bilinear interpolation inside a cell reads the same four texels;
+- ``branch``: whole blocks; rank r holds a run of consecutive blocks, ``B / M`` of them when M
+  divides B, else ``ceil(B / M)`` on the first ``B % M`` ranks and ``floor(B / M)`` on the others
+  (``block_counts``); a shared line is replicated;
+- ``plane``: the x-y plane of every block is cut into ``sx * sy`` sub-planes of whole cells that
+  share their border texels (the seam scheme of ``grid_features``, one level down), giving a
+  *fine* block grid ``(bx * sx, by * sy)``; ranks hold consecutive fine blocks as in ``branch``
+  (``choose_split``: ``sx * sy = M`` where the cells allow it, every rank then holds an equal
+  share of every block; else the split whose largest rank share is smallest); the (shared) z
+  line is replicated.  Stitching the sub-planes back gives the model's planes exactly: a
+  sub-plane texel is a model texel, and bilinear interpolation inside a cell reads the same four
+  texels;
 - ``channel``: every block at full resolution, channels ``r * C / M ... (r + 1) * C / M`` of every
   plane and line;
 - ``none``: everything (M = 1).
@@ -74,19 +78,27 @@ class GridLayout:
         """Whether ranks hold different blocks (branch, plane) rather than all of them."""
         return self.strategy in ("branch", "plane") and self.parts > 1
 
+    def block_counts(self) -> List[int]:
+        """Fine blocks per rank: as even as whole blocks allow, the first ``Bf % M`` ranks one more."""
+        if not self.shards_blocks:
+            return [self.num_fine_blocks]
+        base, extra = divmod(self.num_fine_blocks, self.parts)
+        return [base + (rank < extra) for rank in range(self.parts)]
+
     def block_range(self, rank: int) -> Tuple[int, int]:
         """[start, stop) of the fine blocks ``rank`` holds (all of them unless blocks are sharded)."""
         if not self.shards_blocks:
             return 0, self.num_fine_blocks
-        per_rank = self.num_fine_blocks // self.parts
-        return rank * per_rank, (rank + 1) * per_rank
+        counts = self.block_counts()
+        start = sum(counts[:rank])
+        return start, start + counts[rank]
 
     def block_owner(self, device: Optional[torch.device] = None) -> Tensor:
         """[Bf] int64 rank holding every fine block (0 everywhere unless blocks are sharded)."""
-        owner = torch.arange(self.num_fine_blocks, device=device)
         if not self.shards_blocks:
-            return torch.zeros_like(owner)
-        return owner // (self.num_fine_blocks // self.parts)
+            return torch.zeros(self.num_fine_blocks, dtype=torch.int64, device=device)
+        counts = torch.tensor(self.block_counts(), device=device)
+        return torch.repeat_interleave(torch.arange(self.parts, device=device), counts)
 
     def channel_range(self, channels: int, rank: int) -> Tuple[int, int]:
         """[start, stop) of the channels ``rank`` holds of a factor with ``channels`` channels."""
@@ -106,7 +118,7 @@ class GridLayout:
 def check_layout(
     strategy: str, blocks: Tuple[int, int], parts: int, channels: Sequence[int] = (), shared_lines: bool = False
 ) -> None:
-    """Refuse a layout that does not divide the model evenly, naming what to change.
+    """Refuse a layout that cannot give every rank a share of the model, naming what to change.
 
     Args:
         strategy: none, branch, plane or channel.
@@ -123,9 +135,9 @@ def check_layout(
         raise ValueError(f"--pipeline.model.parallel none keeps the whole model on every rank: model-parallel size "
                          f"must be 1, got {parts} (pick branch, plane or channel to split the model)")
     num_blocks = blocks[0] * blocks[1]
-    if strategy == "branch" and num_blocks % parts:
-        raise ValueError(f"branch parallel over {parts} ranks: the {blocks[0]}x{blocks[1]} = {num_blocks} blocks do not "
-                         f"divide evenly into {parts} ranks; change --pipeline.model.field.blocks or the model-parallel size")
+    if strategy == "branch" and num_blocks < parts:  # fewer: some rank would hold nothing
+        raise ValueError(f"branch parallel over {parts} ranks: only {blocks[0]}x{blocks[1]} = {num_blocks} blocks, fewer "
+                         f"than the ranks; raise --pipeline.model.field.blocks or lower the model-parallel size")
     if strategy == "channel":
         bad = sorted({c for c in channels if c % parts})
         if bad:
@@ -136,26 +148,43 @@ def check_layout(
         raise ValueError("plane parallel needs one shared z line (the model's field.shared_line)")
 
 
-def choose_split(parts: int, plane_cells: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
-    """(sx, sy) with sx * sy = parts that cuts every x-y plane into sub-planes of whole cells.
+def choose_split(parts: int, blocks: Tuple[int, int], plane_cells: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    """(sx, sy) that cuts every x-y plane into sub-planes of whole cells for ``parts`` ranks.
 
-    Among the splits that divide every plane's cells evenly, the one whose sub-planes of the
-    first (finest) plane are closest to square (shortest seams).
+    A split into ``sx * sy = parts`` sub-planes where the cells of every plane allow one (every
+    rank then holds an equal share of every block), the closest to square sub-planes of the first
+    (finest) plane among them.  Else any split of whole cells into at least ``parts`` fine blocks
+    in all, spread over the ranks as evenly as whole sub-planes allow (``GridLayout.block_counts``):
+    the one whose largest rank holds the fewest texels (seam copies included), then the squarest.
 
     Args:
         parts: M.
+        blocks: (bx, by) of the model.
         plane_cells: per plane, its cells along x and y (texels - 1).
     """
-    candidates = [(sx, parts // sx) for sx in range(1, parts + 1) if parts % sx == 0]
-    valid = [(sx, sy) for sx, sy in candidates if all(cx % sx == 0 and cy % sy == 0 for cx, cy in plane_cells)]
-    if not valid:
+    divides = lambda sx, sy: all(cx % sx == 0 and cy % sy == 0 for cx, cy in plane_cells)  # noqa: E731
+    cx0, cy0 = plane_cells[0]
+    squareness = lambda s: abs(math.log((cx0 / s[0]) / (cy0 / s[1])))  # noqa: E731
+    exact = [(sx, parts // sx) for sx in range(1, parts + 1) if parts % sx == 0 and divides(sx, parts // sx)]
+    if exact:
+        return min(exact, key=squareness)
+    gx = math.gcd(*[cx for cx, _ in plane_cells])
+    gy = math.gcd(*[cy for _, cy in plane_cells])
+    splits = [(sx, sy) for sx in range(1, gx + 1) if gx % sx == 0 for sy in range(1, gy + 1) if gy % sy == 0]
+    splits = [s for s in splits if blocks[0] * blocks[1] * s[0] * s[1] >= parts]
+    if not splits:
         raise ValueError(
-            f"plane parallel over {parts} ranks: no split of the x-y planes into {parts} sub-planes divides every "
-            f"plane's cells (x, y) = {sorted(set(map(tuple, plane_cells)))} evenly; pick --pipeline.model.field.cells "
-            "and --pipeline.model.proposal-cells (and level divisors) that do, or another model-parallel size"
+            f"plane parallel over {parts} ranks: the x-y planes' cells (x, y) = {sorted(set(map(tuple, plane_cells)))} "
+            f"cut into at most {blocks[0] * blocks[1] * gx * gy} sub-planes of whole cells over the "
+            f"{blocks[0]}x{blocks[1]} blocks, fewer than the ranks; raise --pipeline.model.field.cells and "
+            "--pipeline.model.proposal-cells (or lower the level divisors) or the model-parallel size"
         )
-    cx, cy = plane_cells[0]
-    return min(valid, key=lambda s: abs(math.log((cx / s[0]) / (cy / s[1]))))
+
+    def largest_share(split: Tuple[int, int]) -> int:
+        most = max(GridLayout("plane", blocks, parts, split).block_counts())
+        return most * sum((cx // split[0] + 1) * (cy // split[1] + 1) for cx, cy in plane_cells)
+
+    return min(splits, key=lambda s: (largest_share(s), squareness(s)))
 
 
 # ---- sub-planes ----------------------------------------------------------------------------
@@ -282,7 +311,7 @@ class FactorShard:
             return blocks, rows, cols, channels * layout.parts
         if layout.shards_blocks:
             sx, sy = layout.split
-            blocks = blocks * layout.parts // (sx * sy)
+            blocks = layout.blocks[0] * layout.blocks[1]
             rows, cols = (rows - 1) * sy + 1, (cols - 1) * sx + 1
         return blocks, rows, cols, channels
 
@@ -292,7 +321,7 @@ class FactorShard:
             return blocks * size * channels * self.layout.parts
         if self.replicated_lines or not self.layout.shards_blocks:
             return blocks * size * channels
-        return blocks * size * channels * self.layout.parts
+        return self.layout.blocks[0] * self.layout.blocks[1] * size * channels  # branch: one line per block
 
     def _copies(self) -> Optional[Tensor]:
         return first_texel_copies(self.layout, self.rank) if self.layout.strategy == "plane" else None

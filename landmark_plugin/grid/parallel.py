@@ -99,7 +99,7 @@ def model_layout(model, strategy: str, parts: int) -> GridLayout:
     split = (1, 1)
     if strategy == "plane" and parts > 1:
         cells = [(p.shape[2] - 1, p.shape[1] - 1) for field in fields for f in field.factor_sets() for p in f.planes]
-        split = choose_split(parts, cells)
+        split = choose_split(parts, blocks, cells)
     return GridLayout(strategy, blocks, parts, split)  # type: ignore[arg-type]
 
 
