@@ -35,6 +35,7 @@ CASES = [  # (strategy, world size, model-parallel size)
     ("plane", 4, 4),
     ("plane", 3, 3),  # 3 does not divide the 4-cell planes: 8 sub-planes, 3, 3 and 2 per rank
     ("branch", 3, 3),  # 4 blocks: 2, 1 and 1 per rank
+    ("channel", 3, 3),  # 4 components: 2, 1 and 1 per rank
     ("channel", 2, 2),
     ("channel", 4, 4),
     ("branch", 4, 2),  # 2 model-parallel groups x data parallel 2

@@ -23,6 +23,7 @@ from landmark_plugin.core.grid_parallel import (
     channels_to_factor_major,
     check_layout,
     choose_split,
+    even_counts,
     merge_factor,
     shard_factor,
     stitch_planes,
@@ -66,6 +67,7 @@ def test_sub_planes_stitch_back_and_sample_like_the_plane(blocks, split):
         GridLayout("plane", (2, 1), 4, (2, 2)),
         GridLayout("plane", (1, 1), 2, (1, 2)),
         GridLayout("channel", (2, 2), 3),
+        GridLayout("channel", (2, 2), 4),  # uneven: 2, 2, 1, 1 of the 6 channels
         GridLayout("branch", (2, 2), 3),  # uneven: 2, 1, 1 blocks
         GridLayout("plane", (2, 1), 3, (1, 2)),  # uneven: 2, 1, 1 sub-planes
         GridLayout("plane", (1, 1), 3, (4, 2)),  # uneven: 3, 3, 2 sub-planes
@@ -76,7 +78,8 @@ def test_shards_merge_back_and_partition_the_model(layout):
     pieces = [shard_factor(plane, "plane", layout, r) for r in range(layout.parts)]
     assert torch.equal(merge_factor(pieces, "plane", layout), plane)
     if layout.strategy == "channel":
-        assert all(p.shape == (*plane.shape[:3], 6 // layout.parts) for p in pieces)
+        assert [p.shape[-1] for p in pieces] == even_counts(6, layout.parts)
+        assert all(p.shape[:3] == plane.shape[:3] for p in pieces)
     else:
         counts = [p.shape[0] for p in pieces]
         assert sum(counts) == layout.num_fine_blocks and max(counts) - min(counts) <= 1 and min(counts) >= 1
@@ -102,6 +105,7 @@ def test_shards_merge_back_and_partition_the_model(layout):
         (GridLayout("branch", (2, 2), 3), False),  # 2, 1, 1 blocks, lines per block
         (GridLayout("channel", (2, 2), 2), False),
         (GridLayout("channel", (1, 2), 2), True),
+        (GridLayout("channel", (2, 2), 3), False),  # 2, 1, 1 of the 4 channels
     ],
 )
 def test_regulariser_shares_add_up_to_the_model(layout, shared):
@@ -111,7 +115,7 @@ def test_regulariser_shares_add_up_to_the_model(layout, shared):
     lines = [torch.randn(line_blocks, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
     tv_total, l1_total = 0.0, 0.0
     for rank in range(layout.parts):
-        share = FactorShard(layout, rank, replicated_lines=shared and layout.strategy != "channel")
+        share = FactorShard(layout, rank, replicated_lines=shared and layout.strategy != "channel", channels=4)
         mine = [shard_factor(p, "plane", layout, rank) for p in planes]
         my_lines = lines if share.replicated_lines else [shard_factor(l, "line", layout, rank) for l in lines]
         tv_total += sum(share.plane_tv(p) for p in mine) / len(mine)
@@ -120,20 +124,21 @@ def test_regulariser_shares_add_up_to_the_model(layout, shared):
     torch.testing.assert_close(l1_total, factors_l1([*planes, *lines]), rtol=0, atol=TOL_F64)
 
 
-def test_channels_gathered_by_rank_are_reordered_factor_by_factor():
+@pytest.mark.parametrize("parts", [2, 3])
+def test_channels_gathered_by_rank_are_reordered_factor_by_factor(parts):
     full = torch.arange(2 * 12, dtype=torch.float64).view(2, 12)  # 2 points, 3 factors x 4 channels
-    layout = GridLayout("channel", (1, 1), 2)
-    per_rank = [torch.cat([f[:, slice(*layout.channel_range(4, r))] for f in full.split(4, dim=1)], 1) for r in range(2)]
-    gathered = torch.stack(per_rank, dim=1)  # [N, M, F * c], as all_gather_cat delivers it
-    assert torch.equal(channels_to_factor_major(gathered, 3), full)
+    layout = GridLayout("channel", (1, 1), parts)  # 3 ranks: 2, 1 and 1 channels of every factor
+    per_rank = [torch.cat([f[:, slice(*layout.channel_range(4, r))] for f in full.split(4, dim=1)], 1) for r in range(parts)]
+    assert torch.equal(channels_to_factor_major(per_rank, 3), full)  # per rank [N, F * c_r], as all_gather_cat delivers
 
 
 def test_layouts_that_leave_a_rank_empty_are_refused_with_the_reason():
     check_layout("branch", (2, 2), 3)  # uneven (2, 1, 1 blocks) is fine
     with pytest.raises(ValueError, match=r"only 2x2 = 4 blocks, fewer than the ranks"):
         check_layout("branch", (2, 2), 5)
-    with pytest.raises(ValueError, match=r"components \[6\] are not divisible by 4"):
-        check_layout("channel", (2, 2), 4, channels=[8, 6])
+    check_layout("channel", (2, 2), 4, channels=[8, 6])  # uneven (2, 2, 1, 1 of 6) is fine
+    with pytest.raises(ValueError, match=r"components \[3\] are fewer than the ranks"):
+        check_layout("channel", (2, 2), 4, channels=[8, 3])
     with pytest.raises(ValueError, match="model-parallel size must be 1"):
         check_layout("none", (2, 2), 2)
     with pytest.raises(ValueError, match="shared z line"):

@@ -16,8 +16,8 @@ the ``M`` ranks of a model-parallel group holds:
   line is replicated.  Stitching the sub-planes back gives the model's planes exactly: a
   sub-plane texel is a model texel, and bilinear interpolation inside a cell reads the same four
   texels;
-- ``channel``: every block at full resolution, channels ``r * C / M ... (r + 1) * C / M`` of every
-  plane and line;
+- ``channel``: every block at full resolution, a run of consecutive channels of every plane and
+  line, ``C / M`` of them when M divides C, else one more on the first ``C % M`` ranks;
 - ``none``: everything (M = 1).
 
 ``shard_factor`` / ``merge_factor`` move a factor tensor (a parameter, its gradient or an Adam
@@ -26,7 +26,7 @@ rank's share of the TV and L1 regularisers so that the shares of all ranks add u
 values: normalised by the model's element counts, a replicated line counted ``1 / M`` on every
 rank, and the duplicated border texels of sub-planes (which are one texel in the model) counted
 once.  ``channels_to_factor_major`` orders channels gathered rank by rank the way the model lays
-them out (factor by factor).
+them out (factor by factor).  ``even_counts`` is the one rule for uneven shares (blocks, channels).
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ FactorKind = Literal["plane", "line"]
 XY_PLANE = (1, 0)
 """World axes of the spatial dims of an x-y plane ``[B, Rv, Ru, C]``: rows along y, columns along x
 (the only plane the ``plane`` strategy cuts)."""
+
+
+def even_counts(total: int, parts: int) -> List[int]:
+    """``total`` things over ``parts`` ranks as evenly as whole things allow: the first
+    ``total % parts`` ranks hold one more."""
+    base, extra = divmod(total, parts)
+    return [base + (rank < extra) for rank in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -80,10 +87,7 @@ class GridLayout:
 
     def block_counts(self) -> List[int]:
         """Fine blocks per rank: as even as whole blocks allow, the first ``Bf % M`` ranks one more."""
-        if not self.shards_blocks:
-            return [self.num_fine_blocks]
-        base, extra = divmod(self.num_fine_blocks, self.parts)
-        return [base + (rank < extra) for rank in range(self.parts)]
+        return even_counts(self.num_fine_blocks, self.parts) if self.shards_blocks else [self.num_fine_blocks]
 
     def block_range(self, rank: int) -> Tuple[int, int]:
         """[start, stop) of the fine blocks ``rank`` holds (all of them unless blocks are sharded)."""
@@ -104,8 +108,9 @@ class GridLayout:
         """[start, stop) of the channels ``rank`` holds of a factor with ``channels`` channels."""
         if self.strategy != "channel":
             return 0, channels
-        per_rank = channels // self.parts
-        return rank * per_rank, (rank + 1) * per_rank
+        counts = even_counts(channels, self.parts)
+        start = sum(counts[:rank])
+        return start, start + counts[rank]
 
     def to_dict(self) -> Dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -139,11 +144,11 @@ def check_layout(
         raise ValueError(f"branch parallel over {parts} ranks: only {blocks[0]}x{blocks[1]} = {num_blocks} blocks, fewer "
                          f"than the ranks; raise --pipeline.model.field.blocks or lower the model-parallel size")
     if strategy == "channel":
-        bad = sorted({c for c in channels if c % parts})
-        if bad:
-            raise ValueError(f"channel parallel over {parts} ranks: components {bad} are not divisible by {parts}; change "
+        few = sorted({c for c in channels if c < parts})  # fewer: some rank would hold nothing
+        if few:
+            raise ValueError(f"channel parallel over {parts} ranks: components {few} are fewer than the ranks; raise "
                              "--pipeline.model.field.density-components / appearance-components / "
-                             "--pipeline.model.proposal-components or the model-parallel size")
+                             "--pipeline.model.proposal-components or lower the model-parallel size")
     if strategy == "plane" and not shared_lines:
         raise ValueError("plane parallel needs one shared z line (the model's field.shared_line)")
 
@@ -258,12 +263,11 @@ def merge_factor(pieces: Sequence[Tensor], kind: FactorKind, layout: GridLayout)
     return stitch_planes(fine, layout.blocks, layout.split) if layout.strategy == "plane" else fine
 
 
-def channels_to_factor_major(gathered: Float[Tensor, "N M W"], num_factors: int) -> Float[Tensor, "N F"]:
-    """Channels gathered rank by rank ([N, M, F * c], each rank's factor-major slice) in the
+def channels_to_factor_major(pieces: Sequence[Float[Tensor, "N W"]], num_factors: int) -> Float[Tensor, "N F"]:
+    """Channels gathered rank by rank (per rank [N, F * c_r], its factor-major slice) in the
     model's order: factor by factor, each factor's channels in rank order."""
-    n, parts, width = gathered.shape
-    per = width // num_factors
-    return gathered.reshape(n, parts, num_factors, per).transpose(1, 2).reshape(n, num_factors * parts * per)
+    n = pieces[0].shape[0]
+    return torch.cat([p.reshape(n, num_factors, -1) for p in pieces], dim=2).reshape(n, -1)
 
 
 # ---- regularisers ----------------------------------------------------------------------------
@@ -298,17 +302,19 @@ class FactorShard:
         layout: the model-parallel layout.
         rank: this rank in the model-parallel group.
         replicated_lines: the lines are replicated (a shared line under branch / plane).
+        channels: the model's components per factor (``channel``: its ranks hold uneven shares).
     """
 
     layout: GridLayout
     rank: int
     replicated_lines: bool
+    channels: int
 
     def _model_plane_shape(self, local: torch.Size) -> Tuple[int, int, int, int]:
         layout = self.layout
         blocks, rows, cols, channels = local
         if layout.strategy == "channel":
-            return blocks, rows, cols, channels * layout.parts
+            return blocks, rows, cols, self.channels
         if layout.shards_blocks:
             sx, sy = layout.split
             blocks = layout.blocks[0] * layout.blocks[1]
@@ -318,7 +324,7 @@ class FactorShard:
     def _model_line_numel(self, local: torch.Size) -> int:
         blocks, size, channels = local
         if self.layout.strategy == "channel":
-            return blocks * size * channels * self.layout.parts
+            return blocks * size * self.channels
         if self.replicated_lines or not self.layout.shards_blocks:
             return blocks * size * channels
         return self.layout.blocks[0] * self.layout.blocks[1] * size * channels  # branch: one line per block

@@ -243,6 +243,8 @@ class GridDensityField(Field):
         """The block grid points are routed on: the config's, or sub-planes under plane parallelism."""
         self.plan = None
         """The model-parallel plan (landmark_plugin.grid.parallel.GridPlan) or None: one process."""
+        self.appearance_channels = 0
+        """Appearance components per factor (0: a density-only field)."""
         self.layout_edits: Tuple[BoxEdit, ...] = ()
         """Render-time layout edits (set by landmark_plugin.edits.apply_edits; ignored in training)."""
 
@@ -312,7 +314,7 @@ class GridDensityField(Field):
         if self.plan is None:
             out = decode(None, *features(None, block_index))
         else:
-            out = self.plan.evaluate(block_index, features, decode, len(self.axes))
+            out = self.plan.evaluate(block_index, features, decode, len(self.axes), self.appearance_channels)
         return out.view(*positions.shape[:-1], out.shape[-1])
 
     def get_density(self, ray_samples: RaySamples) -> Tuple[Float[Tensor, "*bs 1"], None]:
@@ -368,6 +370,7 @@ class MultiBranchGridField(GridDensityField):
     ) -> None:
         super().__init__(config, aabb)
         self.appearance = self._make_factors(config.appearance_components)
+        self.appearance_channels = config.appearance_components
         self.basis = nn.Linear(len(self.axes) * config.appearance_components, config.appearance_dim, bias=False)
         self.feature_encoding = NeRFEncoding(
             config.appearance_dim, config.feature_frequencies, 0, config.feature_frequencies - 1, include_input=True

@@ -111,7 +111,7 @@ class LandmarkGridModelConfig(ModelConfig):
     model-parallel group holds whole blocks (some one more where the ranks do not divide them); plane:
     each block's x-y plane is cut into sub-planes of whole cells over the ranks (as evenly as the
     cells allow), with one shared z line (implies field.shared_line; mode xy-z); channel: every rank
-    holds every block with 1/N of the channels.  The proposal grids are split the same way.  One process:
+    holds every block with 1/N of the channels (some one more where N does not divide them).  The proposal grids are split the same way.  One process:
     the whole model (so a merged checkpoint of any strategy loads into the same config)."""
     model_parallel_size: Optional[int] = None
     """Ranks per model-parallel group (consecutive ranks); the world size divided by it is the

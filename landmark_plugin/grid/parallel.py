@@ -10,8 +10,8 @@ split the same way) as laid out by ``core.grid_parallel.GridLayout``:
   the replicated decoder, and the per-sample outputs (density, or density and colour: 1 or 4
   values) are all-gathered and put back in sample order: 4 values per sample is the least a
   join can move, and the decoder's work is split too;
-- channel: a rank samples its channels of every sample; the density sum over its channels and
-  its appearance channels are all-gathered (``all_gather_cat`` along channels), the density
+- channel: a rank samples its channels of every sample (uneven where M does not divide them);
+  the density sum over its channels and its appearance channels are all-gathered (``all_gather_cat`` along channels), the density
   shares summed and the channels put in the model's order, then every rank decodes every sample.
 
 The joins' backward is local (``collectives.all_gather_cat``): every rank of the group computes
@@ -179,7 +179,7 @@ class GridPlan:
         layout, rank = self.layout, self.rank
         factors.local_ties = not layout.shards_blocks  # channel: all blocks here, the hooks tie
         factors.blocks = layout.fine_blocks
-        factors.shard = FactorShard(layout, rank, replicated_lines)
+        factors.shard = FactorShard(layout, rank, replicated_lines, factors.planes[0].shape[-1])
         for store, kind in ((factors.planes, "plane"), (factors.lines, "line")):
             if kind == "line" and replicated_lines:
                 continue
@@ -201,12 +201,15 @@ class GridPlan:
         return shards, replicated
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, block_index: Tensor, features: Features, decode: Decode, num_factors: int) -> Tensor:
+    def evaluate(
+        self, block_index: Tensor, features: Features, decode: Decode, num_factors: int, appearance_channels: int
+    ) -> Tensor:
         """Collective over the model-parallel group: [N, K] outputs of the N samples, the same on
         every rank.  ``features(rows, local_blocks)`` samples this rank's factors at the given rows
-        (None: all); ``decode(rows, density_sum, appearance)`` turns full features into outputs."""
+        (None: all); ``decode(rows, density_sum, appearance)`` turns full features into outputs;
+        ``appearance_channels``: the model's appearance components per factor (0: none)."""
         if self.layout.strategy == "channel":
-            return self._evaluate_channels(block_index, features, decode, num_factors)
+            return self._evaluate_channels(block_index, features, decode, num_factors, appearance_channels)
         return self._evaluate_blocks(block_index, features, decode)
 
     def _evaluate_blocks(self, block_index: Tensor, features: Features, decode: Decode) -> Tensor:
@@ -224,14 +227,19 @@ class GridPlan:
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return gathered[inverse]
 
-    def _evaluate_channels(self, block_index: Tensor, features: Features, decode: Decode, num_factors: int) -> Tensor:
+    def _evaluate_channels(
+        self, block_index: Tensor, features: Features, decode: Decode, num_factors: int, appearance_channels: int
+    ) -> Tensor:
         density, appearance = features(None, block_index)
         local = density[:, None] if appearance is None else torch.cat([density[:, None], appearance.to(density)], -1)
-        width = local.shape[1]
-        gathered = all_gather_cat(self.mp, local, 1, [width] * self.layout.parts, "landmark-grid: gather channels")
-        gathered = gathered.view(-1, self.layout.parts, width)
-        density_sum = gathered[:, :, 0].sum(dim=1)
-        appearance_all = None if appearance is None else channels_to_factor_major(gathered[:, :, 1:], num_factors)
+        layout = self.layout
+        widths = [  # per rank: its density share and its appearance channels of every factor
+            1 + (0 if appearance is None else num_factors * (stop - start))
+            for start, stop in (layout.channel_range(appearance_channels, r) for r in range(layout.parts))
+        ]
+        gathered = all_gather_cat(self.mp, local, 1, widths, "landmark-grid: gather channels").split(widths, dim=1)
+        density_sum = torch.stack([piece[:, 0] for piece in gathered], dim=1).sum(dim=1)
+        appearance_all = None if appearance is None else channels_to_factor_major([p[:, 1:] for p in gathered], num_factors)
         return decode(None, density_sum, appearance_all)
 
     # ---- gradients -----------------------------------------------------------------------------
