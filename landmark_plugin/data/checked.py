@@ -20,6 +20,7 @@ from typing import Any
 
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
 
+from landmark_plugin.data.nerfstudio_data import without_open3d
 from landmark_plugin.data.validate import (
     InputError,
     check_outputs_of,
@@ -43,6 +44,7 @@ class CheckedInput:
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         if config.data is not None:  # what nerfstudio's __init__ does first
             config.dataparser.data = Path(config.data)
+        config.dataparser = without_open3d(config.dataparser)  # nerfstudio's reads the point cloud with open3d
         check_parser_input(config.dataparser)
         try:
             super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]

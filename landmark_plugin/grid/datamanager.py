@@ -21,6 +21,7 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.data.checked import CheckedInput
+from landmark_plugin.data.nerfstudio_data import to_dataparser_frame
 from landmark_plugin.data.ply import read_points_ply
 
 
@@ -140,5 +141,4 @@ class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
             return None
         xyz, _ = read_points_ply(transforms.parent / ply_name)
         outputs = self.train_dataparser_outputs
-        homogeneous = torch.cat([torch.from_numpy(xyz).float(), torch.ones(len(xyz), 1)], dim=-1)
-        return (homogeneous @ outputs.dataparser_transform.T.float()) * outputs.dataparser_scale
+        return to_dataparser_frame(torch.from_numpy(xyz), outputs.dataparser_transform.float(), outputs.dataparser_scale)
