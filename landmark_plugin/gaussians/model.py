@@ -27,6 +27,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.config_checks import check_tree_fits_points
 from landmark_plugin.core.clip import unbounded_leaf_boxes
 from landmark_plugin.core.composite import composite, expected_depth
 from landmark_plugin.core.edits import BoxEdit, edit_gaussians
@@ -82,6 +83,7 @@ class RetinaGSModel(SplatfactoModel):
         # splatfacto's populate_modules allocates the seed colours with .cuda(); ours is the
         # same initialisation on whatever device the model lives on.
         means = self._initial_means()
+        check_tree_fits_points(self.config.tree_depth, means.shape[0])  # before anything per leaf is built
         distances, _ = self.k_nearest_sklearn(means, 3)
         scales = torch.log(torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp_min(1e-7).repeat(1, 3))
         num_points = means.shape[0]
