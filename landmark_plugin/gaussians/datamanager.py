@@ -34,7 +34,7 @@ from nerfstudio.data.datamanagers.full_images_datamanager import (
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.data.checked import CheckedInput
+from landmark_plugin.data.checked import CheckedDataset, CheckedInput
 
 CacheMode = Literal["auto", "device", "cpu", "disk"]
 Split = Literal["train", "eval"]
@@ -54,7 +54,7 @@ class RetinaGSDataManagerConfig(FullImageDatamanagerConfig):
     """disk: images read ahead of the camera schedule."""
 
 
-class RetinaGSDataManager(CheckedInput, FullImageDatamanager[InputDataset]):
+class RetinaGSDataManager(CheckedInput, FullImageDatamanager[CheckedDataset]):
     config: RetinaGSDataManagerConfig
 
     def __init__(self, config: RetinaGSDataManagerConfig, *args, **kwargs):

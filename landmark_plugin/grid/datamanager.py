@@ -20,7 +20,7 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, Va
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.data.checked import CheckedInput
+from landmark_plugin.data.checked import CheckedDataset, CheckedInput
 from landmark_plugin.data.nerfstudio_data import to_dataparser_frame
 from landmark_plugin.data.ply import read_points_ply
 
@@ -78,7 +78,7 @@ class LandmarkGridDataManagerConfig(VanillaDataManagerConfig):
     """Padding of the derived box, as a fraction of its largest extent."""
 
 
-class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
+class LandmarkGridDataManager(CheckedInput, VanillaDataManager[CheckedDataset]):
     """Ray batches with image indices; the datasets' scene box is replaced by the grid's box.
 
     The input is validated before any image is loaded (``CheckedInput``).
