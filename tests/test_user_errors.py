@@ -144,3 +144,32 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(city, tmp_path):
     line = assert_one_error(run(args, tmp_path), models, "No space left on device")
     assert "step-000000002.ckpt" in line
     assert checksums(models) == before, "the previous checkpoint changed, or a temporary file was left"
+
+
+# ---------------------------------------------------------------- the handler itself
+
+
+@pytest.mark.parametrize("raised, user", [("InputError('scene/transforms.json: bad')", True), ("ValueError('a bug')", False)])
+def test_only_user_errors_lose_their_traceback(tmp_path, raised, user):
+    code = f"import landmark_plugin\nfrom landmark_plugin.data.validate import InputError\nraise {raised}"
+    result = run([sys.executable, "-c", code], tmp_path)
+    if user:
+        assert_one_error(result, "scene/transforms.json: bad")
+        assert result.stderr.strip().splitlines()[-1] == "error: scene/transforms.json: bad"
+    else:
+        assert result.returncode == 1 and "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
+
+
+def test_write_failures_become_output_errors_naming_the_directory(tmp_path):
+    import errno
+
+    from landmark_plugin.errors import OutputError, writing_to
+
+    for failure in (OSError(errno.ENOSPC, "No space left on device"),
+                    RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3")):
+        with pytest.raises(OutputError, match=str(tmp_path)):
+            with writing_to(tmp_path, "checkpoint step-1.ckpt"):
+                raise failure
+    with pytest.raises(RuntimeError, match="unrelated"):  # not a write failure: left alone
+        with writing_to(tmp_path, "checkpoint"):
+            raise RuntimeError("unrelated")

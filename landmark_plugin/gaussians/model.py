@@ -36,6 +36,7 @@ from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
 from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
+from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
@@ -137,7 +138,7 @@ class RetinaGSModel(SplatfactoModel):
         else:
             self.background_color = get_color(self.config.background_color)
         if self.config.use_bilateral_grid:
-            raise ValueError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
+            raise ConfigError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self._backend_checked = False

@@ -23,6 +23,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from landmark_plugin.data.checked import CheckedDataset, CheckedInput
 from landmark_plugin.data.nerfstudio_data import to_dataparser_frame
 from landmark_plugin.data.ply import read_points_ply
+from landmark_plugin.errors import ConfigError
 
 
 def scene_bounds(
@@ -109,7 +110,7 @@ class LandmarkGridDataManager(CheckedInput, VanillaDataManager[CheckedDataset]):
         if self.config.scene_bounds is not None:
             values = torch.tensor(self.config.scene_bounds, dtype=torch.float32).view(2, 3)
             if not bool((values[1] > values[0]).all()):
-                raise ValueError(f"scene_bounds needs min < max on every axis, got {self.config.scene_bounds}")
+                raise ConfigError(f"--pipeline.datamanager.scene-bounds needs min < max on every axis, got {self.config.scene_bounds}")
             return values
         outputs = self.train_dataparser_outputs
         points = outputs.metadata.get("points3D_xyz")
