@@ -15,7 +15,10 @@ from typing import Any, List
 import numpy as np
 import torch
 
+from landmark_plugin.errors import reports_write_failures
 
+
+@reports_write_failures("checkpoint")
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save ``obj`` to ``path`` so that ``path`` holds either the old or the new file."""
     path = Path(path)

@@ -30,12 +30,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from landmark_plugin.core.edits import BoxEdit, grid_block_boxes
+from landmark_plugin.errors import UserError
 
 Vec3 = Tuple[float, float, float]
 EDITS_VERSION = 1
 
 
-class EditsError(ValueError):
+class EditsError(UserError):
     """Bad layout edits; the message names the file (or source) and the entry at fault."""
 
 

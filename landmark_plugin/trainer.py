@@ -37,7 +37,9 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin import resume
 from landmark_plugin.checkpoints import atomic_torch_save, remove_stale_temp_files
+from landmark_plugin.config_checks import check_before_start
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.errors import check_output_dir, writing_to
 from landmark_plugin.step_guard import NonFiniteSteps, SkippedStepCallback, find_nonfinite, gradient_norms
 from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync
 
@@ -73,17 +75,16 @@ class LandmarkTrainerConfig(TrainerConfig):
     the parameter groups.  0 turns the check off.  With mixed precision, gradient overflow is
     left to the grad scaler and only the loss is checked."""
 
+    def save_config(self) -> None:
+        """nerfstudio's, with an unwritable output directory reported as one error naming it."""
+        base_dir = self.get_base_dir()
+        with writing_to(base_dir, "config.yml (check --output-dir)"):
+            super().save_config()
 
-def check_world_size_fits_tree(config: TrainerConfig, world_size: int) -> None:
-    """Refuse a run whose ranks outnumber the kd-tree's leaves (each rank owns whole subtrees)."""
-    depth = getattr(config.pipeline.model, "tree_depth", None)
-    if depth is None or world_size <= 2**depth:
-        return
-    need = (world_size - 1).bit_length()
-    raise ValueError(
-        f"{world_size} ranks but --pipeline.model.tree-depth {depth} gives only {2**depth} leaves, and every "
-        f"rank needs at least one: use --pipeline.model.tree-depth {need} or more, or at most {2**depth} ranks"
-    )
+
+def checkpoint_bytes(pipeline: torch.nn.Module) -> int:
+    """About the size of one checkpoint: the parameters and Adam's two moments per parameter."""
+    return 3 * sum(p.numel() * p.element_size() for p in pipeline.parameters())
 
 
 class SyncedOptimizers(Optimizers):
@@ -124,7 +125,8 @@ class LandmarkTrainer(Trainer):
         return getattr(self.pipeline, "comm", Comm.single())
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        check_world_size_fits_tree(self.config, self.world_size)  # before any data or device work
+        check_before_start(self.config, self.world_size)  # before any data or device work
+        check_output_dir(self.checkpoint_dir)
         if self.config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -143,6 +145,8 @@ class LandmarkTrainer(Trainer):
         # A skipped step must not feed densification (or any other after-step bookkeeping).
         self.callbacks = [SkippedStepCallback(callback, self.nonfinite.was_skipped) for callback in self.callbacks]
         self._record_layout()
+        # Before the first step, so that a full disk is found now rather than at the first save.
+        check_output_dir(self.checkpoint_dir, checkpoint_bytes(self.pipeline))
         if live_view:
             self._setup_live_viewer()
 

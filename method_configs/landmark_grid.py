@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from landmark_plugin.data.nerfstudio_data import PlyNerfstudioDataParserConfig
 from landmark_plugin.grid.datamanager import LandmarkGridDataManagerConfig
 from landmark_plugin.grid.distributed_pipeline import DistributedGridPipelineConfig
 from landmark_plugin.grid.model import LandmarkGridModelConfig
@@ -44,7 +44,7 @@ def landmark_grid_config(method_name: str = "landmark-grid", max_steps: int = 30
         pipeline=DistributedGridPipelineConfig(
             datamanager=LandmarkGridDataManagerConfig(
                 # the datamanager reads sparse_pc.ply for the scene box itself (without open3d)
-                dataparser=NerfstudioDataParserConfig(),
+                dataparser=PlyNerfstudioDataParserConfig(),
                 train_num_rays_per_batch=4096,
                 eval_num_rays_per_batch=4096,
             ),

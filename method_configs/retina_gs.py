@@ -16,11 +16,11 @@ The multi-rank knobs are ``--pipeline.max-batch-size``, ``--pipeline.max-load``,
 from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from landmark_plugin.data.nerfstudio_data import PlyNerfstudioDataParserConfig
 from landmark_plugin.gaussians.datamanager import RetinaGSDataManagerConfig
 from landmark_plugin.gaussians.distributed_pipeline import DistributedRetinaPipelineConfig
 from landmark_plugin.gaussians.model import RetinaGSModelConfig
@@ -60,7 +60,7 @@ def retina_gs_config(method_name: str, max_steps: int, model: RetinaGSModelConfi
         mixed_precision=False,
         pipeline=DistributedRetinaPipelineConfig(
             datamanager=RetinaGSDataManagerConfig(
-                dataparser=NerfstudioDataParserConfig(load_3D_points=True),
+                dataparser=PlyNerfstudioDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",
             ),
             model=model,

@@ -334,3 +334,28 @@ def test_fuzzed_transforms_json_only_raises_input_error(tmp_path_factory, mutati
                 parse_checked(config, split)
             except InputError:
                 pass
+
+
+def test_colmap_model_found_in_sparse_0(tmp_path):
+    """nerfstudio's default colmap_path (colmap/sparse/0) is absent: the data managers read
+    sparse/0, COLMAP's own layout (the README's command works as written)."""
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    from landmark_plugin.data.checked import find_colmap_model
+
+    root = colmap_folder(tmp_path / "scene")
+    config = ColmapDataParserConfig(data=root)
+    find_colmap_model(config)
+    assert config.colmap_path == Path("sparse/0")
+    explicit = ColmapDataParserConfig(data=root, colmap_path=Path("elsewhere"))
+    find_colmap_model(explicit)
+    assert explicit.colmap_path == Path("elsewhere"), "a path the user gave is never replaced"
+    (root / "colmap" / "sparse" / "0").mkdir(parents=True)
+    config = ColmapDataParserConfig(data=root)
+    find_colmap_model(config)
+    assert config.colmap_path == Path("colmap/sparse/0"), "nerfstudio's default is kept where it exists"
+    (root / "sparse" / "0" / "cameras.bin").unlink()
+    (root / "sparse" / "0").rmdir()
+    (root / "colmap" / "sparse" / "0").rmdir()
+    error = fails_naming(root / "colmap" / "sparse" / "0", ColmapDataParserConfig(data=root))
+    assert "--colmap-path" in str(error)

@@ -133,7 +133,7 @@ def test_world_size_larger_than_the_tree_stops_before_setup(micro_city, tmp_path
 
 def test_world_size_that_fits_the_tree_passes():
     from landmark_plugin.method_configs.retina_gs import retina_gs
-    from landmark_plugin.trainer import check_world_size_fits_tree
+    from landmark_plugin.config_checks import check_world_size_fits_tree
 
     for world_size in (1, 3, 4):  # retina-gs: depth 2, 4 leaves
         check_world_size_fits_tree(retina_gs.config, world_size)

@@ -8,7 +8,10 @@ datasets (the eval split is parsed in ``create_eval_dataset``) and start loading
    COLMAP model, ...), so nerfstudio's own assertion never fires first with an unclear message;
 2. a parser failure on the train or eval split re-raised as ``InputError`` naming the file;
 3. ``check_outputs_of`` on every split's outputs (images, poses, point cloud) before the
-   datasets exist, so no image is loaded and no device memory is touched.
+   datasets exist, so no image is loaded and no device memory is touched;
+4. ``CheckedDataset`` (the data managers' dataset type): an image whose header reads but whose
+   pixels do not decode (a truncated copy) is reported by name when it is first loaded, which
+   for cached images is before the first step.
 
 With ``test_mode == "inference"`` (ns-render, ns-viewer) the image files are not required.
 """
@@ -18,8 +21,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
+import numpy as np
+from PIL import UnidentifiedImageError
 
+from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
+from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+from nerfstudio.data.datasets.base_dataset import InputDataset
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from landmark_plugin.data.nerfstudio_data import without_open3d
 from landmark_plugin.data.validate import (
     InputError,
     check_outputs_of,
@@ -28,6 +38,24 @@ from landmark_plugin.data.validate import (
     parse_failure,
     parse_split,
 )
+
+
+COMMON_COLMAP_MODEL = Path("sparse/0")
+"""Where COLMAP's own mapper (and most published captures) put the model; nerfstudio's default
+colmap_path is ns-process-data's colmap/sparse/0."""
+
+
+def find_colmap_model(config: Any) -> None:
+    """A COLMAP config left at nerfstudio's default colmap_path that does not exist reads
+    ``sparse/0`` instead when that holds the model (said on the console)."""
+    if not isinstance(config, ColmapDataParserConfig) or config.data is None:
+        return
+    default = ColmapDataParserConfig.colmap_path
+    if config.colmap_path != default or (config.data / default).is_dir():
+        return
+    if (config.data / COMMON_COLMAP_MODEL).is_dir():
+        CONSOLE.print(f"COLMAP model: {config.data / default} does not exist; reading {config.data / COMMON_COLMAP_MODEL}")
+        config.colmap_path = COMMON_COLMAP_MODEL
 
 
 class CheckedInput:
@@ -43,6 +71,8 @@ class CheckedInput:
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         if config.data is not None:  # what nerfstudio's __init__ does first
             config.dataparser.data = Path(config.data)
+        config.dataparser = without_open3d(config.dataparser)  # nerfstudio's reads the point cloud with open3d
+        find_colmap_model(config.dataparser)
         check_parser_input(config.dataparser)
         try:
             super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
@@ -65,3 +95,17 @@ class CheckedInput:
         outputs = parse_split(self.dataparser, self.config.dataparser, self.test_split)
         self._check_split(outputs, self.test_split)
         return self.dataset_type(dataparser_outputs=outputs, scale_factor=self.config.camera_res_scale_factor)
+
+
+class CheckedDataset(InputDataset):
+    """nerfstudio's InputDataset; an image that fails to decode raises InputError naming the file."""
+
+    def get_numpy_image(self, image_idx: int) -> np.ndarray:
+        try:
+            return super().get_numpy_image(image_idx)
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+            path = self._dataparser_outputs.image_filenames[image_idx]
+            raise InputError(
+                f"{path}: cannot decode image ({error}): the file is damaged or truncated (an interrupted "
+                "copy?); copy it again, or leave its frame out of the capture"
+            ) from error

@@ -10,15 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Type
 
-import numpy as np
-import torch
 
 from nerfstudio.data.dataparsers.base_dataparser import DataparserOutputs
-from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, NerfstudioDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.data.city import CityConfig, write_city
-from landmark_plugin.data.ply import read_points_ply
+from landmark_plugin.data.nerfstudio_data import PlyNerfstudio, PlyNerfstudioDataParserConfig
 from landmark_plugin.data.validate import InputError, check_transforms_json, input_errors, transforms_path
 
 SMALL_CITY = CityConfig()
@@ -70,7 +67,7 @@ def _warn_if_other_city(transforms: Path, city: CityConfig) -> None:
 
 
 @dataclass
-class SyntheticCityDataParserConfig(NerfstudioDataParserConfig):
+class SyntheticCityDataParserConfig(PlyNerfstudioDataParserConfig):
     """A procedural city, generated into `data` if it holds no transforms.json yet, then read as nerfstudio-data."""
 
     _target: Type = field(default_factory=lambda: SyntheticCity)
@@ -89,8 +86,9 @@ class SyntheticCityDataParserConfig(NerfstudioDataParserConfig):
     """Load sparse_pc.ply, the points sampled on the city's surfaces (Gaussian initialisation)."""
 
 
-class SyntheticCity(Nerfstudio):
-    """Generates the city if needed, validates transforms.json, then parses it like nerfstudio-data."""
+class SyntheticCity(PlyNerfstudio):
+    """Generates the city if needed, validates transforms.json, then parses it like nerfstudio-data
+    (the point cloud read without open3d)."""
 
     config: SyntheticCityDataParserConfig
     checks_own_input = True
@@ -101,13 +99,3 @@ class SyntheticCity(Nerfstudio):
         check_transforms_json(transforms, self.config)
         with input_errors(transforms):
             return super()._generate_dataparser_outputs(split)
-
-    def _load_3D_points(self, ply_file_path: Path, transform_matrix: torch.Tensor, scale_factor: float):
-        """Points of sparse_pc.ply in dataparser coordinates, read with plyfile instead of open3d."""
-        with input_errors(ply_file_path, "cannot read point cloud"):
-            xyz, rgb = read_points_ply(ply_file_path)
-        if len(xyz) == 0:
-            raise InputError(f"{ply_file_path}: point cloud has no points")
-        homogeneous = torch.cat([torch.from_numpy(xyz), torch.ones(len(xyz), 1)], dim=-1)
-        points = (homogeneous @ transform_matrix.T) * scale_factor
-        return {"points3D_xyz": points, "points3D_rgb": torch.from_numpy(np.ascontiguousarray(rgb))}

@@ -29,12 +29,14 @@ from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.data.utils import colmap_parsing_utils as colmap_io
 
+from landmark_plugin.errors import UserError
+
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 SPLITS = ("train", "val", "test")
 MAX_IMAGE_SIDE = 1 << 20
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The input data is malformed; the message names the file and what is wrong with it."""
 
 
@@ -259,7 +261,8 @@ def check_colmap_folder(config: ColmapDataParserConfig) -> None:
         raise InputError(f"{config.data}: data folder not found")
     model = config.data / config.colmap_path
     if not model.is_dir():
-        raise InputError(f"{model}: COLMAP model folder not found (colmap_path={config.colmap_path})")
+        raise InputError(f"{model}: COLMAP model folder not found (colmap_path={config.colmap_path}; pass "
+                         "--colmap-path with the folder of cameras.bin, images.bin, points3D.bin)")
     for file, _ in _colmap_readers(model, config.load_3D_points):
         if file.stat().st_size == 0:
             raise InputError(f"{file}: empty COLMAP file")

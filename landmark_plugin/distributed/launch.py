@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -21,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from landmark_plugin.distributed.groups import Comm, init_comm, teardown
+from landmark_plugin.errors import exit_rank
 
 
 def free_port() -> int:
@@ -52,11 +51,9 @@ def _worker(
         result = fn(comm, *args)
         if out_dir is not None:
             torch.save(result, Path(out_dir) / f"rank-{rank}.pt")
-    except BaseException:
-        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    except BaseException as error:
         # Exit without tearing down: the group may be broken, and a clean exit code matters more.
-        sys.stderr.flush()
-        os._exit(1)
+        exit_rank(error, f"[rank {rank}]")
     teardown(comm)
 
 

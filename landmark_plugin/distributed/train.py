@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import traceback
 from typing import Tuple
 from urllib.parse import urlparse
 
@@ -37,9 +36,11 @@ from nerfstudio.configs.config_utils import convert_markup_to_ansi
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.config_checks import check_before_start
 from landmark_plugin.distributed.collectives import barrier, broadcast_object
 from landmark_plugin.distributed.groups import DEFAULT_TIMEOUT, init_comm, teardown
 from landmark_plugin.distributed.launch import free_port
+from landmark_plugin.errors import ConfigError, UserError, exit_rank
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -65,14 +66,19 @@ def run_rank(config: TrainerConfig, rank: int, local_rank: int, world_size: int)
     """One rank of a run whose rendezvous is in the environment (``env://``)."""
     from nerfstudio.scripts.train import train_loop
 
+    prefix = f"[rank {rank}/{world_size}]"
+    if rank > 0:
+        CONSOLE.quiet = True  # one log; errors still reach stderr
+    try:
+        config = _prepare(config)
+        check_before_start(config, world_size)  # every torchrun rank refuses alone, before the rendezvous
+    except UserError as error:
+        exit_rank(error, prefix)
     device_type = config.machine.device_type
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    if rank > 0:
-        CONSOLE.quiet = True  # one log; errors still reach stderr through the traceback
     comm = init_comm(device_type, timeout=_timeout(config), backend=getattr(config.pipeline, "backend", "auto"))
     try:
-        config = _prepare(config)
         config.set_timestamp()
         config.timestamp = broadcast_object(comm, config.timestamp, what="run timestamp")
         if comm.is_main:
@@ -81,10 +87,9 @@ def run_rank(config: TrainerConfig, rank: int, local_rank: int, world_size: int)
         barrier(comm, "config saved")
         train_loop(local_rank, world_size, config, global_rank=rank)
         barrier(comm, "training finished")
-    except BaseException:
+    except BaseException as error:
         # No teardown: the group may be broken; torchrun / the launcher reports the exit code.
-        print(f"[rank {rank}/{world_size}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        os._exit(1)
+        exit_rank(error, prefix)
     teardown(comm)
 
 
@@ -92,11 +97,11 @@ def _rendezvous(config: TrainerConfig) -> Tuple[str, int]:
     url = config.machine.dist_url
     if url == "auto":
         if config.machine.num_machines > 1:
-            raise ValueError("--machine.dist-url auto works on one machine only; pass tcp://HOST:PORT of machine 0")
+            raise ConfigError("--machine.dist-url auto works on one machine only; pass tcp://HOST:PORT of machine 0")
         return "127.0.0.1", free_port()
     parsed = urlparse(url)
     if parsed.scheme != "tcp" or parsed.hostname is None or parsed.port is None:
-        raise ValueError(f"--machine.dist-url must look like tcp://HOST:PORT, got {url!r}")
+        raise ConfigError(f"--machine.dist-url must look like tcp://HOST:PORT, got {url!r}")
     return parsed.hostname, parsed.port
 
 
@@ -117,13 +122,20 @@ def main(config: TrainerConfig) -> None:
         run_rank(config, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
         return
     machine = config.machine
-    if machine.num_devices * machine.num_machines <= 1:
+    world_size = machine.num_devices * machine.num_machines
+    if world_size <= 1:
         from nerfstudio.scripts.train import main as ns_train_main
 
         ns_train_main(config)
         return
+    check_before_start(config, world_size)  # refused here, not by every spawned process
     address, port = _rendezvous(config)
-    mp.start_processes(_spawned, args=(config, address, port), nprocs=machine.num_devices, join=True, start_method="spawn")
+    try:
+        mp.start_processes(_spawned, args=(config, address, port), nprocs=machine.num_devices, join=True, start_method="spawn")
+    except mp.ProcessExitedException as error:
+        # The rank printed its own message (or traceback); the launcher's traceback adds nothing.
+        print(f"landmark-train: rank {error.error_index} exited with status {error.exit_code}", file=sys.stderr)
+        sys.exit(1)
 
 
 def entrypoint() -> None:

@@ -34,7 +34,8 @@ from nerfstudio.data.datamanagers.full_images_datamanager import (
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.data.checked import CheckedInput
+from landmark_plugin.data.checked import CheckedDataset, CheckedInput
+from landmark_plugin.errors import ConfigError
 
 CacheMode = Literal["auto", "device", "cpu", "disk"]
 Split = Literal["train", "eval"]
@@ -54,7 +55,7 @@ class RetinaGSDataManagerConfig(FullImageDatamanagerConfig):
     """disk: images read ahead of the camera schedule."""
 
 
-class RetinaGSDataManager(CheckedInput, FullImageDatamanager[InputDataset]):
+class RetinaGSDataManager(CheckedInput, FullImageDatamanager[CheckedDataset]):
     config: RetinaGSDataManagerConfig
 
     def __init__(self, config: RetinaGSDataManagerConfig, *args, **kwargs):
@@ -64,7 +65,7 @@ class RetinaGSDataManager(CheckedInput, FullImageDatamanager[InputDataset]):
         if self.cache_mode == "disk" and self._distorted():
             # nerfstudio undistorts while caching and rewrites the intrinsics then; a stream
             # would have to do the same per read.  Undistort once up front instead.
-            raise ValueError(
+            raise ConfigError(
                 f"{self.config.data}: streaming from disk needs undistorted images (these cameras have "
                 "distortion parameters); undistort them first (e.g. COLMAP image_undistorter) or cache in memory"
             )

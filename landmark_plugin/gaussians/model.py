@@ -27,6 +27,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.config_checks import check_tree_fits_points
 from landmark_plugin.core.clip import unbounded_leaf_boxes
 from landmark_plugin.core.composite import composite, expected_depth
 from landmark_plugin.core.edits import BoxEdit, edit_gaussians
@@ -35,6 +36,7 @@ from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
 from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
 from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
+from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
@@ -82,6 +84,7 @@ class RetinaGSModel(SplatfactoModel):
         # splatfacto's populate_modules allocates the seed colours with .cuda(); ours is the
         # same initialisation on whatever device the model lives on.
         means = self._initial_means()
+        check_tree_fits_points(self.config.tree_depth, means.shape[0])  # before anything per leaf is built
         distances, _ = self.k_nearest_sklearn(means, 3)
         scales = torch.log(torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp_min(1e-7).repeat(1, 3))
         num_points = means.shape[0]
@@ -135,7 +138,7 @@ class RetinaGSModel(SplatfactoModel):
         else:
             self.background_color = get_color(self.config.background_color)
         if self.config.use_bilateral_grid:
-            raise ValueError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
+            raise ConfigError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self._backend_checked = False

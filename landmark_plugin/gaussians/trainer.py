@@ -45,6 +45,7 @@ from landmark_plugin.distributed.checkpoint import (
     write_shards_pointer,
 )
 from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
+from landmark_plugin.errors import ConfigError
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 from landmark_plugin.trainer import latest_complete_step as latest_checkpoint_step
 
@@ -102,7 +103,7 @@ class RetinaTrainer(LandmarkTrainer):
             return super()._load_checkpoint()  # a nerfstudio checkpoint (or none) on one process
         if sharded is None and load_dir is None:
             if self.config.load_checkpoint is not None:
-                raise ValueError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
+                raise ConfigError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
             CONSOLE.print("No checkpoint to load, so training from scratch.")
             return
         with self.pipeline.loading_rank_parts():  # _read_state has cut the state for this rank

@@ -20,8 +20,10 @@ from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, Va
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.data.checked import CheckedInput
+from landmark_plugin.data.checked import CheckedDataset, CheckedInput
+from landmark_plugin.data.nerfstudio_data import to_dataparser_frame
 from landmark_plugin.data.ply import read_points_ply
+from landmark_plugin.errors import ConfigError
 
 
 def scene_bounds(
@@ -77,7 +79,7 @@ class LandmarkGridDataManagerConfig(VanillaDataManagerConfig):
     """Padding of the derived box, as a fraction of its largest extent."""
 
 
-class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
+class LandmarkGridDataManager(CheckedInput, VanillaDataManager[CheckedDataset]):
     """Ray batches with image indices; the datasets' scene box is replaced by the grid's box.
 
     The input is validated before any image is loaded (``CheckedInput``).
@@ -108,7 +110,7 @@ class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
         if self.config.scene_bounds is not None:
             values = torch.tensor(self.config.scene_bounds, dtype=torch.float32).view(2, 3)
             if not bool((values[1] > values[0]).all()):
-                raise ValueError(f"scene_bounds needs min < max on every axis, got {self.config.scene_bounds}")
+                raise ConfigError(f"--pipeline.datamanager.scene-bounds needs min < max on every axis, got {self.config.scene_bounds}")
             return values
         outputs = self.train_dataparser_outputs
         points = outputs.metadata.get("points3D_xyz")
@@ -140,5 +142,4 @@ class LandmarkGridDataManager(CheckedInput, VanillaDataManager):
             return None
         xyz, _ = read_points_ply(transforms.parent / ply_name)
         outputs = self.train_dataparser_outputs
-        homogeneous = torch.cat([torch.from_numpy(xyz).float(), torch.ones(len(xyz), 1)], dim=-1)
-        return (homogeneous @ outputs.dataparser_transform.T.float()) * outputs.dataparser_scale
+        return to_dataparser_frame(torch.from_numpy(xyz), outputs.dataparser_transform.float(), outputs.dataparser_scale)

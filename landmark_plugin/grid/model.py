@@ -27,6 +27,7 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.models.nerfacto import NerfactoModel
 
+from landmark_plugin.errors import ConfigError
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
 from landmark_plugin.metrics import build_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
@@ -147,11 +148,11 @@ class LandmarkGridModel(NerfactoModel):
         Model.populate_modules(self)
         config = self.config
         if len(config.num_proposal_samples_per_ray) != config.num_proposal_iterations:
-            raise ValueError("num_proposal_samples_per_ray needs one entry per proposal_cells entry")
+            raise ConfigError("num_proposal_samples_per_ray needs one entry per proposal_cells entry")
         aabb = self.scene_box.aabb
         plane = config.parallel == "plane"
         if plane and config.field.mode != "xy-z":
-            raise ValueError("--pipeline.model.parallel plane cuts the x-y plane into sub-planes: it needs "
+            raise ConfigError("--pipeline.model.parallel plane cuts the x-y plane into sub-planes: it needs "
                              "--pipeline.model.field.mode xy-z")
         # plane parallelism shares one z line over all blocks (every rank holds a copy)
         field_config = dataclasses.replace(config.field, shared_line=True) if plane else config.field

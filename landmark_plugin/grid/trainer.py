@@ -20,7 +20,7 @@ With one rank it is ``LandmarkTrainer``, except that ``--load-dir`` may also nam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional, Type
+from typing import Dict, Optional, Type
 
 import torch
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -36,7 +36,6 @@ from landmark_plugin.distributed.checkpoint import (
     shards_of_pointer,
     write_shards_pointer,
 )
-from landmark_plugin.grid.parallel import check_parallel_config
 from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 
@@ -56,10 +55,6 @@ class GridTrainer(LandmarkTrainer):
     @property
     def distributed(self) -> bool:
         return getattr(self.pipeline, "plan", None) is not None
-
-    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        check_parallel_config(self.config.pipeline.model, self.world_size)  # before any data or device work
-        super().setup(test_mode)
 
     def gradient_sync(self):
         return self.pipeline.sync_gradients_ if self.distributed else None
