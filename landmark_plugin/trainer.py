@@ -389,7 +389,7 @@ class LandmarkTrainer(Trainer):
             return
         state = load_newest_readable(candidates, self.errors_on_every_rank)
         self.restore_state(state)
-        CONSOLE.print(f"Resumed from step {state['step']}; training continues at step {self._start_step}")
+        CONSOLE.print(f"Resumed from step {state['step']}: training continues at step {self._start_step}")
 
     def restore_state(self, state: dict) -> None:
         """Load a ``checkpoint_state`` dict: parameters, optimisers, schedulers, grad scaler,

@@ -2,16 +2,17 @@
 process) and torchrun with ``landmark_plugin.distributed.train`` (3 gloo processes), with
 ``--deterministic True`` and densification inside the run.
 
-Each case trains an unbroken run of steps 0..9 that saves at steps 5 and 9, copies what a crash
-would have left (the step-5 checkpoint, and the step-9 one truncated, as a full disk or a lost
+Each case trains an unbroken run of steps 0..9 that saves at every step, copies what a crash
+would have left (the step-1 checkpoint, and the step-2 one truncated, as a full disk or a lost
 node leaves it), and resumes from the copy with the same command line:
 - the truncated checkpoint (one rank's shard on 3 processes) is reported by path and the run
-  resumes from step 5;
-- the losses of steps 6..9 and the final checkpoint's parameters, optimiser moments and leaf ids
-  equal the unbroken run's bit for bit: step 5 lies between two refreshes of the leaf ownership
-  (steps 4 and 6), so Gaussians that crossed a split plane since keep their stale leaf only if
-  the checkpoint holds it, and gsplat refines at steps 6 and 8 from statistics gathered on both
-  sides of the save;
+  resumes from step 1;
+- the losses of steps 2..9 and the final checkpoint's parameters, optimiser moments and leaf ids
+  equal the unbroken run's bit for bit.  Leaf ownership is refreshed at steps 2, 4, 6 and 8, so
+  at step 1 some Gaussians have crossed a split plane since the initial assignment (a high
+  learning rate of the means makes sure of it): they keep their stale leaf only if the
+  checkpoint holds it.  gsplat refines at steps 6 and 8 from statistics gathered on both sides
+  of the save;
 - nothing in the folder resumed from changes (checksums);
 - with every checkpoint unreadable the run stops with one error naming the files.
 """
@@ -27,10 +28,11 @@ import pytest
 import torch
 from test_distributed_train import BIN, CITY, TRAIN, _finish, _scalars, _start, _torchrun
 
-STEPS, SAVED, LOST = 10, 5, 9
-"""Steps 0..9; checkpoints at step 5 (steps_per_save) and 9 (the end); the step-9 one is 'lost'."""
-EXACT = ["--deterministic", "True", "--max-num-iterations", str(STEPS), "--steps-per-save", str(SAVED),
-         "--save-only-latest-checkpoint", "False", "--steps-per-eval-all-images", "1000"]  # fmt: skip
+STEPS, SAVED, LOST = 10, 1, 2
+"""Steps 0..9, a checkpoint at every step; a crash after step 2's save truncated it."""
+EXACT = ["--deterministic", "True", "--max-num-iterations", str(STEPS), "--steps-per-save", "1",
+         "--save-only-latest-checkpoint", "False", "--steps-per-eval-all-images", "1000",
+         "--optimizers.means.optimizer.lr", "0.01"]  # fmt: skip
 
 
 def _ns_train(*args: str) -> List[str]:
@@ -51,20 +53,34 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def _final_state(run_dir: Path, nproc: int) -> Dict[str, torch.Tensor]:
-    """The step-9 parameters, optimiser moments and leaf ids (the shards merged)."""
+def _checkpoint(run_dir: Path, nproc: int, step: int) -> Dict:
+    """The checkpoint of ``step`` (the shards merged)."""
     if nproc > 1:
         from landmark_plugin.distributed.checkpoint import load_shards, merge_shards
 
-        state = merge_shards(load_shards(run_dir, LOST))
-    else:
-        state = torch.load(run_dir / "nerfstudio_models" / f"step-{LOST:09d}.ckpt", map_location="cpu", weights_only=True)
+        return merge_shards(load_shards(run_dir, step))
+    return torch.load(run_dir / "nerfstudio_models" / f"step-{step:09d}.ckpt", map_location="cpu", weights_only=True)
+
+
+def _final_state(run_dir: Path, nproc: int) -> Dict[str, torch.Tensor]:
+    """The step-9 parameters, optimiser moments and leaf ids."""
+    state = _checkpoint(run_dir, nproc, STEPS - 1)
     out = {f"pipeline.{k}": v for k, v in state["pipeline"].items() if isinstance(v, torch.Tensor)}
     for name, opt in state["optimizers"].items():
         for key, value in (opt["state"].get(0) or {}).items():
             out[f"adam.{name}.{key}"] = value
     assert "pipeline._model.leaf_ids" in out
     return out
+
+
+def assert_some_leaves_are_stale(pipeline: Dict) -> None:
+    """Some Gaussians' saved leaf is not the leaf of their mean (they moved since the last refresh)."""
+    from landmark_plugin.core.partition import KDTree, assign_leaves
+
+    tree = KDTree(bounds=pipeline["_model.tree_bounds"], split_axis=pipeline["_model.tree_split_axis"],
+                  split_value=pipeline["_model.tree_split_value"], depth=2)  # fmt: skip
+    moved = assign_leaves(tree, pipeline["_model.gauss_params.means"]) != pipeline["_model.leaf_ids"]
+    assert int(moved.sum()) > 0, "the test needs Gaussians that left their leaf since the last refresh"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +91,7 @@ def city(tmp_path_factory) -> Path:
 
 
 def crash_leftovers(run_dir: Path, into: Path, nproc: int) -> Path:
-    """What a crash after step 5 leaves, plus a step-9 checkpoint that does not load: the folder
+    """What a crash after step 2's save leaves, step 2's checkpoint truncated: the folder
     to pass to --load-dir (nerfstudio_models/ on one process, the run directory on several)."""
     if nproc == 1:
         into.mkdir(parents=True)
@@ -83,7 +99,8 @@ def crash_leftovers(run_dir: Path, into: Path, nproc: int) -> Path:
             shutil.copy(run_dir / "nerfstudio_models" / f"step-{step:09d}.ckpt", into)
         _truncate(into / f"step-{LOST:09d}.ckpt")
         return into
-    shutil.copytree(run_dir / "shards", into / "shards")
+    for step in (SAVED, LOST):
+        shutil.copytree(run_dir / "shards" / f"step-{step:09d}", into / "shards" / f"step-{step:09d}")
     _truncate(into / "shards" / f"step-{LOST:09d}" / f"rank-00001-of-{nproc:05d}.ckpt")
     return into
 
@@ -94,14 +111,16 @@ def test_resume_from_the_command_line_is_bit_exact(city, tmp_path, nproc):
     out = tmp_path / "out"
     _finish(_start(_command(nproc, city, out, "unbroken"), tmp_path))
     unbroken = out / "city" / "retina-gs-small" / "unbroken"
+    assert_some_leaves_are_stale(_checkpoint(unbroken, nproc, SAVED)["pipeline"])
     load_dir = crash_leftovers(unbroken, tmp_path / "left", nproc)
     before = _checksums(load_dir)
 
     log = _finish(_start(_command(nproc, city, out, "resumed", "--load-dir", str(load_dir)), tmp_path))
     resumed = out / "city" / "retina-gs-small" / "resumed"
     truncated = f"step-{LOST:09d}.ckpt" if nproc == 1 else f"rank-00001-of-{nproc:05d}.ckpt"
-    assert truncated in log and "cannot be read" in log, log[-3000:]
-    assert f"step {SAVED}" in log, log[-3000:]
+    flat = "".join(log.split())  # the console wraps long paths
+    assert f"{truncated}cannotberead" in flat, log[-3000:]
+    assert f"Resumedfromstep{SAVED}:" in flat, log[-3000:]
     assert _checksums(load_dir) == before, "resuming changed the checkpoints it read"
 
     losses, resumed_losses = _scalars(unbroken)["Train Loss"], _scalars(resumed)["Train Loss"]
@@ -124,5 +143,6 @@ def test_no_readable_checkpoint_is_one_error_naming_the_files(city, tmp_path):
     proc = _start(_command(1, city, tmp_path / "out", "resumed", "--load-dir", str(left)), tmp_path)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, log[-3000:]
-    assert all(f"step-{step:09d}.ckpt" in log for step in (SAVED, LOST)), log[-3000:]
+    flat = "".join(log.split())  # the console wraps long paths
+    assert all(f"step-{step:09d}.ckpt" in flat for step in (SAVED, LOST)), log[-3000:]
     assert "Traceback" not in log, log[-3000:]
