@@ -1,29 +1,77 @@
-"""Checkpoint files: atomic writes and loading nerfstudio checkpoints on torch >= 2.6.
+"""Checkpoint files: atomic writes, loading the newest readable one, and loading nerfstudio
+checkpoints on torch >= 2.6.
 
-A checkpoint is never visible half-written: it is written to a temporary file in the same
-directory, flushed to disk, then renamed over the final name (rename is atomic on POSIX), and
-the directory entry is synced.  A run killed mid-write leaves the previous checkpoint intact.
+A checkpoint is never visible half-written: it is written to a temporary file in a hidden
+sibling folder of its directory (``.nerfstudio_models.partial/`` beside ``nerfstudio_models/``:
+the same filesystem, so the rename stays atomic, and never listed by nerfstudio's loaders, which
+parse every name in ``nerfstudio_models/`` as a step), flushed to disk, then renamed over the
+final name, and the directory entry is synced.  A run killed mid-write leaves the previous
+checkpoint intact.  A checkpoint that is on disk but does not load (truncated by a full disk or
+a lost node) is reported by path, and resuming falls back to the newest older one that loads
+(``load_newest_readable``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from nerfstudio.utils.rich_utils import CONSOLE
+
+LOAD_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)
+"""What torch.load raises on a truncated, corrupt or foreign file (e.g. RuntimeError
+"PytorchStreamReader failed reading zip archive")."""
 
 from landmark_plugin.errors import reports_write_failures
 
 
+CHECKPOINT_NAME = re.compile(r"^step-(\d{9})\.ckpt$")
+"""A complete checkpoint of nerfstudio_models/ (temp files and anything else are not)."""
+
+
+def complete_steps(checkpoint_dir: Path) -> List[int]:
+    """Steps of the complete checkpoints in ``checkpoint_dir``, newest first (temp files ignored)."""
+    steps = (int(m.group(1)) for p in Path(checkpoint_dir).iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
+    return sorted(steps, reverse=True)
+
+
+def load_newest_complete(config: Any) -> Any:
+    """An ``eval_setup`` ``update_config_callback``: pin --load-step to the newest complete
+    checkpoint, so that nerfstudio's loader, which parses every name in nerfstudio_models/ as a
+    step, never meets a temp file an older version left there."""
+    checkpoint_dir = config.get_checkpoint_dir()
+    if config.load_step is None and Path(checkpoint_dir).is_dir():
+        steps = complete_steps(checkpoint_dir)
+        config.load_step = steps[0] if steps else None
+    return config
+
+
+def temp_dir(folder: Path) -> Path:
+    """Where ``atomic_torch_save`` writes the temporary files of checkpoints in ``folder``: a hidden
+    sibling (``<parent>/.<name>.partial``), on the same filesystem and outside ``folder``."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}.partial"
+
+
 @reports_write_failures("checkpoint")
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save ``obj`` to ``path`` so that ``path`` holds either the old or the new file."""
+def atomic_torch_save(obj: Any, path: Path, temp_folder: Optional[Path] = None) -> None:
+    """torch.save ``obj`` to ``path`` so that ``path`` holds either the old or the new file.
+
+    The temporary file goes to ``temp_folder`` (default: ``temp_dir`` of ``path``'s folder),
+    which must be on the same filesystem as ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # temp_name_pattern
+    partial = temp_dir(path.parent) if temp_folder is None else Path(temp_folder)
+    partial.mkdir(exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=partial)  # temp_name_pattern
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -46,12 +94,84 @@ def temp_name_pattern(name: str) -> str:
 
 
 def remove_stale_temp_files(folder: Path, name: str = "step-*.ckpt") -> List[Path]:
-    """Delete the temporary files of killed ``atomic_torch_save`` writes in ``folder`` (they can be
-    as large as a checkpoint).  Call it from the only process writing there, after a save."""
-    stale = sorted(Path(folder).glob(temp_name_pattern(name)))
+    """Delete the temporary files of killed ``atomic_torch_save`` writes for ``folder`` (they can
+    be as large as a checkpoint): in its ``temp_dir``, and in ``folder`` itself, where versions
+    before the temp folder wrote them.  Call it from the only process writing there, after a save."""
+    pattern = temp_name_pattern(name)
+    stale = sorted([*temp_dir(folder).glob(pattern), *Path(folder).glob(pattern)])
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# ---- loading ------------------------------------------------------------------------------
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that does not load; the message names it and torch's reason."""
+
+
+def load_checkpoint_file(path: Path, weights_only: bool = True) -> Dict[str, Any]:
+    """``torch.load`` of a checkpoint on the CPU (weights_only, as ns-eval / ns-render load it).
+
+    Raises:
+        UnreadableCheckpoint: the file is truncated, corrupt or not a checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except LOAD_ERRORS as error:
+        reason = (str(error).splitlines() or [""])[0]
+        raise UnreadableCheckpoint(f"{path} cannot be read ({type(error).__name__}: {reason})") from error
+    if not isinstance(state, dict) or "pipeline" not in state:
+        raise UnreadableCheckpoint(f"{path} cannot be read (not a nerfstudio checkpoint: no 'pipeline' entry)")
+    return state
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One checkpoint a run may resume from."""
+
+    name: str
+    """How messages name it (a file, or the shards of a step)."""
+    load: Callable[[], Dict[str, Any]]
+    """This rank's state of it; raises ``UnreadableCheckpoint`` naming the file that does not load."""
+
+
+def load_newest_readable(
+    candidates: Sequence[Candidate], errors_on_every_rank: Callable[[Optional[str]], List[Optional[str]]] = lambda e: [e]
+) -> Dict[str, Any]:
+    """The state of the first of ``candidates`` (newest first) that loads on every rank.
+
+    Each one that does not is reported by path, and the next (older) one is tried.
+
+    Args:
+        candidates: checkpoints, newest first.
+        errors_on_every_rank: collective: every rank's error (None: it loaded), so that all
+            ranks move on together when one rank's shard does not load.
+
+    Raises:
+        InputError: none loads; the message names every file tried.
+    """
+    failures: List[str] = []
+    for i, candidate in enumerate(candidates):
+        error = None
+        try:
+            state = candidate.load()
+        except UnreadableCheckpoint as unreadable:
+            error = str(unreadable)
+        errors = list(dict.fromkeys(e for e in errors_on_every_rank(error) if e is not None))
+        if not errors:
+            if failures:
+                CONSOLE.print(f"[bold yellow]Resuming from {candidate.name}, the newest checkpoint that loads")
+            return state
+        failures += errors
+        older = f": trying the older {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+        for message in errors:
+            CONSOLE.print(f"[bold yellow]Checkpoint {message}{older}")
+    from landmark_plugin.data.validate import InputError
+
+    raise InputError(
+        "no checkpoint to resume from can be read:\n  " + "\n  ".join(failures)
+        + "\nDelete or move them to train from scratch, or pass --load-dir / --load-step of a checkpoint that loads."
+    )
 
 
 def allow_nerfstudio_checkpoints() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Type
@@ -36,14 +35,20 @@ from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin import resume
-from landmark_plugin.checkpoints import atomic_torch_save, remove_stale_temp_files
+from landmark_plugin.checkpoints import (
+    Candidate,
+    atomic_torch_save,
+    complete_steps,
+    load_checkpoint_file,
+    load_newest_readable,
+    remove_stale_temp_files,
+)
 from landmark_plugin.config_checks import check_before_start
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.errors import check_output_dir, writing_to
 from landmark_plugin.step_guard import NonFiniteSteps, SkippedStepCallback, find_nonfinite, gradient_norms
 from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync
 
-CHECKPOINT_NAME = re.compile(r"^step-(\d{9})\.ckpt$")
 LEGACY_VIEWER_OFF = {"viewer_legacy": "tensorboard"}
 """What --vis becomes on several ranks where it names the legacy viewer (only nerfstudio's
 current viewer is served there)."""
@@ -51,8 +56,8 @@ current viewer is served there)."""
 
 def latest_complete_step(checkpoint_dir: Path) -> Optional[int]:
     """Step of the newest complete checkpoint in ``checkpoint_dir`` (temp files ignored)."""
-    steps = [int(m.group(1)) for p in Path(checkpoint_dir).iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-    return max(steps) if steps else None
+    steps = complete_steps(checkpoint_dir)
+    return steps[0] if steps else None
 
 
 @dataclass
@@ -217,12 +222,23 @@ class LandmarkTrainer(Trainer):
         self.viewer_sync.serve_until_stop(self._viewer_control)
 
     def train(self) -> None:
+        # A resumed run ends where the unbroken one would (at --max-num-iterations, not that many
+        # steps after the resume), so the same command line resumes a killed run, schedules included.
+        remaining = self.config.max_num_iterations - self._start_step
+        if self._start_step > 0 and remaining <= 0:
+            CONSOLE.print(f"The checkpoint is at step {self._start_step - 1}: the run of --max-num-iterations "
+                          f"{self.config.max_num_iterations} is complete; raise it to train further")
+            remaining = 0
+        total, self.config.max_num_iterations = self.config.max_num_iterations, remaining
         try:
-            super().train()
+            if remaining > 0:
+                super().train()
         except BaseException as error:
             if self.viewer_sync is not None:
                 self.viewer_sync.close(f"training failed: {type(error).__name__}")
             raise
+        finally:
+            self.config.max_num_iterations = total
         if self.viewer_sync is not None:
             self.viewer_sync.close("training has ended")
 
@@ -330,34 +346,54 @@ class LandmarkTrainer(Trainer):
                 if old != ckpt_path:
                     old.unlink()
 
+    def checkpoint_candidates(self) -> List[Path]:
+        """Checkpoint files to resume from, newest first: --load-checkpoint, --load-step's in
+        --load-dir, or every complete checkpoint of --load-dir (an older one is used when a newer
+        one does not load)."""
+        config = self.config
+        if config.load_dir is not None:
+            # nerfstudio parses every file name in load_dir as a step; a temp file left by a
+            # killed write would crash it.  List the complete checkpoints ourselves.
+            steps = [config.load_step] if config.load_step is not None else complete_steps(config.load_dir)
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt) in {config.load_dir}")
+            paths = [Path(config.load_dir) / f"step-{step:09d}.ckpt" for step in steps]
+        elif config.load_checkpoint is not None:
+            paths = [Path(config.load_checkpoint)]
+        else:
+            return []
+        if not paths[0].is_file():
+            raise FileNotFoundError(f"checkpoint {paths[0]} does not exist")
+        return paths
+
     def checkpoint_to_load(self) -> Optional[Path]:
         """--load-checkpoint, or the newest complete checkpoint of --load-dir (or --load-step)."""
-        if self.config.load_dir is not None:
-            # nerfstudio parses every file name in load_dir as a step; a temp file left by a
-            # killed write would crash it.  Resolve the newest complete checkpoint ourselves.
-            step = self.config.load_step
-            if step is None:
-                step = latest_complete_step(self.config.load_dir)
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt) in {self.config.load_dir}")
-            path = Path(self.config.load_dir) / f"step-{step:09d}.ckpt"
-        elif self.config.load_checkpoint is not None:
-            path = Path(self.config.load_checkpoint)
-        else:
-            return None
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
+        paths = self.checkpoint_candidates()
+        return paths[0] if paths else None
 
-    def _load_checkpoint(self) -> None:
-        path = self.checkpoint_to_load()
-        if path is None:
-            CONSOLE.print("No checkpoint to load, so training from scratch.")
-            return
+    def resume_candidates(self) -> List[Candidate]:
+        """What this rank may resume from, newest first (``load_newest_readable`` takes the first
+        that loads on every rank)."""
         # weights_only: what ns-eval / ns-render do on torch >= 2.6, so a checkpoint that
         # resumes is one they can read too.
-        self.restore_state(torch.load(path, map_location="cpu", weights_only=True))
-        CONSOLE.print(f"Resumed from {path}; training continues at step {self._start_step}")
+        return [Candidate(str(path), functools.partial(load_checkpoint_file, path)) for path in self.checkpoint_candidates()]
+
+    def errors_on_every_rank(self, error: Optional[str]) -> List[Optional[str]]:
+        """Collective: every rank's checkpoint loading error (None where it loaded)."""
+        if self.comm.world_size == 1:
+            return [error]
+        from landmark_plugin.distributed.collectives import all_gather_objects
+
+        return all_gather_objects(self.comm, error, "checkpoint loading check")
+
+    def _load_checkpoint(self) -> None:
+        candidates = self.resume_candidates()
+        if not candidates:
+            CONSOLE.print("No checkpoint to load, so training from scratch.")
+            return
+        state = load_newest_readable(candidates, self.errors_on_every_rank)
+        self.restore_state(state)
+        CONSOLE.print(f"Resumed from step {state['step']}: training continues at step {self._start_step}")
 
     def restore_state(self, state: dict) -> None:
         """Load a ``checkpoint_state`` dict: parameters, optimisers, schedulers, grad scaler,

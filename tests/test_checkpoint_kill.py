@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from landmark_plugin.checkpoints import temp_dir
 from _trainers import micro_city, model_state, setup_trainer  # noqa: F401 (fixture)
 
 CHILD = Path(__file__).resolve().parent / "_pause_in_checkpoint_write.py"
@@ -55,7 +57,9 @@ def test_sigkill_during_a_checkpoint_write(micro_city, tmp_path, deterministic):
     # (with save_only_latest_checkpoint the older one goes only once the newer one is complete)
     assert f"step-{SAVE_EVERY:09d}.ckpt" in names
     assert f"step-{KILLED_AT:09d}.ckpt" not in names, "the killed write must not publish its checkpoint"
-    assert any(name.startswith(f".step-{KILLED_AT:09d}.ckpt.") for name in names), names  # the torn temp file
+    assert all(name.startswith("step-") for name in names), f"nerfstudio parses every name here as a step: {names}"
+    partial = [p.name for p in temp_dir(checkpoints).iterdir()]
+    assert any(name.startswith(f".step-{KILLED_AT:09d}.ckpt.") for name in partial), partial  # the torn temp file
 
     config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
     config.load_dir = checkpoints
@@ -71,4 +75,4 @@ def test_sigkill_during_a_checkpoint_write(micro_city, tmp_path, deterministic):
     resumed.save_checkpoint(KILLED_AT)
     names = sorted(p.name for p in checkpoints.iterdir())
     assert f"step-{KILLED_AT:09d}.ckpt" in names
-    assert not [name for name in names if name.endswith(".tmp")], "the next save removes the stale temp file"
+    assert not list(temp_dir(checkpoints).iterdir()), "the next save removes the stale temp file"

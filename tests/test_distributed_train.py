@@ -169,7 +169,7 @@ def test_resume_on_one_and_on_two_ranks(run, city):
     merged = torch.load(merged_dir / f"step-{STEPS - 1:09d}.ckpt", map_location="cpu")
     count = merged["pipeline"]["_model.gauss_params.means"].shape[0]
     on_two = _start(_torchrun(
-        2, "--data", str(city), "--max-num-iterations", "1", "--steps-per-save", "100", "--steps-per-eval-all-images",
+        2, "--data", str(city), "--max-num-iterations", str(STEPS + 1), "--steps-per-save", "100", "--steps-per-eval-all-images",
         "1000", *TRAIN, "--output-dir", str(work / "two"), "--timestamp", "two", "--load-dir", str(merged_dir),
         "synthetic-city"), work)
 

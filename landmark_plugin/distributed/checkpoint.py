@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from landmark_plugin.checkpoints import atomic_torch_save
+from landmark_plugin.checkpoints import atomic_torch_save, load_checkpoint_file
 from landmark_plugin.core.partition import KDTree, assign_leaves
 from landmark_plugin.core.schedule import Parts
 from landmark_plugin.distributed.collectives import barrier
@@ -38,6 +38,13 @@ from landmark_plugin.gaussians.export import GAUSS_PREFIX
 
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 STRATEGY_STATS = ("grad2d", "count", "radii")
+LEAF_IDS = "_model.leaf_ids"
+"""Pipeline key of every Gaussian's leaf (a row like the parameters; absent in older checkpoints)."""
+
+
+def _row_keys(pipeline: Dict) -> List[str]:
+    """Pipeline keys holding one row per Gaussian: the parameters and the leaf ids."""
+    return [k for k in pipeline if k.startswith(GAUSS_PREFIX) or k == LEAF_IDS]
 
 
 def step_dir(base_dir: Path, step: int) -> Path:
@@ -63,7 +70,8 @@ def save_shard(comm: Comm, base_dir: Path, step: int, state: Dict, tree: KDTree)
     Collective (a barrier): every rank must call it at the same step.
     """
     path = shard_path(base_dir, step, comm.rank, comm.world_size)
-    atomic_torch_save({**state, "rank": comm.rank, "world_size": comm.world_size, "tree": tree.to_dict()}, path)
+    # Temp files stay in the step folder: nerfstudio never lists it, and a step is read only once complete.
+    atomic_torch_save({**state, "rank": comm.rank, "world_size": comm.world_size, "tree": tree.to_dict()}, path, path.parent)
     barrier(comm, f"checkpoint step {step}")
     if comm.is_main:
         manifest = {"step": step, "world_size": comm.world_size, "tree": tree.to_dict()}
@@ -84,7 +92,7 @@ def save_group_shard(
     path = None
     if index is not None:
         path = shard_path(base_dir, step, index, count)
-        atomic_torch_save({**state, "rank": index, "world_size": count}, path)
+        atomic_torch_save({**state, "rank": index, "world_size": count}, path, path.parent)
     barrier(comm, f"checkpoint step {step}")
     if comm.is_main:
         text = json.dumps({**manifest, "step": step, "world_size": count})
@@ -93,13 +101,20 @@ def save_group_shard(
     return path
 
 
-def latest_complete_step(base_dir: Path) -> Optional[int]:
-    """Newest step whose shards are all written (``complete.json`` present), or None."""
+def complete_steps(base_dir: Path) -> List[int]:
+    """Steps whose shards are all written (``complete.json`` present), newest first; a step
+    folder a crash left incomplete is never among them."""
     root = Path(base_dir) / "shards"
     if not root.is_dir():
-        return None
+        return []
     steps = [int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "complete.json").exists()]
-    return max(steps) if steps else None
+    return sorted(steps, reverse=True)
+
+
+def latest_complete_step(base_dir: Path) -> Optional[int]:
+    """Newest step whose shards are all written (``complete.json`` present), or None."""
+    steps = complete_steps(base_dir)
+    return steps[0] if steps else None
 
 
 def read_manifest(base_dir: Path, step: int) -> Dict:
@@ -110,9 +125,7 @@ def load_shards(base_dir: Path, step: int) -> List[Dict]:
     """Every shard of a complete step, in rank order (on CPU)."""
     manifest = read_manifest(base_dir, step)
     world = int(manifest["world_size"])
-    return [
-        torch.load(shard_path(base_dir, step, r, world), map_location="cpu", weights_only=False) for r in range(world)
-    ]
+    return [load_checkpoint_file(shard_path(base_dir, step, r, world), weights_only=False) for r in range(world)]
 
 
 def _gauss_names(state: Dict) -> List[str]:
@@ -125,8 +138,8 @@ def merge_shards(shards: List[Dict]) -> Dict:
     merged = {k: v for k, v in first.items() if k not in ("rank", "pipeline", "optimizers", "strategy_state")}
     merged["world_size"] = 1
     pipeline = dict(first["pipeline"])
-    for name in _gauss_names(first):
-        pipeline[GAUSS_PREFIX + name] = torch.cat([s["pipeline"][GAUSS_PREFIX + name] for s in shards])
+    for key in _row_keys(first["pipeline"]):
+        pipeline[key] = torch.cat([s["pipeline"][key] for s in shards])
     merged["pipeline"] = pipeline
     optimizers = {}
     for name, opt in first["optimizers"].items():
@@ -155,9 +168,8 @@ def merge_shards(shards: List[Dict]) -> Dict:
 def select_rows(merged: Dict, keep: Tensor) -> Dict:
     """The merged checkpoint cut down to the Gaussian rows ``keep`` (a [N] bool or index)."""
     out = dict(merged)
-    out["pipeline"] = {
-        k: (v[keep] if k.startswith(GAUSS_PREFIX) else v) for k, v in merged["pipeline"].items()
-    }
+    rows = set(_row_keys(merged["pipeline"]))
+    out["pipeline"] = {k: (v[keep] if k in rows else v) for k, v in merged["pipeline"].items()}
     names = _gauss_names(merged)
     optimizers = {}
     for name, opt in merged["optimizers"].items():
@@ -177,11 +189,14 @@ def select_rows(merged: Dict, keep: Tensor) -> Dict:
 
 
 def shard_for_rank(merged: Dict, tree: KDTree, rank: int, world_size: int) -> Dict:
-    """The part of a merged checkpoint that ``rank`` of ``world_size`` owns under ``tree``."""
-    means = merged["pipeline"][GAUSS_PREFIX + "means"]
+    """The part of a merged checkpoint that ``rank`` of ``world_size`` owns under ``tree``: the
+    Gaussians of its leaves (the saved leaf ids, else the leaf of every mean)."""
+    pipeline = merged["pipeline"]
+    leaves = pipeline.get(LEAF_IDS)
+    if leaves is None or leaves.shape[0] != pipeline[GAUSS_PREFIX + "means"].shape[0]:
+        leaves = assign_leaves(tree, pipeline[GAUSS_PREFIX + "means"])
     parts = Parts.of(tree.depth, world_size)
-    part_rank = torch.as_tensor(parts.rank)
-    owner = part_rank[parts.leaf_part()[assign_leaves(tree, means)]]
+    owner = torch.as_tensor(parts.rank)[parts.leaf_part()[leaves]]
     out = select_rows(merged, owner == rank)
     out["rank"], out["world_size"] = rank, world_size
     return out
@@ -304,7 +319,7 @@ def rank_state_of_shards(base_dir: Path, step: int, rank: int, world_size: int, 
     process) or the merge re-split by subtree (``shard_for_rank``)."""
     world = int(read_manifest(base_dir, step)["world_size"])
     if world == world_size:
-        return torch.load(shard_path(base_dir, step, rank, world), map_location="cpu", weights_only=True)
+        return load_checkpoint_file(shard_path(base_dir, step, rank, world))
     merged = merge_shards(load_shards(base_dir, step))
     if world_size == 1:
         return merged

@@ -59,7 +59,9 @@ class ExportGaussians:
     def main(self) -> Path:
         from nerfstudio.utils.eval_utils import eval_setup
 
-        _, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
+        from landmark_plugin.checkpoints import load_newest_complete
+
+        _, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference", update_config_callback=load_newest_complete)
         path = self.output_dir / "splat.ply"
         n = write_gaussians_ply(path, pipeline.state_dict())
         print(f"wrote {n} Gaussians from {checkpoint} to {path}")

@@ -102,7 +102,9 @@ class RetinaGSModel(SplatfactoModel):
         self._populate_helpers()
         tree = build_kdtree(means, self.config.tree_depth, axis_rule=self.config.split_axes)
         self._set_tree(tree)
-        self.leaf_ids = assign_leaves(tree, means)
+        # A buffer, so checkpoints keep each Gaussian's leaf: it is re-assigned only at
+        # refinement steps, and a resumed run must render with the leaves the unbroken run has.
+        self.register_buffer("leaf_ids", assign_leaves(tree, means), persistent=True)
         self.layout = LayoutControls(self)  # viewer folders: partition, edits (nerfstudio finds them on the model)
 
     def _initial_means(self) -> torch.Tensor:
@@ -205,8 +207,14 @@ class RetinaGSModel(SplatfactoModel):
         for name in ("tree_bounds", "tree_split_axis", "tree_split_value"):
             if name in dict:
                 self.register_buffer(name, torch.zeros_like(dict[name], device=self.device))
-        result = torch.nn.Module.load_state_dict(self, dict, **kwargs)
-        self.refresh_ownership()
+        num_points = dict["gauss_params.means"].shape[0]
+        saved_leaves = dict.get("leaf_ids")
+        has_leaves = saved_leaves is not None and saved_leaves.shape == (num_points,)
+        placeholder = torch.zeros(num_points, dtype=torch.int64, device=self.device)
+        self.register_buffer("leaf_ids", placeholder.clone())
+        result = torch.nn.Module.load_state_dict(self, {**dict, "leaf_ids": saved_leaves if has_leaves else placeholder}, **kwargs)
+        if not has_leaves:  # a checkpoint written before leaf ids were saved: the leaf of every mean
+            self.refresh_ownership()
         return result
 
     # ---- rendering ------------------------------------------------------------------------

@@ -23,17 +23,24 @@ exact resume), except that ``--load-dir`` may also name a sharded run.  With sev
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Type
+from typing import Any, Dict, List, Type
 
-import torch
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.checkpoints import (
+    Candidate,
+    UnreadableCheckpoint,
+    load_checkpoint_file,
+    load_newest_readable,
+    remove_stale_temp_files,
+)
 from landmark_plugin.distributed.checkpoint import (
+    LEAF_IDS,
+    complete_steps,
     find_shards,
-    latest_complete_step,
-    is_shards_pointer,
     rank_state_of_shards,
     read_manifest,
     remove_pointers_except,
@@ -47,7 +54,6 @@ from landmark_plugin.distributed.checkpoint import (
 from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
-from landmark_plugin.trainer import latest_complete_step as latest_checkpoint_step
 
 
 @dataclass
@@ -89,61 +95,64 @@ class RetinaTrainer(LandmarkTrainer):
         if self.comm.is_main:
             # What ns-eval / ns-render / ns-viewer find in nerfstudio_models/: a pointer to the shards.
             write_shards_pointer(self.checkpoint_dir, self.base_dir, step, self.comm.world_size)
+            remove_stale_temp_files(self.checkpoint_dir)
             if self.config.save_only_latest_checkpoint:
                 remove_steps_except(self.base_dir, step)
                 remove_pointers_except(self.checkpoint_dir, step)
 
     # ---- loading --------------------------------------------------------------------------
-    def _load_checkpoint(self) -> None:
+    def resume_candidates(self) -> List[Candidate]:
+        """This rank's part of every checkpoint --load-dir / --load-checkpoint may resume from,
+        newest first: the complete sharded steps of a sharded run (its directory, ``shards/`` or
+        one ``shards/step-*``), else the checkpoint files of a nerfstudio_models/ (pointers to
+        shards load the shards)."""
         load_dir = self.config.load_dir
         sharded = find_shards(load_dir) if load_dir is not None else None
         if sharded is None:
-            sharded = self._pointed_shards()
-        if sharded is None and not self.distributed:
-            return super()._load_checkpoint()  # a nerfstudio checkpoint (or none) on one process
-        if sharded is None and load_dir is None:
-            if self.config.load_checkpoint is not None:
+            if self.distributed and load_dir is None and self.config.load_checkpoint is not None:
                 raise ConfigError("with several ranks resume through --load-dir (a sharded run or a nerfstudio_models/)")
+            return [Candidate(str(path), functools.partial(self._rank_state_of_file, path)) for path in self.checkpoint_candidates()]
+        base, step = sharded
+        step = step if step is not None else self.config.load_step
+        steps = [step] if step is not None else complete_steps(base)
+        return [Candidate(f"the shards of step {s} in {base}", functools.partial(self._rank_state_of_shards, base, s)) for s in steps]
+
+    def _rank_state_of_shards(self, base: Path, step: int) -> Dict:
+        comm = self.comm
+        world = int(read_manifest(base, step)["world_size"])
+        CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from the {world} shards of step {step} in {base}")
+        return rank_state_of_shards(base, step, comm.rank, comm.world_size, self.pipeline.model.config.tree_depth)
+
+    def _rank_state_of_file(self, path: Path) -> Dict:
+        """This rank's part of a checkpoint file: a single-process (or landmark-merge) checkpoint,
+        cut by subtree on several ranks, or a pointer to shards."""
+        state = load_checkpoint_file(path)
+        try:
+            pointed = shards_of_pointer(state["pipeline"])
+        except FileNotFoundError as gone:
+            raise UnreadableCheckpoint(f"{path} cannot be read ({gone})") from gone
+        if pointed is not None:
+            return self._rank_state_of_shards(*pointed)
+        comm = self.comm
+        if comm.world_size == 1:
+            return state
+        CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from {path}")
+        return shard_for_rank(state, tree_of_state(state, self.pipeline.model.config.tree_depth), comm.rank, comm.world_size)
+
+    def _load_checkpoint(self) -> None:
+        candidates = self.resume_candidates()
+        if not candidates:
             CONSOLE.print("No checkpoint to load, so training from scratch.")
             return
-        with self.pipeline.loading_rank_parts():  # _read_state has cut the state for this rank
-            self.restore_state(self._read_state(load_dir, sharded))
+        state = load_newest_readable(candidates, self.errors_on_every_rank)
+        with self.pipeline.loading_rank_parts():  # the candidates cut the state for this rank
+            self.restore_state(state)
         model = self.pipeline.model
-        CONSOLE.print(f"Resumed at step {self._start_step} with {model.num_points} Gaussians on rank {self.comm.rank}")
-        if self.distributed:
+        CONSOLE.print(f"Resumed from step {state['step']}: training continues at step {self._start_step} with "
+                      f"{model.num_points} Gaussians on rank {self.comm.rank}")
+        if self.distributed and LEAF_IDS not in state["pipeline"]:
+            # A checkpoint without leaf ids (older versions) was assigned leaves from the means:
             # Gaussians that drifted out of their rank's region since the last migration move now.
+            # With leaf ids every rank holds the Gaussians of its leaves as the unbroken run does.
             migrate_(self.comm, model, self.optimizers.optimizers, model.strategy_state, self.pipeline.sharded.parts, rebuild=False)
             self._rebind_optimizers()
-
-    def _read_state(self, load_dir: Path, sharded) -> Dict:
-        """This rank's part of the checkpoint that ``load_dir`` names."""
-        comm = self.comm
-        depth = self.pipeline.model.config.tree_depth
-        if sharded is None:  # a single-process run's (or landmark-merge's) nerfstudio_models/
-            step = self.config.load_step if self.config.load_step is not None else latest_checkpoint_step(load_dir)
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt or shards/step-*/complete.json) in {load_dir}")
-            path = Path(load_dir) / f"step-{step:09d}.ckpt"
-            CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from {path}")
-            merged = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            base, step = sharded
-            step = step if step is not None else self.config.load_step
-            step = step if step is not None else latest_complete_step(base)
-            world = int(read_manifest(base, step)["world_size"])
-            CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from the {world} shards of step {step} in {base}")
-            return rank_state_of_shards(base, step, comm.rank, comm.world_size, depth)
-        if comm.world_size == 1:
-            return merged
-        return shard_for_rank(merged, tree_of_state(merged, depth), comm.rank, comm.world_size)
-
-    def _pointed_shards(self):
-        """(run directory, step) when the checkpoint --load-dir / --load-checkpoint selects in a
-        nerfstudio_models/ is a pointer to shards (``write_shards_pointer``), else None."""
-        try:
-            path = self.checkpoint_to_load()
-        except FileNotFoundError:
-            return None
-        if path is None or not is_shards_pointer(path):
-            return None
-        return shards_of_pointer(torch.load(path, map_location="cpu", weights_only=True)["pipeline"])
