@@ -44,7 +44,7 @@ from landmark_plugin.checkpoints import (
     remove_stale_temp_files,
 )
 from landmark_plugin.config_checks import check_before_start
-from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.distributed.groups import Comm, cuda_index
 from landmark_plugin.errors import check_output_dir, writing_to
 from landmark_plugin.step_guard import NonFiniteSteps, SkippedStepCallback, find_nonfinite, gradient_norms
 from landmark_plugin.viewer.distributed import Control, RenderMailbox, ShardedViewer, ViewerSync
@@ -122,6 +122,9 @@ class LandmarkTrainer(Trainer):
 
     def __init__(self, config: LandmarkTrainerConfig, local_rank: int = 0, world_size: int = 1) -> None:
         super().__init__(config, local_rank, world_size)
+        if self.device.startswith("cuda"):
+            # nerfstudio gives local rank k the GPU cuda:k; ranks sharing GPUs (gloo) wrap around.
+            self.device = f"cuda:{cuda_index(local_rank, getattr(config.pipeline, 'backend', 'auto'))}"
         self.nonfinite = NonFiniteSteps(config.max_consecutive_nonfinite_steps)
 
     @property

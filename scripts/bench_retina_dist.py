@@ -256,11 +256,11 @@ class Bench:
         from nerfstudio.engine.optimizers import Optimizers
 
         from landmark_plugin.data.city_gaussians import scatter_gaussians
-        from landmark_plugin.distributed.shards import owner_ranks
+        from landmark_plugin.gaussians.rows import owner_ranks
         from landmark_plugin.method_configs.retina_gs import gaussian_optimizers
 
         self.release()
-        model, parts, rank = self.pipeline.model, self.pipeline.sharded.parts, self.comm.rank
+        model, parts, rank = self.pipeline.model, self.pipeline.frame.parts, self.comm.rank
         keep = (lambda means: owner_ranks(model, parts, means) == rank) if self.comm.world_size > 1 else None
         params = scatter_gaussians(self.anchors, self.colors, count, math.sqrt(self.area / count), self.args.sh_degree,
                                    keep=keep, seed=7)
@@ -315,7 +315,7 @@ class Bench:
         colors, _, _ = rasterization(
             g.means, g.quats, g.scales, g.opacities, g.sh, get_viewmat(cameras.camera_to_worlds),
             cameras.get_intrinsics_matrices().to(self.device), int(cameras.width[0]), int(cameras.height[0]),
-            sh_degree=pipeline.sharded.sh_degree(), backgrounds=background.expand(len(mine), 3).contiguous(),
+            sh_degree=pipeline.frame.sh_degree(), backgrounds=background.expand(len(mine), 3).contiguous(),
             distributed=True,
         )
         loss = 0.0

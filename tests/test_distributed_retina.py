@@ -28,7 +28,7 @@ from conftest import gloo_world_sizes
 from landmark_plugin.distributed.launch import run_ranks
 
 # Ranks fork from a server that imported nerfstudio once (spawning re-imports it per rank).
-FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.sharded", "_retina_dist_helpers"))
+FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.frame", "_retina_dist_helpers"))
 
 TOL = dict(rtol=0.0, atol=1e-5)  # the bound; float64 keeps the real error near 1e-12
 STEPS, BATCH = 5, 2
@@ -41,15 +41,15 @@ def tree_depth_for(world_size: int) -> int:
 
 def _train_worker(comm, steps: int, batch_size: int, depth: int = 2):
     from landmark_plugin.core.schedule import Parts
-    from landmark_plugin.distributed.shards import owner_ranks, shard_
-    from landmark_plugin.gaussians.sharded import ShardedRetina
+    from landmark_plugin.gaussians.rows import owner_ranks, shard_
+    from landmark_plugin.gaussians.frame import RetinaFrame
 
     torch.set_default_dtype(torch.float64)
     model, cameras = make_model(depth=depth), make_cameras()
     parts = Parts.of(model.config.tree_depth, comm.world_size)
     ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
     shard_(comm, model, parts)
-    sharded = ShardedRetina(comm, model)
+    sharded = RetinaFrame(comm, model)
     optimizers = make_optimizers(model)
     model.optimizers = optimizers
     queue = list(range(NUM_CAMERAS)) * 2

@@ -8,22 +8,22 @@ import torch
 from _retina_dist_helpers import make_cameras, make_model, make_optimizers, step_optimizers, target_image
 from landmark_plugin.distributed.launch import run_ranks
 
-FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.sharded", "_retina_dist_helpers"))
+FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.frame", "_retina_dist_helpers"))
 TOL = dict(rtol=0.0, atol=1e-5)
 RESUME_BATCH = [2, 3]
 
 
 def _sharded(comm):
     from landmark_plugin.core.schedule import Parts
-    from landmark_plugin.distributed.shards import shard_
-    from landmark_plugin.gaussians.sharded import ShardedRetina
+    from landmark_plugin.gaussians.rows import shard_
+    from landmark_plugin.gaussians.frame import RetinaFrame
 
     torch.set_default_dtype(torch.float64)
     model = make_model()
     shard_(comm, model, Parts.of(model.config.tree_depth, comm.world_size))
     optimizers = make_optimizers(model)
     model.optimizers = optimizers
-    return model, optimizers, ShardedRetina(comm, model)
+    return model, optimizers, RetinaFrame(comm, model)
 
 
 def _batch_loss(sharded, batch, backward: bool) -> float:
@@ -48,7 +48,7 @@ def _train_save_migrate(comm, base_dir: str):
     """One step, save shards, loss of the next batch, then a forced migration."""
     from landmark_plugin.distributed.checkpoint import save_shard
     from landmark_plugin.distributed.collectives import all_gather_rows
-    from landmark_plugin.distributed.shards import gaussian_rows, migrate_, owner_ranks
+    from landmark_plugin.gaussians.rows import gaussian_rows, migrate_, owner_ranks
 
     model, optimizers, sharded = _sharded(comm)
     model.step = 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from landmark_plugin.core.clip import _REACH_MARGIN, clip_camera, rasterize_clipped, sharing_copies
+from landmark_plugin.core.clip import _REACH_MARGIN, Copies, clip_camera, rasterize_clipped, sharing_copies
 from landmark_plugin.core.projection import Projection, RasterSettings, project_gaussians
 from landmark_plugin.core.raster_ref import tile_ranges
 from landmark_plugin.core.render import (
@@ -62,6 +62,7 @@ def render_partial_clipped(
     backend: Backend = "auto",
     absgrad: bool = False,
     allow_fallback: bool = False,
+    leaf_mask: Optional[Bool[Tensor, " L"]] = None,
 ) -> Partial:
     """Render ``gaussians`` as one clipped partial over ``leaves`` (one pass).
 
@@ -77,6 +78,9 @@ def render_partial_clipped(
         absgrad: CUDA only: fill ``means2d.absgrad`` for densification.
         allow_fallback: on CUDA, use the twin when the kernel cannot be built (warned once)
             instead of raising ``cuda.CudaUnavailable``.
+        leaf_mask: [L] the leaves this partial draws (a rank's part); copies that land in the
+            other leaves are left to the partials of those leaves.  Sharing is still decided
+            over all L boxes, so a copy is clipped exactly as in the whole render.  None: all.
 
     Returns:
         Partial with [H, W, D] colour, [H, W, 1] transmittance, [1, N, 2] means2d, [1, N] radii.
@@ -86,11 +90,92 @@ def render_partial_clipped(
         from landmark_plugin import cuda
 
         if cuda.require(allow_fallback) is not None:
-            return _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad)
-    return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth)
+            return _clipped_cuda(
+                gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad, leaf_mask
+            )
+    return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask)
 
 
-def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth) -> Partial:
+def project(
+    gaussians: Gaussians,
+    viewmat: Float[Tensor, "4 4"],
+    K: Float[Tensor, "3 3"],
+    width: int,
+    height: int,
+    settings: RasterSettings,
+    backend: Literal["gsplat", "torch"],
+) -> Projection:
+    """The projection the clipped render of ``backend`` uses (gsplat's, or the torch twin)."""
+    if backend == "torch":
+        return project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
+    from gsplat.cuda._wrapper import fully_fused_projection
+
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        gaussians.means, None, gaussians.quats, gaussians.scales, viewmat[None], K[None], width, height,
+        eps2d=settings.eps2d, near_plane=settings.near_plane, far_plane=settings.far_plane,
+        radius_clip=settings.radius_clip, packed=False,
+    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
+    return Projection(means2d[0], conics[0], depths[0], radii[0])
+
+
+@torch.no_grad()
+def reached_leaves(
+    gaussians: Gaussians,
+    boxes: Float[Tensor, "L 2 3"],
+    viewmat: Float[Tensor, "4 4"],
+    K: Float[Tensor, "3 3"],
+    width: int,
+    height: int,
+    settings: RasterSettings = RasterSettings(),
+    backend: Backend = "auto",
+) -> tuple[Copies, Int[Tensor, " N"]]:
+    """The sharing copies of ``gaussians`` for one camera, as ``render_partial_clipped`` of
+    the same backend decides them (same projection, same sharing rule): which leaves each
+    Gaussian is drawn in.  A rank sends a Gaussian to every rank owning one of its leaves.
+
+    Returns:
+        the copies (gaussian, leaf, box) and [N] the projection's radii (0: culled).
+    """
+    which = resolve_backend(backend, gaussians.means.device)
+    proj = project(gaussians, viewmat, K, width, height, settings, which)
+    camera = clip_camera(viewmat, K).to(gaussians.means.device)
+    copies = sharing_copies(proj, gaussians.opacities, camera, boxes, width, height, settings, use_kernel=which == "gsplat")
+    return copies, proj.radii
+
+
+def _keep_masked_entries(
+    proj: Projection,
+    opacities: Float[Tensor, " N"],
+    camera: Float[Tensor, " 16"],
+    leaves: ClipLeaves,
+    width: int,
+    height: int,
+    settings: RasterSettings,
+    entries: tuple[Tensor, Tensor, Tensor],
+    leaf_mask: Bool[Tensor, " L"],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop the sorted tile entries (``clip_intersections``) of copies outside ``leaf_mask``.
+
+    An entry names its leaf through its box, except a Gaussian's only copy (box -1): its leaf
+    comes from the same sharing decision (``sharing_copies``).  Entries stay in order; the
+    tile offsets are recounted.
+    """
+    offsets, flatten_ids, boxes = entries
+    copies = sharing_copies(proj, opacities, camera, leaves.boxes, width, height, settings)
+    only = copies.box < 0
+    single = torch.full((proj.means2d.shape[0],), -1, dtype=torch.int64, device=flatten_ids.device)
+    single[copies.gaussian[only]] = copies.leaf[only]
+    leaf = torch.where(boxes >= 0, boxes.long(), single[flatten_ids.long()])
+    keep = (leaf >= 0) & leaf_mask.to(leaf.device)[leaf.clamp(min=0)]
+    num_tiles, total = offsets.numel(), flatten_ids.shape[0]
+    entry = torch.arange(total, device=leaf.device, dtype=torch.int32)
+    tile = torch.searchsorted(offsets.reshape(-1).contiguous(), entry, right=True) - 1
+    counts = torch.bincount(tile[keep], minlength=num_tiles)
+    kept_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32).view_as(offsets)
+    return kept_offsets, flatten_ids[keep].contiguous(), boxes[keep].contiguous()
+
+
+def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask) -> Partial:
     proj = project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
     means2d = proj.means2d[None]
     proj = proj._replace(means2d=means2d[0])
@@ -99,6 +184,8 @@ def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, sett
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
     copies = sharing_copies(proj, gaussians.opacities, camera, leaves.boxes, width, height, settings)
+    if leaf_mask is not None:
+        copies = copies.take(torch.nonzero(leaf_mask.to(copies.leaf.device)[copies.leaf]).flatten())
     color, trans = rasterize_clipped(
         proj, colors, gaussians.opacities, copies, leaves.boxes, camera, width, height, settings,
         leaf_position=leaves.leaf_position,
@@ -164,16 +251,16 @@ def _clip_intersections_torch(proj, opacities, camera, leaves, width, height, se
     )
 
 
-def _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad) -> Partial:
-    from gsplat.cuda._wrapper import fully_fused_projection, spherical_harmonics
+def _clipped_cuda(
+    gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad, leaf_mask
+) -> Partial:
+    from gsplat.cuda._wrapper import spherical_harmonics
 
     from landmark_plugin.cuda import rasterize_clipped as rasterize_clipped_cuda
 
-    radii, means2d, depths, conics, _ = fully_fused_projection(
-        gaussians.means, None, gaussians.quats, gaussians.scales, viewmat[None], K[None], width, height,
-        eps2d=settings.eps2d, near_plane=settings.near_plane, far_plane=settings.far_plane,
-        radius_clip=settings.radius_clip, packed=False,
-    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
+    projected = project(gaussians, viewmat, K, width, height, settings, "gsplat")
+    means2d, conics, depths = projected.means2d[None], projected.conics[None], projected.depths[None]
+    radii = projected.radii[None]  # [1, N]
     if sh_degree is None:
         colors = gaussians.sh[:, 0, :]
     else:
@@ -184,9 +271,12 @@ def _clipped_cuda(gaussians, leaves, viewmat, K, width, height, sh_degree, setti
         colors = torch.cat([colors, depths[0, :, None]], dim=-1)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
     proj = Projection(means2d[0].detach(), conics[0].detach(), depths[0].detach(), radii[0])
-    offsets, flatten_ids, isect_boxes = clip_intersections(
-        proj, gaussians.opacities.detach(), camera, leaves, width, height, settings
-    )
+    entries = clip_intersections(proj, gaussians.opacities.detach(), camera, leaves, width, height, settings)
+    if leaf_mask is not None:
+        entries = _keep_masked_entries(
+            proj, gaussians.opacities.detach(), camera, leaves, width, height, settings, entries, leaf_mask
+        )
+    offsets, flatten_ids, isect_boxes = entries
     color, trans = rasterize_clipped_cuda(
         means2d, conics, colors, gaussians.opacities, depths[0], leaves.boxes, camera, width, height,
         offsets, flatten_ids, isect_boxes, settings, absgrad=absgrad,

@@ -8,6 +8,8 @@
   one buffer per call.
 - ``all_to_all_rows`` / ``all_gather_rows``: variable-length row exchanges (migration of
   Gaussians with their optimiser moments, gathering means for a tree rebuild, tests).
+- ``exchange_rows``: copies of rows to other ranks inside an autograd Function whose backward
+  returns (and sums) the copies' gradients, plus an optional per-row payload.
 - ``broadcast_object`` / ``all_gather_objects``: small picklable values (a run's timestamp,
   evaluation metrics).
 - ``all_gather_cat``: pieces of a tensor that a model-parallel group consumes identically
@@ -16,7 +18,8 @@
 Each returns early when ``world_size == 1``.  Every call is wrapped in ``groups.guard`` so a
 dead or hung peer surfaces as ``RankFailure`` with a clear message.  NCCL reduces CUDA tensors
 only: bookkeeping tensors that live on the CPU (schedules, counts) travel through the current
-CUDA device and come back (``_to_comm`` / ``_from_comm``).
+CUDA device and come back (``_to_comm`` / ``_from_comm``); with gloo, CUDA tensors are staged
+through host memory the same way, so several ranks can share one GPU.
 """
 
 from __future__ import annotations
@@ -88,9 +91,12 @@ class ExchangePlan:
 
 
 def _to_comm(comm: Comm, value: Tensor) -> Tensor:
-    """``value`` on a device the backend can communicate (CUDA for NCCL)."""
+    """``value`` on a device the backend can communicate: CUDA for NCCL; host memory for gloo,
+    whose all_to_all takes no CUDA tensors (several ranks sharing one GPU, ``shared_gpu``)."""
     if comm.backend == "nccl" and not value.is_cuda:
         return value.to(torch.device("cuda", torch.cuda.current_device()))
+    if comm.backend == "gloo" and value.is_cuda:
+        return value.cpu()
     return value
 
 
@@ -264,6 +270,91 @@ def all_to_all_rows(comm: Comm, rows: Float[Tensor, "N D"], dest: Int[Tensor, " 
     )
     source = torch.repeat_interleave(torch.arange(comm.world_size, device=rows.device), recv_counts.to(rows.device))
     return out.view(-1, width), source
+
+
+class RowPayload:
+    """Per-row values that travel back with the gradients of ``exchange_rows``.
+
+    The receiver's ``collect`` (called inside the backward, once the received rows' consumers
+    have run their backward) returns one [M, width] row per received row; the sender's
+    ``deliver`` gets them per sent row and sums them where it likes (e.g. densification
+    statistics of copies rendered elsewhere, summed into their owner's).
+    """
+
+    width: int = 0
+
+    def collect(self, num_received: int) -> Float[Tensor, "M E"]:
+        raise NotImplementedError
+
+    def deliver(self, sent_rows: Int[Tensor, " K"], values: Float[Tensor, "K E"]) -> None:
+        raise NotImplementedError
+
+
+class _ExchangeRows(torch.autograd.Function):
+    """Forward: rows to other ranks.  Backward: their gradients (and payload) come back, summed."""
+
+    @staticmethod
+    def forward(ctx, comm: Comm, index: Tensor, send: List[int], recv: List[int], payload: Optional[RowPayload],
+                anchor: Tensor, rows: Tensor):  # type: ignore[override]
+        width = rows.shape[1]
+        ctx.comm, ctx.index, ctx.send, ctx.recv, ctx.payload = comm, index, send, recv, payload
+        ctx.num_rows, ctx.width = rows.shape[0], width
+        flat = rows.detach()[index].reshape(-1)
+        out = _all_to_all_flat(comm, flat, [c * width for c in send], [c * width for c in recv], "exchange rows (forward)")
+        return anchor.clone(), out.view(-1, width)
+
+    @staticmethod
+    def backward(ctx, anchor_grad: Tensor, grad: Tensor):  # type: ignore[override]
+        comm, payload, width = ctx.comm, ctx.payload, ctx.width
+        extra = payload.width if payload is not None else 0
+        back = grad
+        if extra:
+            back = torch.cat([grad, payload.collect(grad.shape[0]).to(grad)], dim=1)
+        returned = _all_to_all_flat(
+            comm, back.reshape(-1), [c * (width + extra) for c in ctx.recv], [c * (width + extra) for c in ctx.send],
+            "exchange rows (backward)",
+        ).view(-1, width + extra)
+        grad_rows = grad.new_zeros(ctx.num_rows, width).index_add_(0, ctx.index, returned[:, :width])
+        if extra:
+            payload.deliver(ctx.index, returned[:, width:])
+        return None, None, None, None, None, anchor_grad, grad_rows
+
+
+def exchange_rows(
+    comm: Comm,
+    rows: Float[Tensor, "N D"],
+    dests: Sequence[Int[Tensor, " K"]],
+    anchor: Tensor,
+    payload: Optional[RowPayload] = None,
+) -> Tuple[Float[Tensor, "M D"], Int[Tensor, " M"], Tensor]:
+    """Send copies of rows to other ranks, autograd-aware: gradients of the received copies
+    return to the sender and are summed into the rows they copy.
+
+    Args:
+        rows: [N, D] this rank's rows (may require grad).
+        dests: per rank r, the [K_r] indices of the rows to send to r (``dests[comm.rank]``
+            is ignored: a rank keeps its own rows).
+        anchor: a scalar that requires grad; the returned anchor must enter the loss, after
+            every later collective of the step (chain it into them), so that every rank runs
+            this backward, in the same order, even when it used nothing it received.
+        payload: optional per-row values to return with the gradients (``RowPayload``).
+
+    Returns:
+        [M, D] received rows grouped by source rank, [M] the source of each, and the anchor.
+    """
+    if comm.is_single:
+        return rows[:0], torch.zeros(0, dtype=torch.int64, device=rows.device), anchor
+    empty = torch.zeros(0, dtype=torch.int64, device=rows.device)
+    per_rank = [empty if r == comm.rank else d.to(rows.device, torch.int64) for r, d in enumerate(dests)]
+    counts = torch.tensor([d.numel() for d in per_rank], dtype=torch.int64)
+    recv_counts = _to_comm(comm, torch.empty_like(counts))
+    with guard(comm, "exchange rows (counts)"):
+        dist.all_to_all_single(recv_counts, _to_comm(comm, counts), group=comm.group)
+    send, recv = counts.tolist(), [int(c) for c in recv_counts.cpu().tolist()]
+    index = torch.cat(per_rank)
+    anchor, received = _ExchangeRows.apply(comm, index, send, recv, payload, anchor, rows)
+    source = torch.repeat_interleave(torch.arange(comm.world_size, device=rows.device), torch.tensor(recv, device=rows.device))
+    return received, source, anchor
 
 
 def all_gather_rows(comm: Comm, rows: Float[Tensor, "N D"], what: str = "all_gather rows") -> Float[Tensor, "M D"]:

@@ -76,6 +76,21 @@ def backend_for(device: torch.device | str, backend: Backend = "auto") -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def cuda_index(local_rank: int, backend: Backend = "auto") -> int:
+    """The GPU of a local rank: its own with NCCL (one GPU per rank); with gloo, ranks share
+    the GPUs round robin (``--pipeline.backend gloo`` runs several ranks on one GPU, the whole
+    multi-rank GPU path on a single-GPU machine; gloo stages CUDA tensors through host memory)."""
+    count = max(1, torch.cuda.device_count())
+    if local_rank < count:
+        return local_rank
+    if backend == "gloo":
+        return local_rank % count
+    raise ValueError(
+        f"local rank {local_rank} has no GPU of its own ({count} visible) and NCCL needs one per rank: "
+        "pass --pipeline.backend gloo to run several ranks on one GPU"
+    )
+
+
 def _prepare_nccl_env() -> None:
     # Without these an NCCL wait on a dead peer blocks forever: async error handling tears the
     # process down when a collective times out, blocking wait makes wait() raise instead.

@@ -38,7 +38,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.config_checks import check_before_start
 from landmark_plugin.distributed.collectives import barrier, broadcast_object
-from landmark_plugin.distributed.groups import DEFAULT_TIMEOUT, init_comm, teardown
+from landmark_plugin.distributed.groups import DEFAULT_TIMEOUT, cuda_index, init_comm, teardown
 from landmark_plugin.distributed.launch import free_port
 from landmark_plugin.errors import ConfigError, UserError, exit_rank
 
@@ -75,9 +75,10 @@ def run_rank(config: TrainerConfig, rank: int, local_rank: int, world_size: int)
     except UserError as error:
         exit_rank(error, prefix)
     device_type = config.machine.device_type
+    backend = getattr(config.pipeline, "backend", "auto")
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    comm = init_comm(device_type, timeout=_timeout(config), backend=getattr(config.pipeline, "backend", "auto"))
+        torch.cuda.set_device(cuda_index(local_rank, backend))
+    comm = init_comm(device_type, timeout=_timeout(config), backend=backend)
     try:
         config.set_timestamp()
         config.timestamp = broadcast_object(comm, config.timestamp, what="run timestamp")

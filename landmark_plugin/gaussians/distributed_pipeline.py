@@ -1,13 +1,11 @@
-"""nerfstudio pipeline for retina-gs on one or several processes: a thin adapter over ``ShardedRetina``.
+"""nerfstudio pipeline for retina-gs on one or several processes: a thin adapter over ``RetinaFrame``.
 
-One process (``ns-train``, ``ns-eval``, ``ns-render``, ``ns-viewer``): exactly
-``VanillaPipeline`` over a ``RetinaGSModel`` holding every Gaussian.
-
-Several processes (torchrun, ``landmark-train``, or nerfstudio's launcher on GPUs), differences
-from ``VanillaPipeline``:
+One process (``ns-train``, ``ns-eval``, ``ns-render``, ``ns-viewer``) is a world of size 1: the
+same code runs with one part holding every leaf and nothing exchanged.  Differences from
+``VanillaPipeline``:
 - no DDP wrapper: each rank's model holds only the Gaussians of its subtrees and only their
-  optimiser state; the model is initialised identically on every rank (torch seeded with
-  ``init_seed`` around the construction) and then sharded;
+  optimiser state; with several ranks the model is initialised identically on every rank
+  (torch seeded with ``init_seed`` around the construction) and then sharded;
 - training: a camera batch packed under ``max_batch_size`` / ``max_load`` from a camera queue
   that is the same on every rank (a seeded permutation per epoch, interleaved so that
   consecutive cameras cycle through their owners); image i's loss is always computed by rank
@@ -27,13 +25,14 @@ from ``VanillaPipeline``:
   sharded save leaves in nerfstudio_models/) loads this rank's part of them, a whole-model
   checkpoint is cut to this rank's Gaussians.  One process loading a pointer merges the shards
   in memory;
-- one-camera renders (``render_view``, what the live viewer and ``model.get_outputs_for_camera``
-  call): collective, every rank renders its partial, rank 0 composites, and for
-  ``get_outputs_for_camera`` the composite is broadcast, so ns-render's loop (``landmark-render``
-  under torchrun) runs in lockstep on every rank and each gets the whole image.  A rank calling
+- one-camera renders (``render_view``, what the live viewer calls, and the model's
+  ``get_outputs``, what ns-render calls): collective, every rank renders its partial, rank 0
+  composites, and for ``get_outputs`` the composite is broadcast, so ns-render's loop
+  (``landmark-render`` under torchrun) runs in lockstep on every rank and each gets the whole
+  image.  A rank calling
   it alone waits for the others until the collective timeout;
 - layout edits (``apply_edits``): blocks resolve against the extent of every rank's Gaussians, as
-  in one process, and copies render on the rank owning their new leaf (``ShardedRetina.render_set``).
+  in one process, and copies render on the rank owning their new leaf (``RetinaFrame.render_set``).
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ import torchvision.utils as vutils
 import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
-from nerfstudio.models.splatfacto import SplatfactoModel
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -62,12 +60,11 @@ from landmark_plugin.distributed.collectives import (
     all_gather_rows,
     all_reduce_grads_,
     broadcast_object,
-    broadcast_tensor,
 )
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
-from landmark_plugin.distributed.shards import migrate_, shard_
+from landmark_plugin.gaussians.rows import migrate_, shard_
 from landmark_plugin.edits import LayoutEdits, RetinaLayout
-from landmark_plugin.gaussians.sharded import ShardedRetina
+from landmark_plugin.gaussians.frame import RetinaFrame
 
 
 @dataclass
@@ -75,17 +72,20 @@ class DistributedRetinaPipelineConfig(VanillaPipelineConfig):
     """retina-gs with the Gaussians sharded over ranks by kd-tree subtrees (one rank: VanillaPipeline)."""
 
     _target: Type = field(default_factory=lambda: DistributedRetinaPipeline)
-    max_batch_size: int = 4
-    """Several ranks: most cameras per step (RetinaGS's batch size)."""
+    max_batch_size: Optional[int] = None
+    """Most cameras per step (RetinaGS's batch size); default: one per rank (one process trains
+    one camera per step, as splatfacto)."""
     max_load: int = 4
-    """Several ranks: most render tasks (camera x own visible subtree) any rank gets per step."""
+    """Most render tasks (camera x own visible subtree) any rank gets per step."""
     repartition_every: int = 0
     """Several ranks: also migrate Gaussians that left their rank's region every this many steps
     (they always migrate at refinement steps)."""
     collective_timeout_s: float = 600.0
     """A collective waiting longer than this for a peer fails with a clear error instead of hanging."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Process group backend: NCCL on CUDA, gloo on CPU (auto)."""
+    """Process group backend: NCCL on CUDA, gloo on CPU (auto).  gloo on CUDA runs several ranks
+    on one GPU (tensors staged through host memory; ranks share the GPUs round robin): the whole
+    multi-rank GPU path on a single-GPU machine."""
     init_seed: int = 0
     """Several ranks: seed of the model initialisation and of the camera queue (identical on every rank)."""
     world_size: tyro.conf.Suppress[int] = 1
@@ -115,20 +115,10 @@ class DistributedRetinaPipeline(VanillaPipeline):
         timeout = datetime.timedelta(seconds=config.collective_timeout_s)
         self.comm = init_comm(device, timeout=timeout, backend=config.backend)
         self.world_size = self.comm.world_size
-        self.model.ranks = self.world_size
-        if self.distributed and self.model.config.mode == "clip":
-            raise NotImplementedError(
-                f"retina-gs mode '{self.model.config.mode}' on {self.world_size} ranks: the sharded step renders "
-                "each rank's own Gaussians only (mode plain); sharing Gaussians across ranks for clip mode is not "
-                "implemented yet. Pass --pipeline.model.mode plain (or auto, which renders plain on several ranks)"
-            )
-        self.sharded = ShardedRetina(self.comm, self.model)
-        shard_(self.comm, self.model, self.sharded.parts)
-        if self.distributed:
-            # The model holds this rank's Gaussians only: its own one-camera render (what
-            # ns-render calls) would silently miss the others', so it renders collectively.
-            self.model.get_outputs_for_camera = self._render_on_every_rank
-        if self.distributed and hasattr(self.datamanager, "load_only"):
+        self.frame = RetinaFrame(self.comm, self.model)
+        self.model.frame = self.frame  # the model's own renders go through this rank's frame
+        shard_(self.comm, self.model, self.frame.parts)
+        if hasattr(self.datamanager, "load_only"):
             # Before any image is read: this rank holds only the images whose loss it computes.
             rank, dm = self.comm.rank, self.datamanager
             dm.load_only(
@@ -158,50 +148,20 @@ class DistributedRetinaPipeline(VanillaPipeline):
             splatfacto's outputs (background expanded to the image, as the one-process model
             returns it) on rank 0, and with ``to_every_rank`` on every rank; else None.
         """
-        model, sharded = self.model, self.sharded
+        model = self.model
         was_training, saved_background = model.training, model.background_color
         model.eval()
         if background is not None:
             model.background_color = background.to(saved_background)
         try:
-            owners = torch.zeros(1, dtype=torch.int64)  # rank 0 composites
-            visible = torch.ones(1, len(sharded.parts), dtype=torch.bool)
             with torch.no_grad():
-                outputs, _ = sharded.forward(camera.to(model.device), visible, owners, with_depth=True)
+                out = self.frame.render_camera(camera, to_every_rank=to_every_rank)
         finally:
             model.background_color = saved_background
             model.train(was_training)
-        out = outputs.get(0)
-        if to_every_rank:
-            out = self._broadcast_view(out, int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0]))
         if out is not None:
             height, width = out["rgb"].shape[:2]
             out["background"] = out["background"].expand(height, width, 3)
-        return out
-
-    def _broadcast_view(self, out: Optional[Dict[str, torch.Tensor]], height: int, width: int) -> Dict[str, torch.Tensor]:
-        """Rank 0's composite (rgb, accumulation, depth, background) on every rank, in one broadcast."""
-        like = self.model.means
-        packed = like.new_zeros(height * width * 5 + 3)
-        if out is not None:
-            image = torch.cat([out["rgb"], out["accumulation"], out["depth"]], dim=-1)
-            packed = torch.cat([image.reshape(-1), out["background"].reshape(-1)]).to(like)
-        packed = broadcast_tensor(self.comm, packed, what="composite of a one-camera render")
-        image = packed[:-3].view(height, width, 5)
-        return {"rgb": image[..., :3], "accumulation": image[..., 3:4], "depth": image[..., 4:5], "background": packed[-3:]}
-
-    def _render_on_every_rank(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
-        """``model.get_outputs_for_camera`` with several ranks: ``render_view`` for every rank.
-
-        Every rank must call it with the same camera (ns-render's loop under torchrun does; see
-        ``landmark_plugin.render_cli``)."""
-        if obb_box is not None:
-            raise NotImplementedError(
-                f"retina-gs on {self.world_size} ranks renders without a crop box: render in one process "
-                "(it merges the shards in memory) to crop"
-            )
-        out = self.render_view(camera, to_every_rank=True)
-        assert out is not None
         return out
 
     def apply_edits(self, edits: LayoutEdits, source: str = "edits") -> None:
@@ -239,24 +199,27 @@ class DistributedRetinaPipeline(VanillaPipeline):
         self._queue, self._epoch = [int(i) for i in state["queue"]], int(state["epoch"])
 
     def get_train_loss_dict(self, step: int):
-        if not self.distributed:
-            return super().get_train_loss_dict(step)
         return self.get_batch_loss_dict(step)
 
-    def get_batch_loss_dict(self, step: int):
-        """The sharded training step on the next batch of the camera queue.
+    @property
+    def batch_size(self) -> int:
+        """Most cameras per step (``max_batch_size``, default one per rank)."""
+        return self.config.max_batch_size or self.world_size
 
-        What ``get_train_loss_dict`` runs with several ranks; it also runs on one rank (one
-        part, nothing exchanged), e.g. to compare 1 and R ranks on the same batches.
+    def get_batch_loss_dict(self, step: int, batch_size: Optional[int] = None):
+        """The training step on the next batch of the camera queue (``batch_size``: this many
+        cameras at most instead of ``batch_size``, e.g. to compare 1 and R ranks on the same
+        batches).
 
         Returns:
             (owned cameras' outputs, loss dict, metrics dict), as ``get_train_loss_dict``.
         """
         dm = self.datamanager
         cameras = dm.train_dataset.cameras
-        pool = self._next_pool(self.config.max_batch_size)
+        batch_size = batch_size or self.batch_size
+        pool = self._next_pool(batch_size)
         pool_cameras = cameras[torch.tensor(pool)].to(self.device)
-        size, visible, _ = self.sharded.plan_batch(pool_cameras, self.config.max_batch_size, self.config.max_load)
+        size, visible, _ = self.frame.plan_batch(pool_cameras, batch_size, self.config.max_load)
         batch, self._queue = pool[:size], self._queue[size:]
         self.last_batch = batch
         owners = torch.tensor([image_owner(i, self.world_size) for i in batch], dtype=torch.int64)
@@ -272,7 +235,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
 
         batch_cameras = cameras[torch.tensor(batch)].to(self.device)
         batch_cameras.metadata = {"cam_idx": torch.tensor(batch)[:, None]}
-        loss_dict, metrics_dict, outputs = self.sharded.batch_loss(batch_cameras, visible, owners, batch_of)
+        loss_dict, metrics_dict, outputs = self.frame.batch_loss(batch_cameras, visible, owners, batch_of)
         return outputs, loss_dict, metrics_dict
 
     def sync_gradients_(self) -> None:
@@ -282,8 +245,6 @@ class DistributedRetinaPipeline(VanillaPipeline):
         single-process model steps every Gaussian), and replicated parameters' gradients are
         summed over ranks (each owner only saw its own cameras).
         """
-        if not self.distributed:
-            return
         for param in self.model.gauss_params.values():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -294,25 +255,13 @@ class DistributedRetinaPipeline(VanillaPipeline):
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
-        if not self.distributed:
-            return callbacks
-        # The model's own post-backward callback densifies from a one-camera render and
-        # refreshes ownership in place; ours densifies from the batch and migrates across ranks.
+        # The model's own post-backward callback, with this pipeline's repartition period.
         kept = [cb for cb in callbacks if cb.func != self.model.step_post_backward]
         return kept + [TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward)]
 
     def step_post_backward(self, step: int) -> None:
         """Densify / prune this rank's Gaussians, then migrate those that left its region."""
-        model = self.model
-        info = self.sharded.strategy_info()
-        if info is not None:
-            model.info = info
-            SplatfactoModel.step_post_backward(model, step)
-        policy = model.config.strategy
-        every = self.config.repartition_every
-        rebuild = policy.rebuilds_at(step)
-        if rebuild or policy.refreshes_at(step, model.config) or (every > 0 and step > 0 and step % every == 0):
-            migrate_(self.comm, model, model.optimizers, model.strategy_state, self.sharded.parts, rebuild=rebuild)
+        self.model.step_post_backward(step, repartition_every=self.config.repartition_every)
 
     # ---- loading --------------------------------------------------------------------------
     def load_pipeline(self, loaded_state: Dict, step: int) -> None:
@@ -326,17 +275,17 @@ class DistributedRetinaPipeline(VanillaPipeline):
             state = rank_state_of_shards(base, shard_step, comm.rank, comm.world_size, depth)
             CONSOLE.print(f"Loaded the shards of step {shard_step} in {base} (rank {comm.rank} of {comm.world_size})")
             loaded_state = state["pipeline"]
-        elif self.distributed and not self._loading_rank_parts:
+        elif not self._loading_rank_parts:
             # A whole-model checkpoint (one-process run, landmark-merge) on several ranks: keep
             # this rank's Gaussians, or every rank would render every Gaussian.
             whole = {"pipeline": loaded_state, "optimizers": {}}
             loaded_state = shard_for_rank(whole, tree_of_state(whole, depth), comm.rank, comm.world_size)["pipeline"]
         super().load_pipeline(loaded_state, step)
-        if self.distributed and not self._loading_rank_parts:
+        if not self._loading_rank_parts:
             # A shard loaded as saved may hold Gaussians that drifted out of this rank's region
             # since the last migration; loading assigns leaves by mean (as one process does), so
             # they would belong to no rank's render.  Move them to their owners.
-            migrate_(comm, self.model, None, None, self.sharded.parts, rebuild=False)
+            migrate_(comm, self.model, None, None, self.frame.parts, rebuild=False)
 
     @contextlib.contextmanager
     def loading_rank_parts(self) -> Iterator[None]:
@@ -351,9 +300,9 @@ class DistributedRetinaPipeline(VanillaPipeline):
     # ---- evaluation -----------------------------------------------------------------------
     def _render_for_owners(self, cameras: Cameras, owners: torch.Tensor) -> Dict[int, Dict[str, torch.Tensor]]:
         """Collective: every rank renders its parts of ``cameras``; returns the owned composites."""
-        visible = torch.ones(len(cameras), len(self.sharded.parts), dtype=torch.bool)
+        visible = torch.ones(len(cameras), len(self.frame.parts), dtype=torch.bool)
         with torch.no_grad():
-            outputs, _ = self.sharded.forward(cameras, visible, owners, with_depth=True)
+            outputs, _ = self.frame.forward(cameras, visible, owners, with_depth=True)
         return outputs
 
     def _eval_data(self, index: int) -> Dict[str, torch.Tensor]:
@@ -370,8 +319,6 @@ class DistributedRetinaPipeline(VanillaPipeline):
         return int(broadcast_object(self.comm, choice, what="eval image index"))
 
     def get_eval_loss_dict(self, step: int):
-        if not self.distributed:
-            return super().get_eval_loss_dict(step)
         self.eval()
         index = self._next_eval_index()
         owner = image_owner(index, self.world_size)  # the only rank holding the image
@@ -388,8 +335,6 @@ class DistributedRetinaPipeline(VanillaPipeline):
         return outputs.get(0, {}), as_tensors(losses), as_tensors(metrics)
 
     def get_eval_image_metrics_and_images(self, step: int):
-        if not self.distributed:
-            return super().get_eval_image_metrics_and_images(step)
         self.eval()
         index = self._next_eval_index()
         owner = image_owner(index, self.world_size)  # the only rank holding the image
@@ -413,12 +358,10 @@ class DistributedRetinaPipeline(VanillaPipeline):
     ):
         """Every eval image once: owners round robin over ranks, ``max_batch_size`` cameras per
         collective render; per-image metrics are gathered on every rank, then averaged."""
-        if not self.distributed:
-            return super().get_average_eval_image_metrics(step, output_path, get_std)
         self.eval()
         if output_path is not None:
             output_path.mkdir(exist_ok=True, parents=True)
-        num, chunk = len(self.datamanager.eval_dataset), max(1, self.config.max_batch_size)
+        num, chunk = len(self.datamanager.eval_dataset), self.batch_size
         mine: List[Tuple[int, Dict[str, float]]] = []
         for first in range(0, num, chunk):
             indices = list(range(first, min(first + chunk, num)))

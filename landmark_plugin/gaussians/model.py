@@ -29,13 +29,11 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.config_checks import check_tree_fits_points
 from landmark_plugin.core.clip import unbounded_leaf_boxes
-from landmark_plugin.core.composite import composite, expected_depth
-from landmark_plugin.core.edits import BoxEdit, edit_gaussians
-from landmark_plugin.core.order import camera_leaf_order, order_positions
+from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
-from landmark_plugin.core.raster_ref import RasterSettings
-from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
-from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
+from landmark_plugin.core.render import Gaussians
+from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
@@ -62,11 +60,11 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     leaf whose box holds the point on the pixel's ray at the Gaussian's centre depth, and it is
     shared with every leaf it can reach, so the render equals the unpartitioned render of all
     Gaussians (boundaries are invisible); CUDA kernel of csrc/ on GPU (built on first use), its
-    torch twin with backend torch.  auto: clip where it is exact and fast -- one rank rendering
-    with the csrc/ kernel (1.09-1.20x gsplat's rasteriser, BENCHMARKS.md) -- and plain otherwise:
-    on the torch backend (the clip twin is ~3x slower), without the kernels, and on several ranks
-    (sharing Gaussians across ranks is not implemented).  plain stays the default: a whole
-    training step in clip mode measured 1.29x splatfacto's on the synthetic city (plain: 1.05x)."""
+    torch twin with backend torch; on several ranks, Gaussians reaching another rank's leaves are
+    sent there for the batch.  auto: clip where it is fast -- rendering with the csrc/ kernel, on
+    any number of ranks -- and plain on the torch backend (the clip twin is several times slower)
+    and without the kernels.  plain stays the default until a whole clip training step costs at
+    most 1.10x splatfacto's (BENCHMARKS.md has the measured ratio)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
@@ -145,9 +143,8 @@ class RetinaGSModel(SplatfactoModel):
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self._backend_checked = False
         self._auto_mode: Optional[str] = None
-        self.ranks = 1
-        """Ranks the Gaussians are sharded over (set by the distributed pipeline): ``auto`` mode
-        renders plain on several."""
+        self.frame = RetinaFrame(Comm.single(), self)
+        """The frame path; the distributed pipeline replaces it with one over its ranks."""
 
     # ---- the tree -------------------------------------------------------------------------
     def _set_tree(self, tree: KDTree) -> None:
@@ -219,96 +216,22 @@ class RetinaGSModel(SplatfactoModel):
 
     # ---- rendering ------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, list]]:
+        """One camera through the frame path (``gaussians/frame.py``), whatever the world size:
+        with several ranks it is collective (every rank renders its parts of the camera; ns-render
+        under torchrun calls it in lockstep) and every rank gets the whole image."""
         if not isinstance(camera, Cameras):
             raise TypeError("retina-gs renders Cameras, not ray bundles")
         if self.training:
             assert camera.shape[0] == 1, "one camera per step"
-            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
-        else:
-            camera_to_world = camera.camera_to_worlds
         if self.leaf_ids.shape[0] != self.num_points or self.leaf_ids.device != self.means.device:
             self.refresh_ownership()
-
-        gaussians, leaf_ids = self.activated_gaussians(), self.leaf_ids
-        if self.layout_edits and not self.training:
-            gaussians, leaf_ids = edit_gaussians(gaussians, leaf_ids, self.layout_edits, self.tree)
-        keep = None
-        if self.crop_box is not None and not self.training:
-            keep = self.crop_box.within(gaussians.means).squeeze(-1)
-            if keep.sum() == 0:
-                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
-
-        downscale = self._get_downscale_factor()
-        camera.rescale_output_resolution(1 / downscale)
-        viewmat = get_viewmat(camera_to_world)[0]
-        K = camera.get_intrinsics_matrices()[0].to(self.device)
-        width, height = int(camera.width.item()), int(camera.height.item())
+        out = self.frame.render_camera(camera)
+        assert out is not None
+        height, width = out["rgb"].shape[:2]
         self.last_size = (height, width)
-        camera.rescale_output_resolution(downscale)
-
-        with_depth = self.config.output_depth_during_training or not self.training
-        partial = self._render_leaves(viewmat, K, width, height, with_depth, keep, gaussians, leaf_ids)
-
-        background = self._get_background_color()
-        channels = partial.color.shape[-1]
-        full_background = torch.cat([background, background.new_zeros(channels - 3)])
-        image, transmittance = composite([partial.color], [partial.transmittance], full_background)
-        alpha = 1.0 - transmittance
-        rgb = torch.clamp(image[..., :3], 0.0, 1.0)
-        depth = None
-        if with_depth:
-            depth = expected_depth(partial.color[..., 3:4], transmittance)
-            depth = torch.where(alpha > 0, depth, depth.detach().max())
-        if background.shape[0] == 3 and not self.training:
-            background = background.expand(height, width, 3)
-        return {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background}
-
-    def _render_leaves(self, viewmat, K, width, height, with_depth, keep: Optional[torch.Tensor],
-                       gaussians: Gaussians, leaf_ids: torch.Tensor):
-        """All leaves in one partial, sorted by (camera leaf order, depth)."""
-        # The walk over the tree is a handful of tiny ops: do it on the CPU copy of the tree and
-        # send only the [L] positions to the device.
-        order = camera_leaf_order(self.cpu_tree, camera_center(viewmat).detach().cpu())  # [L] front to back
-        leaf_position = order_positions(order).to(leaf_ids.device, non_blocking=True)[leaf_ids]
-        if keep is not None:
-            gaussians = Gaussians(*(t[keep] for t in gaussians))
-            leaf_position = leaf_position[keep]
-        backend = resolve_backend(self.config.backend, self.means.device)
-        self._note_backend(backend)
-        sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree) if self.config.sh_degree > 0 else None
-        absgrad = self.strategy.absgrad and backend == "gsplat"
-        if self.render_mode(backend) == "clip":
-            leaves = ClipLeaves(self.clip_boxes, order_positions(order).to(self.means.device, non_blocking=True))
-            partial = render_partial_clipped(
-                gaussians, leaves, viewmat, K, width, height, sh_degree, RasterSettings(),
-                with_depth=with_depth, backend=backend, absgrad=absgrad,
-            )
-        else:
-            partial = render_partial(
-                gaussians,
-                leaf_position,
-                viewmat,
-                K,
-                width,
-                height,
-                sh_degree,
-                RasterSettings(),
-                with_depth=with_depth,
-                backend=backend,
-                absgrad=absgrad,
-                num_leaf_positions=2**self.config.tree_depth,
-            )
-        self.info = {
-            "means2d": partial.means2d,
-            "radii": partial.radii,
-            "width": width,
-            "height": height,
-            "n_cameras": 1,
-            "gaussian_ids": None,
-        }
-        if self.training and keep is None:
-            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
-        return partial
+        if out["background"].shape[0] == 3 and not self.training:
+            out["background"] = out["background"].expand(height, width, 3)
+        return out
 
     def activated_gaussians(self) -> Gaussians:
         """Parameters as the rasteriser wants them (linear scales, opacities in [0, 1])."""
@@ -331,13 +254,10 @@ class RetinaGSModel(SplatfactoModel):
         if self._auto_mode is None:
             from landmark_plugin import cuda
 
-            clip = backend == "gsplat" and self.ranks == 1 and cuda.require(allow_fallback=True) is not None
+            clip = backend == "gsplat" and cuda.require(allow_fallback=True) is not None
             self._auto_mode = "clip" if clip else "plain"
-            why = {
-                "clip": "exact render, csrc/ kernel",
-                "plain": "several ranks" if self.ranks > 1 else "no csrc/ kernel on this machine",
-            }[self._auto_mode]
-            CONSOLE.print(f"retina-gs: mode auto -> {self._auto_mode} ({why})")
+            why = {"clip": "exact render, csrc/ kernel", "plain": "no csrc/ kernel (torch backend or no build)"}
+            CONSOLE.print(f"retina-gs: mode auto -> {self._auto_mode} ({why[self._auto_mode]})")
         return self._auto_mode
 
     def _note_backend(self, backend: str) -> None:
@@ -354,10 +274,23 @@ class RetinaGSModel(SplatfactoModel):
             )
 
     # ---- densification and ownership ------------------------------------------------------
-    def step_post_backward(self, step):
-        super().step_post_backward(step)
-        if self.config.strategy.refreshes_at(step, self.config):
-            self.refresh_ownership(rebuild=self.config.strategy.rebuilds_at(step))
+    def step_post_backward(self, step: int, repartition_every: int = 0) -> None:
+        """Densify and prune (gsplat's strategy, on the statistics of the last training frame or
+        batch), then keep ownership current: at refinement steps (and every
+        ``repartition_every`` steps) Gaussians go to the leaf, and with several ranks the rank,
+        holding their mean, after a tree rebuild when the strategy says so."""
+        from landmark_plugin.gaussians.rows import migrate_
+
+        info = self.frame.strategy_info()
+        if info is not None:
+            self.info = info
+            super().step_post_backward(step)
+        policy = self.config.strategy
+        rebuild = policy.rebuilds_at(step)
+        every = repartition_every > 0 and step > 0 and step % repartition_every == 0
+        if rebuild or policy.refreshes_at(step, self.config) or every:
+            frame = self.frame
+            migrate_(frame.comm, self, getattr(self, "optimizers", None), self.strategy_state, frame.parts, rebuild=rebuild)
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         metrics = super().get_metrics_dict(outputs, batch)

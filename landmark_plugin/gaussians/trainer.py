@@ -51,8 +51,8 @@ from landmark_plugin.distributed.checkpoint import (
     tree_of_state,
     write_shards_pointer,
 )
-from landmark_plugin.distributed.shards import STRATEGY_STATS, migrate_
 from landmark_plugin.errors import ConfigError
+from landmark_plugin.gaussians.rows import STRATEGY_STATS, migrate_
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 
 
@@ -77,7 +77,7 @@ class RetinaTrainer(LandmarkTrainer):
         return {**super().recorded_layout(), "tree": self.pipeline.model.tree.to_dict()}
 
     def gradient_sync(self):
-        return self.pipeline.sync_gradients_ if self.distributed else None
+        return self.pipeline.sync_gradients_
 
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:
@@ -153,6 +153,5 @@ class RetinaTrainer(LandmarkTrainer):
         if self.distributed and LEAF_IDS not in state["pipeline"]:
             # A checkpoint without leaf ids (older versions) was assigned leaves from the means:
             # Gaussians that drifted out of their rank's region since the last migration move now.
-            # With leaf ids every rank holds the Gaussians of its leaves as the unbroken run does.
-            migrate_(self.comm, model, self.optimizers.optimizers, model.strategy_state, self.pipeline.sharded.parts, rebuild=False)
+            migrate_(self.comm, model, self.optimizers.optimizers, model.strategy_state, self.pipeline.frame.parts, rebuild=False)
             self._rebind_optimizers()

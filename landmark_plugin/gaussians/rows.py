@@ -127,6 +127,9 @@ def migrate_(comm: Comm, model, optimizers: Optional[Dict], strategy_state: Opti
     Returns:
         The number of Gaussians that left this rank.
     """
+    if comm.is_single:  # nothing moves between ranks: only the leaves are re-assigned
+        model.refresh_ownership(rebuild=rebuild)
+        return 0
     with torch.no_grad():
         if rebuild:
             all_means = all_gather_rows(comm, model.means.detach(), "gather means for the tree rebuild")

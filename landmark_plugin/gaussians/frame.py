@@ -1,27 +1,32 @@
-"""One rank's share of a retina-gs model and the distributed step over it.
+"""The one retina-gs frame, for every world size: view -> partial per part -> exchange -> composite.
 
-``ShardedRetina`` wraps a ``RetinaGSModel`` that holds only the Gaussians of this rank's parts
-(whole subtrees, ``core.schedule.Parts``).  Per batch of cameras:
+``RetinaFrame`` wraps a ``RetinaGSModel`` that holds the Gaussians of this rank's parts (whole
+subtrees, ``core.schedule.Parts``); one process is a ``Comm`` of size 1 with one part holding
+every leaf.  The model's ``get_outputs`` (ns-render, ns-eval, the viewer), the pipeline's
+training batches and evaluation all render through it.  Per batch of cameras:
 
-1. (batches of more than one camera) every rank projects its Gaussians for the queued
-   cameras; a part is visible iff one of its Gaussians has a non-zero radius (exactly the
-   rasteriser's cull), and the visibility matrix is summed over ranks;
+1. (batches of more than one camera) which part draws something for which camera: plain mode
+   from the projection's cull (a part draws iff one of its Gaussians has a non-zero radius),
+   clip mode from the sharing copies (``sharing.parts_reached``), summed over ranks;
 2. ``pack_cameras`` / ``assign_owners`` fix the batch and the owner of every camera;
-3. every rank renders one partial per (camera, own visible part) with ``render_partial``
-   (sorted by leaf position, then depth), crops it to ``content_rect`` (outside it the
-   partial is exactly empty), and the rectangles are summed over ranks into the plan;
-4. ``exchange_partials`` moves the crops to the owners (autograd-aware); an owner pastes
-   them into full frames, composites them in the camera's part order with ``composite``,
-   adds the background and computes splatfacto's loss.
+3. clip mode on several ranks: Gaussians that reach other ranks' leaves travel there
+   (``sharing.share_rows``, one exchange per batch);
+4. every rank renders one partial per (camera, own visible part): plain, its Gaussians sorted
+   by (leaf position, depth); clip, its own and received Gaussians clipped to the part's
+   leaves.  Partials for another rank are cropped to ``content_rect`` (outside it a partial is
+   exactly empty), and the rectangles are summed over ranks into the plan;
+5. ``exchange_partials`` moves the crops to the owners (autograd-aware); an owner pastes them
+   into full frames, composites them in the camera's part order with ``composite``, adds the
+   background and computes splatfacto's loss.
 
-The composite of the parts' partials in part order equals the single-process render sorted
-by (leaf order, depth), so images, loss and gradients equal the single-process model's.
+The composite of the parts' partials in part order equals the whole model's render sorted by
+(leaf order, depth) in plain mode, and the unpartitioned render in clip mode, so images, loss
+and gradients do not depend on the world size.
 
-Layout edits (eval mode only, as in the one-process model) are applied by every rank to its own
-Gaussians: an edit decides each Gaussian's fate from its own position, so the union of the ranks'
-edited sets is the one-process edited set.  A copy lands in the leaf holding its new mean, which
-may belong to another rank: ``render_set`` sends it there (one ``all_to_all_rows``, as
-``shards.migrate_`` moves Gaussians), so every partial still holds exactly its parts' Gaussians.
+Edits and the crop box (eval mode) are applied by every rank to its own Gaussians: an edit
+decides each Gaussian's fate from its own position, so the union of the ranks' edited sets is
+the one-process edited set.  A copy lands in the leaf holding its new mean, which may belong to
+another rank: ``render_set`` sends it there (one ``all_to_all_rows``).
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from torch import Tensor
 from landmark_plugin.core.composite import composite, expected_depth, paste_partial
 from landmark_plugin.core.edits import edit_gaussians
 from landmark_plugin.core.order import camera_leaf_order, order_positions
-from landmark_plugin.core.raster_ref import RasterSettings, project_gaussians
+from landmark_plugin.core.raster_ref import RasterSettings
 from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
+from landmark_plugin.core.render_clip import ClipLeaves, project, render_partial_clipped
 from landmark_plugin.core.schedule import Parts, assign_owners, content_rect, pack_cameras, part_order
 from landmark_plugin.distributed.collectives import (
     ExchangePlan,
@@ -47,10 +53,12 @@ from landmark_plugin.distributed.collectives import (
     all_reduce_ints,
     all_reduce_sum,
     all_to_all_rows,
+    broadcast_tensor,
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.distributed.shards import split_columns
+from landmark_plugin.gaussians.rows import split_columns
+from landmark_plugin.gaussians.sharing import Shared, join, parts_reached, share_rows
 
 
 @dataclass
@@ -76,10 +84,11 @@ class StepRecord:
     width: int = 0
     height: int = 0
     sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) of every camera
+    shared: Optional[Shared] = None  # clip mode on several ranks: copies drawn elsewhere
 
 
-class ShardedRetina:
-    """The distributed forward of a sharded ``RetinaGSModel`` (see module docstring)."""
+class RetinaFrame:
+    """The frame path of a (possibly sharded) ``RetinaGSModel`` (see module docstring)."""
 
     def __init__(self, comm: Comm, model, settings: RasterSettings = RasterSettings()):
         self.comm = comm
@@ -90,34 +99,47 @@ class ShardedRetina:
         self.leaf_part = self.parts.leaf_part()
         self.record = StepRecord()
 
-    # ---- ownership ------------------------------------------------------------------------
-    def local_part_index(self, leaf_ids: Optional[Tensor] = None) -> Dict[int, Tensor]:
-        """Part -> [n] rows of the local Gaussians it owns.
+    @property
+    def backend(self) -> str:
+        return resolve_backend(self.model.config.backend, self.model.means.device)
 
-        Args:
-            leaf_ids: [N] leaf of every local Gaussian; default: the model's stored leaf ids.
-        """
-        leaf_ids = self.model.leaf_ids if leaf_ids is None else leaf_ids
+    @property
+    def clip(self) -> bool:
+        return self.model.render_mode(self.backend) == "clip"
+
+    # ---- the Gaussians this rank renders ----------------------------------------------------
+    def local_part_index(self, leaf_ids: Tensor) -> Dict[int, Tensor]:
+        """Part -> [n] rows of the local Gaussians it owns (``leaf_ids``: [N] their leaves)."""
         part = self.leaf_part.to(leaf_ids.device)[leaf_ids]
         return {s: torch.nonzero(part == s).flatten() for s in self.my_parts}
 
     def render_set(self) -> Tuple[Gaussians, Tensor]:
         """The activated Gaussians this rank renders and [N] their leaves.
 
-        Training, or no layout edits: the local shard.  Eval mode with edits (collective, every
-        rank holds the same edits): the edited scene's Gaussians in this rank's parts, copies
-        that landed in another rank's leaves received from it.
+        Training: the local shard.  Eval mode: layout edits applied (collective on several
+        ranks: copies that landed in another rank's leaves are received from it), then the
+        crop box.
         """
         model = self.model
         gaussians, leaf_ids = model.activated_gaussians(), model.leaf_ids
-        if model.training or not model.layout_edits:
+        if model.training:
             return gaussians, leaf_ids
-        gaussians, leaf_ids = edit_gaussians(gaussians, leaf_ids, model.layout_edits, model.tree)
+        if model.layout_edits:
+            gaussians, leaf_ids = edit_gaussians(gaussians, leaf_ids, model.layout_edits, model.tree)
+            if not self.comm.is_single:
+                gaussians, leaf_ids = self._send_to_owners(gaussians, leaf_ids)
+        if model.crop_box is not None:
+            keep = model.crop_box.within(gaussians.means).squeeze(-1)
+            gaussians, leaf_ids = Gaussians(*(t[keep] for t in gaussians)), leaf_ids[keep]
+        return gaussians, leaf_ids
+
+    def _send_to_owners(self, gaussians: Gaussians, leaf_ids: Tensor) -> Tuple[Gaussians, Tensor]:
         part_rank = torch.as_tensor(self.parts.rank, device=leaf_ids.device)
         dest = part_rank[self.leaf_part.to(leaf_ids.device)[leaf_ids]]
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
         received, _ = all_to_all_rows(self.comm, rows, dest)
-        return _unpack_gaussians(received, gaussians), received[:, -1].round().long()
+        columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians])
+        return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, gaussians))), received[:, -1].round().long()
 
     # ---- cameras --------------------------------------------------------------------------
     def view(self, camera: Cameras) -> View:
@@ -131,37 +153,29 @@ class ShardedRetina:
         width, height = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(downscale)
         viewmat = get_viewmat(c2w.to(model.device, dtype))[0]
-        order = camera_leaf_order(model.tree, camera_center(viewmat))
-        return View(viewmat, K, width, height, order_positions(order), part_order(order.cpu(), self.parts))
+        # The walk over the tree is a handful of tiny ops: on the CPU copy of the tree.
+        order = camera_leaf_order(model.cpu_tree, camera_center(viewmat).detach().cpu())
+        positions = order_positions(order).to(model.device, non_blocking=True)
+        return View(viewmat, K, width, height, positions, part_order(order, self.parts))
 
     def sh_degree(self) -> Optional[int]:
-        """The SH degree the model renders with at its current step (as ``_render_leaves``)."""
+        """The SH degree the model renders with at its current step."""
         cfg = self.model.config
         return min(self.model.step // cfg.sh_degree_interval, cfg.sh_degree) if cfg.sh_degree > 0 else None
 
     @torch.no_grad()
     def visibility(self, cameras: Cameras) -> Bool[Tensor, "P S"]:
-        """Which part contributes to which camera: a Gaussian with radius 0 draws nothing."""
-        visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
+        """Which part draws something for which camera (collective)."""
         g, leaf_ids = self.render_set()
-        for p in range(len(cameras)):
-            v = self.view(cameras[p : p + 1])
-            radii = self._radii(g, v)
+        views = [self.view(cameras[p : p + 1]) for p in range(len(cameras))]
+        if self.clip:
+            return parts_reached(self, g, views)
+        visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
+        for p, v in enumerate(views):
+            radii = project(g, v.viewmat, v.K, v.width, v.height, self.settings, self.backend).radii
             for s, index in self.local_part_index(leaf_ids).items():
                 visible[p, s] = int(bool((radii[index] > 0).any()))
         return all_reduce_ints(self.comm, visible, "visibility") > 0
-
-    def _radii(self, g: Gaussians, v: View) -> Tensor:
-        if resolve_backend(self.model.config.backend, g.means.device) == "gsplat":
-            from gsplat.cuda._wrapper import fully_fused_projection
-
-            s = self.settings
-            radii = fully_fused_projection(
-                g.means, None, g.quats, g.scales, v.viewmat[None], v.K[None], v.width, v.height,
-                eps2d=s.eps2d, near_plane=s.near_plane, far_plane=s.far_plane, radius_clip=s.radius_clip,
-            )[0]
-            return radii[0]
-        return project_gaussians(g.means, g.quats, g.scales, v.viewmat, v.K, v.width, v.height, self.settings).radii
 
     # ---- one batch ------------------------------------------------------------------------
     def plan_batch(self, cameras: Cameras, max_batch_size: int, max_load: int) -> Tuple[int, Tensor, Tensor]:
@@ -190,7 +204,8 @@ class ShardedRetina:
             exchange anchor (a scalar that must enter the loss, see ``exchange_partials``).
         """
         views = [self.view(cameras[b : b + 1]) for b in range(len(cameras))]
-        local, rects = self._render_local(views, visible, with_depth)
+        anchor = self.model.means.new_zeros((), requires_grad=True)
+        local, rects, anchor = self._render_local(views, visible, owners, with_depth, anchor)
         summed = all_reduce_ints(self.comm, rects, "partial rectangles")  # [B, S, 4]
         channels = (4 if with_depth else 3) + 1
         tasks = []
@@ -202,7 +217,6 @@ class ShardedRetina:
         plan = ExchangePlan(tuple(tasks), self.comm.world_size)
         index = {(t.camera, t.part): i for i, t in enumerate(tasks)}
         sent = {index[k]: crop for k, crop in local.items() if k in index}
-        anchor = self.model.means.new_zeros((), requires_grad=True)
         received, anchor = exchange_partials(self.comm, plan, sent, anchor)
         outputs = {}
         for b in range(len(cameras)):
@@ -211,66 +225,105 @@ class ShardedRetina:
                 outputs[b] = self._composite(views[b], crops, with_depth)
         return outputs, anchor
 
-    def _render_local(self, views: List[View], visible: Tensor, with_depth: bool):
-        """Every visible own part of every camera, cropped; rectangles in a [B, S, 4] table."""
+    def _render_local(self, views: List[View], visible: Tensor, owners: Tensor, with_depth: bool, anchor: Tensor):
+        """Every visible own part of every camera, cropped when it travels; rectangles in a
+        [B, S, 4] table."""
         model = self.model
         g, leaf_ids = self.render_set()
-        rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
-        local: Dict[Tuple[int, int], Tensor] = {}
-        backend = resolve_backend(model.config.backend, model.means.device)
-        model._note_backend(backend)
+        n = g.means.shape[0]
+        model._note_backend(self.backend)
+        clip, backend = self.clip, self.backend
         record = StepRecord(
             num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views]
         )
+        drawn = g
+        if clip and not self.comm.is_single:
+            record.shared = share_rows(self, g, views, anchor)
+            anchor = record.shared.anchor
+            drawn = join(g, record.shared.received)
+        rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
+        local: Dict[Tuple[int, int], Tensor] = {}
+        absgrad = model.strategy.absgrad and backend == "gsplat"
         for b, v in enumerate(views):
             for s, index in self.local_part_index(leaf_ids).items():
-                if not bool(visible[b, s]) or index.numel() == 0:
+                if not bool(visible[b, s]) or (index.numel() == 0 and drawn is g):
                     continue
-                whole = index.numel() == g.means.shape[0]  # one part per rank: no gather needed
-                part = g if whole else Gaussians(*(t[index] for t in g))
-                partial = render_partial(
-                    part, v.positions[leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
-                    self.settings, with_depth=with_depth, backend=backend,
-                    absgrad=model.strategy.absgrad and backend == "gsplat",
-                )
-                if model.training and partial.means2d.requires_grad:
-                    partial.means2d.retain_grad()
-                    record.means2d.append((partial.means2d, index, b))
-                    radii = record.radii.setdefault(b, torch.zeros(model.num_points, dtype=torch.int32, device=model.device))
-                    radii[index] = partial.radii[0].to(torch.int32)
+                if clip:
+                    mask = None if len(self.parts) == 1 else self.leaf_part.to(g.means.device) == s
+                    partial = render_partial_clipped(
+                        drawn, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height,
+                        self.sh_degree(), self.settings, with_depth=with_depth, backend=backend, absgrad=absgrad,
+                        allow_fallback=True, leaf_mask=mask,
+                    )
+                    rows = torch.arange(n, device=g.means.device)
+                else:
+                    whole = index.numel() == n  # one part per rank: no gather needed
+                    part = g if whole else Gaussians(*(t[index] for t in g))
+                    partial = render_partial(
+                        part, v.positions[leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
+                        self.settings, with_depth=with_depth, backend=backend, absgrad=absgrad,
+                        num_leaf_positions=2**model.config.tree_depth,
+                    )
+                    rows = index
+                self._note_render(record, partial, rows, b, n)
                 packed = torch.cat([partial.color, partial.transmittance], dim=-1)  # [H, W, D + 1]
+                if int(owners[b]) == self.comm.rank:  # stays here: no crop, no device sync
+                    rects[b, s] = torch.tensor([0, 0, v.width, v.height])
+                    local[(b, s)] = packed
+                    continue
                 x0, y0, x1, y1 = content_rect(partial.color, partial.transmittance)
                 if x1 > x0:
                     rects[b, s] = torch.tensor([x0, y0, x1, y1])
                     local[(b, s)] = packed[y0:y1, x0:x1]
         self.record = record
-        return local, rects
+        return local, rects, anchor
+
+    def _note_render(self, record: StepRecord, partial, rows: Tensor, b: int, n: int) -> None:
+        """Keep what densification reads of one training render (screen means, radii)."""
+        model = self.model
+        if not (model.training and partial.means2d.requires_grad):
+            return
+        partial.means2d.retain_grad()
+        record.means2d.append((partial.means2d, rows, b))
+        if record.shared is not None:
+            record.shared.stats.renders.append((partial.means2d, n, b))
+            record.radii[b] = record.shared.radii[b]
+            return
+        radii = record.radii.setdefault(b, torch.zeros(model.num_points, dtype=torch.int32, device=model.device))
+        radii[rows] = partial.radii[0, : rows.numel()].to(torch.int32)
 
     def strategy_info(self) -> Optional[Dict]:
         """The last training batch as gsplat's strategies read it: ``rasterization``'s ``info``
         for B cameras over this rank's N Gaussians (unpacked).
 
         ``means2d`` is a stand-in [B, N, 2] tensor whose ``.grad`` (and ``.absgrad``) holds every
-        (camera, part) render's screen-mean gradient scattered to its rows; Gaussians a camera
-        did not draw have radius 0 there and are skipped by the strategy.  gsplat scales the
-        gradient by ``width / 2 * n_cameras`` (the loss is a mean over the B cameras); a camera
-        of another size is pre-scaled so that it gets its own ``width / 2``.  None when the
-        last forward was not a training batch.
+        (camera, part) render's screen-mean gradient scattered to its rows, plus those of copies
+        drawn on other ranks (clip mode); Gaussians a camera did not draw have radius 0 there
+        and are skipped by the strategy.  gsplat scales the gradient by ``width / 2 *
+        n_cameras`` (the loss is a mean over the B cameras); a camera of another size is
+        pre-scaled so that it gets its own ``width / 2``.  None when the last forward was not a
+        training batch.
         """
         record, model = self.record, self.model
-        if record.num_cameras == 0 or not record.means2d:
+        if record.num_cameras == 0 or not record.radii:
             return None
         num, n = record.num_cameras, model.num_points
         grads = model.means.new_zeros(num, n, 2)
         absgrads = model.means.new_zeros(num, n, 2)
         for means2d, index, b in record.means2d:
-            w, h = record.sizes[b]
-            scale = means2d.new_tensor([w / record.width, h / record.height])
             if means2d.grad is not None:
-                grads[b, index] += means2d.grad[0].to(grads) * scale
+                grads[b, index] += means2d.grad[0, : index.numel()].to(grads)
             absgrad = getattr(means2d, "absgrad", None)
             if absgrad is not None:
-                absgrads[b, index] += absgrad[0].to(absgrads) * scale
+                absgrads[b, index] += absgrad[0, : index.numel()].to(absgrads)
+        if record.shared is not None:
+            remote = record.shared.stats.remote.transpose(0, 1).to(grads)  # [B, N, 4]
+            grads += remote[..., :2]
+            absgrads += remote[..., 2:]
+        for b, (w, h) in enumerate(record.sizes):
+            scale = grads.new_tensor([w / record.width, h / record.height])
+            grads[b] *= scale
+            absgrads[b] *= scale
         radii = torch.zeros(num, n, dtype=torch.int32, device=model.device)
         for b, r in record.radii.items():
             radii[b] = r
@@ -291,7 +344,10 @@ class ShardedRetina:
         for s in v.part_order:
             if s in crops:
                 crop, window = crops[s]
-                c, t = paste_partial(crop[..., :channels], crop[..., channels:], window, v.width, v.height)
+                if window == (0, 0, v.width, v.height):
+                    c, t = crop[..., :channels], crop[..., channels:]
+                else:
+                    c, t = paste_partial(crop[..., :channels], crop[..., channels:], window, v.width, v.height)
                 colors.append(c)
                 trans.append(t)
         if not colors:  # nothing visible: an empty partial keeps composite's contract
@@ -303,12 +359,37 @@ class ShardedRetina:
         out = {"rgb": torch.clamp(image[..., :3], 0.0, 1.0), "accumulation": alpha, "background": background}
         out["depth"] = None
         if with_depth:
-            premult_depth = sum(
-                (c[..., 3:4] * torch.prod(torch.stack(trans[:k]), 0) if k else c[..., 3:4]) for k, c in enumerate(colors)
-            )
-            depth = expected_depth(premult_depth, transmittance)
+            # The depth channel composites like colour, over a zero background.
+            depth = expected_depth(image[..., 3:4], transmittance)
             out["depth"] = torch.where(alpha > 0, depth, depth.detach().max())
         return out
+
+    # ---- whole frames -----------------------------------------------------------------------
+    def render_camera(self, camera: Cameras, to_every_rank: bool = True) -> Optional[Dict[str, Tensor]]:
+        """One camera in the model's current mode (collective): every rank renders its parts,
+        rank 0 composites.  Returns splatfacto's outputs on rank 0, and with ``to_every_rank``
+        on every rank (so that ns-render's loop runs in lockstep on every rank); else None."""
+        owners = torch.zeros(1, dtype=torch.int64)
+        visible = torch.ones(1, len(self.parts), dtype=torch.bool)
+        with_depth = self.model.config.output_depth_during_training or not self.model.training
+        outputs, anchor = self.forward(camera.to(self.model.device), visible, owners, with_depth)
+        out = outputs.get(0)
+        if out is not None and self.model.training:
+            out["rgb"] = out["rgb"] + 0.0 * anchor  # the backward collectives run on every rank
+        if to_every_rank and not self.comm.is_single:
+            out = self._broadcast_view(out, int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0]))
+        return out
+
+    def _broadcast_view(self, out: Optional[Dict[str, Tensor]], height: int, width: int) -> Dict[str, Tensor]:
+        """Rank 0's composite (rgb, accumulation, depth, background) on every rank, in one broadcast."""
+        like = self.model.means.detach()
+        packed = like.new_zeros(height * width * 5 + 3)
+        if out is not None:
+            image = torch.cat([out["rgb"], out["accumulation"], out["depth"]], dim=-1).detach()
+            packed = torch.cat([image.reshape(-1), out["background"].reshape(-1)]).to(like)
+        packed = broadcast_tensor(self.comm, packed, what="composite of a one-camera render")
+        image = packed[:-3].view(height, width, 5)
+        return {"rgb": image[..., :3], "accumulation": image[..., 3:4], "depth": image[..., 4:5], "background": packed[-3:]}
 
     # ---- loss -----------------------------------------------------------------------------
     def batch_loss(
@@ -347,9 +428,3 @@ class ShardedRetina:
         )
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
         return {"main_loss": main_loss}, {"psnr": total_psnr, "gaussian_count": count}, outputs
-
-
-def _unpack_gaussians(rows: Tensor, like: Gaussians) -> Gaussians:
-    """[M, D] rows (every field of ``like`` flattened, in order, then one more column) as Gaussians."""
-    columns = split_columns(rows, [tuple(t.shape[1:]) for t in like])
-    return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, like)))
