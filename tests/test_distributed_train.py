@@ -73,7 +73,7 @@ def _single_process_loss(config_path: Path, step: int, state: Optional[Dict] = N
         pipeline.load_pipeline(state["pipeline"], state["step"])
         pipeline.load_resume_state(state["resume"]["own"]["pipeline"])
     # the queue of the run's world size (its owners interleaved), not of this one process
-    batch = pipeline._next_pool(config.pipeline.max_batch_size, world_size=config.pipeline.world_size)
+    batch = pipeline._next_pool(config.pipeline.max_batch_size or config.pipeline.world_size, world_size=config.pipeline.world_size)
     model, dm = pipeline.model, pipeline.datamanager
     model.train()
     model.step = step
