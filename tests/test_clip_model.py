@@ -30,8 +30,9 @@ def test_clip_mode_renders_like_unpartitioned_and_trains(tiny_city, tmp_path):
 
 
 def test_auto_mode_is_clip_only_where_exact_and_fast(monkeypatch):
-    """``mode auto`` renders clip with the csrc/ kernel on one rank, plain on the torch backend,
-    without the kernels, and on several ranks; explicit modes are kept."""
+    """``mode auto`` renders clip with the csrc/ kernel on any number of ranks (the frame shares
+    Gaussians across ranks), plain on the torch backend and without the kernels; explicit modes
+    are kept."""
     from types import SimpleNamespace
 
     from landmark_plugin import cuda
@@ -46,7 +47,7 @@ def test_auto_mode_is_clip_only_where_exact_and_fast(monkeypatch):
 
     assert resolved("auto", "gsplat", 1, kernels=True) == "clip"
     assert resolved("auto", "gsplat", 1, kernels=False) == "plain"
-    assert resolved("auto", "gsplat", 2, kernels=True) == "plain"
+    assert resolved("auto", "gsplat", 2, kernels=True) == "clip"
     assert resolved("auto", "torch", 1, kernels=True) == "plain"
     assert resolved("clip", "torch", 2, kernels=False) == "clip"
     assert resolved("plain", "gsplat", 1, kernels=True) == "plain"

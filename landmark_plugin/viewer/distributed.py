@@ -3,7 +3,7 @@
 nerfstudio's viewer renders from one thread per browser client, calling
 ``get_model().get_outputs_for_camera(camera)`` while the trainer's lock keeps the training loop
 out.  With the model sharded over ranks that cannot work as is: a render is collective
-(retina-gs: every rank renders its partial, the owner composites, see ``gaussians/sharded.py``;
+(retina-gs: every rank renders its partial, the owner composites, see ``gaussians/frame.py``;
 landmark-grid: every rank of a model-parallel group evaluates its blocks, planes or channels),
 and collectives must be issued by every rank's main thread in the same order.  So:
 
