@@ -41,13 +41,16 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     if scene == "city":
         city = CityConfig(num_images=120, width=320, height=240)
         return SyntheticCityDataParserConfig(data=work / "city-bench", city=city), "synthetic city, 120 images 320x240"
+    if scene == "city-1080":
+        city = CityConfig(num_images=40, width=1920, height=1080)
+        return SyntheticCityDataParserConfig(data=work / "city-1080", city=city), "synthetic city, 40 images 1920x1080"
     if scene == "tiny-city":
         city = CityConfig(num_images=10, width=96, height=72)
         return SyntheticCityDataParserConfig(data=work / "city-tiny", city=city), "tiny synthetic city"
     raise SystemExit(f"unknown scene {scene}")
 
 
-def method_config(method: str, dataparser, steps: int, out: Path):
+def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: str = "clip"):
     from nerfstudio.configs.method_configs import all_methods
 
     config = copy.deepcopy(all_methods[method])
@@ -68,14 +71,17 @@ def method_config(method: str, dataparser, steps: int, out: Path):
     # The scenes are small (<= 320 px wide): train every method at full resolution from step 0,
     # instead of splatfacto's 1/4-resolution warm-up meant for 30k-step runs on large images.
     config.pipeline.model.num_downscales = 0
+    if method.startswith("retina-gs"):
+        config.pipeline.model.mode = retina_mode
     config.set_timestamp()
     return config
 
 
-def run_one(method: str, dataparser, steps: int, out: Path, device: str) -> Dict:
+def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_mode: str = "clip",
+            profile: int = 0) -> Dict:
     from nerfstudio.utils import writer
 
-    config = method_config(method, dataparser, steps, out)
+    config = method_config(method, dataparser, steps, out, retina_mode)
     config.machine.device_type = "cuda" if device == "cuda" else "cpu"
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
@@ -96,6 +102,7 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str) -> Dict
         clock[0] = now
 
     run_steps(trainer, steps, tick)
+    table = profile_steps(trainer, steps, profile, device) if profile else None
     pipeline.eval()
     metrics = pipeline.get_average_eval_image_metrics(step=steps)
     return {
@@ -106,7 +113,23 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str) -> Dict
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan,
         "num_gaussians": int(pipeline.model.num_points),
         **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        **({"profile": table} if table else {}),
     }
+
+
+def profile_steps(trainer, start: int, count: int, device: str) -> str:
+    """torch.profiler's table (self time, top 40 ops) over ``count`` more training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from landmark_plugin.trainer import LandmarkTrainer
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        LandmarkTrainer.run_steps(trainer, start, count)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=40)
 
 
 def run_steps(trainer, steps: int, after_step) -> None:
@@ -125,6 +148,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
+    parser.add_argument("--retina-mode", choices=["clip", "plain", "auto"], default="clip", help="retina-gs's render mode")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many more steps per run (torch.profiler)")
     args = parser.parse_args()
     if args.smoke:
         args.scenes, args.methods, args.steps = ["tiny-city"], ["retina-gs"], 3
@@ -135,10 +160,12 @@ def main() -> None:
         dataparser, description = scene_dataparser(scene, args.data_root, args.work)
         for method in args.methods:
             torch.manual_seed(42)
-            row = run_one(method, dataparser, args.steps, args.work / "runs", device)
+            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile)
+            if row.get("profile"):
+                print(row["profile"], flush=True)
             row.update(scene=scene, scene_description=description, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
             results.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
