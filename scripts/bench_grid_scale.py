@@ -253,12 +253,11 @@ def grid_count(field) -> int:
 
 def splits(parts: int, cells: list[tuple[int, int]]) -> bool:
     """Whether plane parallelism over ``parts`` ranks can cut every x-y plane of these cells into
-    ``parts`` equal sub-planes of whole cells (every rank then holds the same share, so the
-    strategies compare on equal terms; uneven cuts train too, but would bias the comparison)."""
-    return any(
-        parts % sx == 0 and all(cx % sx == 0 and cy % (parts // sx) == 0 for cx, cy in cells)
-        for sx in range(1, parts + 1)
-    )
+    ``parts`` equal sub-planes (every rank then holds the same share, so the strategies compare
+    on equal terms; uneven cuts train too, but would bias the comparison)."""
+    from landmark_plugin.core.grid_parallel import equal_splits
+
+    return bool(equal_splits(parts, cells))
 
 
 def proposal_planes(model_config, aabb: torch.Tensor, cells: tuple[int, ...]) -> list[tuple[int, int]]:

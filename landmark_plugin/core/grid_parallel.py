@@ -153,6 +153,16 @@ def check_layout(
         raise ValueError("plane parallel needs one shared z line (the model's field.shared_line)")
 
 
+def equal_splits(parts: int, plane_cells: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Every (sx, sy) with ``sx * sy = parts`` that cuts each x-y plane into sub-planes of whole
+    cells (``plane_cells``: per plane, its cells along x and y): the splits that give every rank
+    an equal share of every block."""
+    return [
+        (sx, parts // sx) for sx in range(1, parts + 1)
+        if parts % sx == 0 and all(cx % sx == 0 and cy % (parts // sx) == 0 for cx, cy in plane_cells)
+    ]
+
+
 def choose_split(parts: int, blocks: Tuple[int, int], plane_cells: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
     """(sx, sy) that cuts every x-y plane into sub-planes of whole cells for ``parts`` ranks.
 
@@ -167,10 +177,9 @@ def choose_split(parts: int, blocks: Tuple[int, int], plane_cells: Sequence[Tupl
         blocks: (bx, by) of the model.
         plane_cells: per plane, its cells along x and y (texels - 1).
     """
-    divides = lambda sx, sy: all(cx % sx == 0 and cy % sy == 0 for cx, cy in plane_cells)  # noqa: E731
     cx0, cy0 = plane_cells[0]
     squareness = lambda s: abs(math.log((cx0 / s[0]) / (cy0 / s[1])))  # noqa: E731
-    exact = [(sx, parts // sx) for sx in range(1, parts + 1) if parts % sx == 0 and divides(sx, parts // sx)]
+    exact = equal_splits(parts, plane_cells)
     if exact:
         return min(exact, key=squareness)
     gx = math.gcd(*[cx for cx, _ in plane_cells])
