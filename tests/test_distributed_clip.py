@@ -15,68 +15,17 @@ camera inside a leaf.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
 
-from _retina_dist_helpers import H, W, make_model, make_optimizers, step_optimizers, target_image
+from _retina_dist_helpers import make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model, target_image
 
 from landmark_plugin.distributed.launch import run_ranks
 
 FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.frame", "_retina_dist_helpers"))
 TOL = dict(rtol=0.0, atol=1e-5)  # the issue's bound; float64 keeps the real error near 1e-12
 STEPS, BATCH, CAMERAS = 5, 2, 6
-
-
-def no_termination():
-    from landmark_plugin.core.projection import RasterSettings
-
-    return RasterSettings(min_transmittance=0.0)
-
-
-def _look_at(eye, target):
-    eye, target = torch.tensor(eye, dtype=torch.float64), torch.tensor(target, dtype=torch.float64)
-    forward = (target - eye) / (target - eye).norm()
-    right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
-    right = right / right.norm()
-    up = torch.linalg.cross(right, forward)
-    return torch.cat([torch.stack([right, up, -forward], dim=1), eye[:, None]], dim=1)
-
-
-def stress_cameras():
-    """Four around the scene, one oblique from high above, one inside a leaf looking across."""
-    from nerfstudio.cameras.cameras import Cameras
-
-    ring = [(2.6 * math.cos(a), 2.6 * math.sin(a), 0.9) for a in (0.3, 1.9, 3.5, 5.0)]
-    c2ws = [_look_at(eye, (0.0, 0.0, 0.0)) for eye in ring]
-    c2ws.append(_look_at((1.9, -0.4, 2.7), (-0.5, 0.3, -0.4)))  # steep, across several leaves
-    c2ws.append(_look_at((0.55, 0.45, 0.35), (-1.0, -0.6, -0.2)))  # inside the scene's box
-    full = lambda v: torch.full((len(c2ws), 1), float(v), dtype=torch.float64)  # noqa: E731
-    return Cameras(
-        camera_to_worlds=torch.stack(c2ws), fx=full(26), fy=full(26), cx=full(W / 2), cy=full(H / 2),
-        width=torch.full((len(c2ws), 1), W), height=torch.full((len(c2ws), 1), H),
-    )
-
-
-def stress_model(depth: int):
-    """The tiny float64 model in clip mode, a fifth of its Gaussians made large or elongated so
-    that they straddle the partition's planes (shared by several leaves, hence ranks)."""
-    model = make_model(num_points=240, depth=depth)
-    model.config.mode = "clip"
-    g = torch.Generator().manual_seed(7)
-    n = model.num_points
-    picked = torch.randperm(n, generator=g)[: n // 5]
-    scales = torch.empty(picked.numel(), 3, dtype=torch.float64)
-    scales[:, 0] = math.log(0.35)
-    scales[:, 1:] = math.log(0.04)
-    scales[::3] = math.log(0.22)  # some large and round
-    quats = torch.randn(picked.numel(), 4, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        model.gauss_params["scales"][picked] = scales
-        model.gauss_params["quats"][picked] = quats / quats.norm(dim=-1, keepdim=True)
-        model.gauss_params["opacities"][picked] = 1.5
-    return model
 
 
 def _batch(step: int):
