@@ -81,7 +81,7 @@ def test_retina_gs_resume_is_bit_exact(micro_city, tmp_path, deterministic):
     assert_identical(unbroken, resumed)
     assert trainer.pipeline.model.num_points > 400, "the refinement at step 12 should have grown Gaussians"
     # the camera queue was part of it: 13 steps are one epoch of 8 cameras and 5 of the next
-    assert len(trainer.pipeline.datamanager.train_unseen_cameras) == 3
+    assert len(trainer.pipeline.resume_state()["queue"]) == 3
 
 
 def test_landmark_grid_resume_is_bit_exact(micro_city, tmp_path, deterministic):

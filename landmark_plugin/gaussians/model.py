@@ -141,6 +141,7 @@ class RetinaGSModel(SplatfactoModel):
             raise ConfigError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+        self.strategy.split_normals = self._split_normals
         self._backend_checked = False
         self._auto_mode: Optional[str] = None
         self.frame = RetinaFrame(Comm.single(), self)
@@ -274,6 +275,12 @@ class RetinaGSModel(SplatfactoModel):
             )
 
     # ---- densification and ownership ------------------------------------------------------
+    def _split_normals(self, means: torch.Tensor, step: int) -> torch.Tensor:
+        """Split offsets drawn the same on every world size (``partition_invariant_normals``)."""
+        from landmark_plugin.gaussians.rows import partition_invariant_normals
+
+        return partition_invariant_normals(self.frame.comm, means, step)
+
     def step_post_backward(self, step: int, repartition_every: int = 0) -> None:
         """Densify and prune (gsplat's strategy, on the statistics of the last training frame or
         batch), then keep ownership current: at refinement steps (and every
@@ -284,6 +291,12 @@ class RetinaGSModel(SplatfactoModel):
         info = self.frame.strategy_info()
         if info is not None:
             self.info = info
+            state = self.strategy_state
+            # gsplat creates them with the default dtype, but adds float32 counts and screen
+            # gradients of the model's dtype: a float64 model needs them made here.
+            for key, dtype in (("grad2d", self.means.dtype), ("count", torch.float32)):
+                if state.get(key) is None:
+                    state[key] = torch.zeros(self.num_points, dtype=dtype, device=self.device)
             super().step_post_backward(step)
         policy = self.config.strategy
         rebuild = policy.rebuilds_at(step)

@@ -98,7 +98,9 @@ def set_gaussian_rows_(model, optimizers: Optional[Dict], strategy_state: Option
         _set_param(model, optimizers, name, values[(name, "param")], moments if has_state else {})
     for key in STRATEGY_STATS:
         if strategy_state is not None and (key, "stat") in values:
-            strategy_state[key] = values[(key, "stat")].reshape(n).float().contiguous()
+            # gsplat adds float32 counts, and screen gradients / radii in the model's dtype.
+            dtype = torch.float32 if key == "count" else rows.dtype
+            strategy_state[key] = values[(key, "stat")].reshape(n).to(dtype).contiguous()
 
 
 def select_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], index: Tensor) -> None:
@@ -141,3 +143,21 @@ def migrate_(comm: Comm, model, optimizers: Optional[Dict], strategy_state: Opti
         set_gaussian_rows_(model, optimizers, strategy_state, received, layout)
         model.refresh_ownership()
     return leaving
+
+
+def partition_invariant_normals(comm: Comm, means: Tensor, step: int, seed: int = 0) -> Tensor:
+    """Standard normals [2, n, 3] for the Gaussians at ``means`` [n, 3] that this rank splits at
+    ``step``, the same whatever the partition: every rank's rows are gathered, ordered by their
+    means (x, then y, then z) and given the draws of one generator seeded by (seed, step) in
+    that order.  Collective: every rank calls it, with or without rows."""
+    tagged = torch.cat([means.detach().double(), means.new_full((means.shape[0], 1), comm.rank).double()], dim=1)
+    rows = all_gather_rows(comm, tagged, "split offsets").cpu()
+    order = torch.arange(rows.shape[0])
+    for axis in (2, 1, 0):  # stable sorts, last key first: lexicographic (x, y, z)
+        order = order[torch.sort(rows[order, axis], stable=True).indices]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    draws = torch.randn(rows.shape[0], 2, 3, generator=generator, dtype=torch.float64)
+    by_row = torch.empty_like(draws)
+    by_row[order] = draws
+    mine = by_row[rows[:, 3] == comm.rank]
+    return mine.transpose(0, 1).to(means.device, means.dtype)

@@ -10,9 +10,13 @@ current means to rebalance leaf counts (what the distributed pipeline migrates a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
+import torch
 from gsplat.strategy import DefaultStrategy
+from gsplat.strategy.ops import duplicate, split
+from gsplat.utils import normalized_quat_to_rotmat
+from torch import Tensor
 
 if TYPE_CHECKING:
     from landmark_plugin.gaussians.model import RetinaGSModelConfig
@@ -26,9 +30,9 @@ class RetinaStrategyConfig:
     """Rebuild the kd-tree from the current means every this many steps (0: keep the initial
     tree).  Rebuilding rebalances the Gaussian count of every leaf."""
 
-    def make_gsplat_strategy(self, model: "RetinaGSModelConfig", num_train_data: int) -> DefaultStrategy:
+    def make_gsplat_strategy(self, model: "RetinaGSModelConfig", num_train_data: int) -> "KeyedSplitStrategy":
         """gsplat's DefaultStrategy with splatfacto's mapping of its config fields."""
-        return DefaultStrategy(
+        return KeyedSplitStrategy(
             prune_opa=model.cull_alpha_thresh,
             grow_grad2d=model.densify_grad_thresh,
             grow_scale3d=model.densify_size_thresh,
@@ -52,3 +56,50 @@ class RetinaStrategyConfig:
 
     def rebuilds_at(self, step: int) -> bool:
         return self.rebuild_tree_every > 0 and step > 0 and step % self.rebuild_tree_every == 0
+
+
+SplitNormals = Callable[[Tensor, int], Tensor]
+"""(means [n, 3] of the Gaussians a step splits, step) -> standard normals [2, n, 3]."""
+
+
+@dataclass
+class KeyedSplitStrategy(DefaultStrategy):
+    """gsplat's DefaultStrategy whose splits take their random offsets from ``split_normals``.
+
+    gsplat draws one ``randn(2, n, 3)`` over the Gaussians a process splits, so the children
+    depend on how the Gaussians are spread over ranks.  ``split_normals`` (set by the model)
+    draws them from the step and the Gaussians themselves in an order every partition agrees
+    on, so one process and several ranks add the same children.  It is called at every
+    growth step on every rank, also with no Gaussian to split, since it may be collective.
+    """
+
+    split_normals: Optional[SplitNormals] = None
+    """The offsets' normals; None keeps gsplat's global-RNG draw."""
+
+    @torch.no_grad()
+    def _grow_gs(self, params, optimizers, state, step: int):
+        if self.split_normals is None:
+            return super()._grow_gs(params, optimizers, state, step)
+        grads = state["grad2d"] / state["count"].clamp_min(1)
+        is_grad_high = grads > self.grow_grad2d
+        is_small = torch.exp(params["scales"]).max(dim=-1).values <= self.grow_scale3d * state["scene_scale"]
+        is_dupli = is_grad_high & is_small
+        is_split = is_grad_high & ~is_small
+        if step < self.refine_scale2d_stop_iter:
+            is_split |= state["radii"] > self.grow_scale2d
+        n_dupli = int(is_dupli.sum())
+        if n_dupli > 0:
+            duplicate(params=params, optimizers=optimizers, state=state, mask=is_dupli)
+        # Copies made by duplication are not split (gsplat's order).
+        is_split = torch.cat([is_split, is_split.new_zeros(n_dupli)])
+        sel = torch.where(is_split)[0]
+        parents = params["means"][sel].detach().clone()
+        normals = self.split_normals(parents, step).to(parents)
+        if sel.numel() > 0:
+            scales = torch.exp(params["scales"][sel])
+            rotmats = normalized_quat_to_rotmat(torch.nn.functional.normalize(params["quats"][sel], dim=-1))
+            split(params=params, optimizers=optimizers, state=state, mask=is_split, revised_opacity=self.revised_opacity)
+            # gsplat appends the children as [first of every parent, second of every parent].
+            offsets = torch.einsum("nij,nj,bnj->bni", rotmats, scales, normals)
+            params["means"].data[-2 * sel.numel() :] = (parents[None] + offsets).reshape(-1, 3)
+        return n_dupli, int(sel.numel())
