@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed_clip import FAST_START, _clip_worker, compare_runs
+from test_distributed_clip import _clip_worker, compare_runs
 
 from landmark_plugin.distributed.launch import run_ranks
 
@@ -21,8 +21,10 @@ pytestmark = [
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_sharing_one_gpu_equal_one_rank(tmp_path, world_size):
     args = (2, "cuda", "gsplat")
-    ref = run_ranks(_clip_worker, 1, tmp_path / "one", args=args, timeout_s=300, **FAST_START)[0]
-    results = run_ranks(_clip_worker, world_size, tmp_path / "shared", args=args, timeout_s=300, **FAST_START)
+    # spawn, not the CPU tests' forkserver: its preloaded imports touch CUDA, and a process forked
+    # from one that has (even the fork server) cannot use CUDA.
+    ref = run_ranks(_clip_worker, 1, tmp_path / "one", args=args, timeout_s=300, start_method="spawn")[0]
+    results = run_ranks(_clip_worker, world_size, tmp_path / "shared", args=args, timeout_s=300, start_method="spawn")
     assert all(r["received"] > 0 for r in results), "the stress scene must make every rank draw others' copies"
     ids = ref["ids"]
     assert torch.equal(ids, torch.arange(ids.numel()))
