@@ -21,8 +21,8 @@ pytestmark = [
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_sharing_one_gpu_equal_one_rank(tmp_path, world_size):
     args = (2, "cuda", "gsplat")
-    # spawn, not the CPU tests' forkserver: its preloaded imports touch CUDA, and a process forked
-    # from one that has (even the fork server) cannot use CUDA.
+    # spawn, not the CPU tests' forkserver: under forkserver the ranks stopped with torch's
+    # "Cannot re-initialize CUDA in forked subprocess".
     ref = run_ranks(_clip_worker, 1, tmp_path / "one", args=args, timeout_s=300, start_method="spawn")[0]
     results = run_ranks(_clip_worker, world_size, tmp_path / "shared", args=args, timeout_s=300, start_method="spawn")
     assert all(r["received"] > 0 for r in results), "the stress scene must make every rank draw others' copies"
