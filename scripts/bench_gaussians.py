@@ -85,7 +85,7 @@ def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: s
 
 
 def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_mode: str = "clip",
-            profile: int = 0) -> Dict:
+            profile: int = 0, sync_audit: int = 0) -> Dict:
     from nerfstudio.utils import writer
 
     config = method_config(method, dataparser, steps, out, retina_mode)
@@ -110,6 +110,8 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
 
     run_steps(trainer, steps, tick)
     table = profile_steps(trainer, steps, profile, device) if profile else None
+    if sync_audit:
+        table = (table or "") + "\n" + audit_steps(trainer, steps + profile, sync_audit, device)
     pipeline.eval()
     metrics = pipeline.get_average_eval_image_metrics(step=steps)
     return {
@@ -143,6 +145,20 @@ def profile_steps(trainer, start: int, count: int, device: str) -> str:
     return "\n".join(tables)
 
 
+def audit_steps(trainer, start: int, count: int, device: str) -> str:
+    """Synchronising calls per step by source line over ``count`` more training steps."""
+    import sys
+
+    from landmark_plugin.trainer import LandmarkTrainer
+
+    sys.path.insert(0, str(Path(__file__).parent))  # python -P leaves the script's folder out
+    from sync_audit import SyncAudit
+
+    with SyncAudit(device) as audit:
+        LandmarkTrainer.run_steps(trainer, start, count)
+    return audit.table(count)
+
+
 def run_steps(trainer, steps: int, after_step) -> None:
     """Our trainer has run_steps; splatfacto's plain Trainer gets the same loop borrowed."""
     from landmark_plugin.trainer import LandmarkTrainer
@@ -161,6 +177,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
     parser.add_argument("--retina-mode", choices=["clip", "plain", "auto"], default="clip", help="retina-gs's render mode")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more steps per run (torch.profiler)")
+    parser.add_argument("--sync-audit", type=int, default=0, help="count host-device synchronisations by source line over this many more steps")
     args = parser.parse_args()
     if args.smoke:
         args.scenes, args.methods, args.steps = ["tiny-city"], ["retina-gs"], 3
@@ -171,7 +188,7 @@ def main() -> None:
         dataparser, description = scene_dataparser(scene, args.data_root, args.work)
         for method in args.methods:
             torch.manual_seed(42)
-            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile)
+            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile, args.sync_audit)
             if row.get("profile"):
                 print(row["profile"], flush=True)
             row.update(scene=scene, scene_description=description, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")

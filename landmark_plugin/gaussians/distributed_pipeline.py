@@ -218,7 +218,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
         cameras = dm.train_dataset.cameras
         batch_size = batch_size or self.batch_size
         pool = self._next_pool(batch_size)
-        pool_cameras = cameras[torch.tensor(pool)].to(self.device)
+        pool_cameras = cameras[torch.tensor(pool)]  # on the host: the frame reads sizes and poses there
         size, visible, _ = self.frame.plan_batch(pool_cameras, batch_size, self.config.max_load)
         batch, self._queue = pool[:size], self._queue[size:]
         self.last_batch = batch
@@ -233,7 +233,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
             data["image"] = data["image"].to(self.device)
             return data
 
-        batch_cameras = cameras[torch.tensor(batch)].to(self.device)
+        batch_cameras = cameras[torch.tensor(batch)]
         batch_cameras.metadata = {"cam_idx": torch.tensor(batch)[:, None]}
         loss_dict, metrics_dict, outputs = self.frame.batch_loss(batch_cameras, visible, owners, batch_of)
         return outputs, loss_dict, metrics_dict
@@ -311,7 +311,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
         return data
 
     def _eval_cameras(self, indices: List[int]) -> Cameras:
-        return self.datamanager.eval_dataset.cameras[torch.tensor(indices)].to(self.device)
+        return self.datamanager.eval_dataset.cameras[torch.tensor(indices)]  # host: see RetinaFrame.view
 
     def _next_eval_index(self) -> int:
         """Rank 0's pick of an eval image, the same on every rank."""

@@ -97,6 +97,8 @@ class RetinaFrame:
         self.parts = Parts.of(model.config.tree_depth, comm.world_size)
         self.my_parts = self.parts.of_rank(comm.rank)
         self.leaf_part = self.parts.leaf_part()
+        self._leaf_part_device = self.leaf_part
+        self._part_index: Optional[Tuple[tuple, Dict[int, Tensor]]] = None
         self.record = StepRecord()
 
     @property
@@ -109,9 +111,28 @@ class RetinaFrame:
 
     # ---- the Gaussians this rank renders ----------------------------------------------------
     def local_part_index(self, leaf_ids: Tensor) -> Dict[int, Tensor]:
-        """Part -> [n] rows of the local Gaussians it owns (``leaf_ids``: [N] their leaves)."""
-        part = self.leaf_part.to(leaf_ids.device)[leaf_ids]
-        return {s: torch.nonzero(part == s).flatten() for s in self.my_parts}
+        """Part -> [n] rows of the local Gaussians it owns (``leaf_ids``: [N] their leaves).
+
+        Kept until ``leaf_ids`` changes (densification, repartition, edits make a new tensor or
+        bump its version): finding the rows reads their count back from the device.
+        """
+        key = (leaf_ids, leaf_ids._version)
+        cached = self._part_index
+        if cached is not None and cached[0][0] is key[0] and cached[0][1] == key[1]:
+            return cached[1]
+        if len(self.my_parts) == 1:  # one part holds every local row: no search
+            index = {self.my_parts[0]: torch.arange(leaf_ids.shape[0], device=leaf_ids.device)}
+        else:
+            part = self.leaf_part_on(leaf_ids.device)[leaf_ids]
+            index = {s: torch.nonzero(part == s).flatten() for s in self.my_parts}
+        self._part_index = (key, index)
+        return index
+
+    def leaf_part_on(self, device: torch.device) -> Tensor:
+        """[L] part of every leaf, on ``device`` (copied there once)."""
+        if self._leaf_part_device.device != torch.device(device):
+            self._leaf_part_device = self.leaf_part.to(device)
+        return self._leaf_part_device
 
     def render_set(self) -> Tuple[Gaussians, Tensor]:
         """The activated Gaussians this rank renders and [N] their leaves.
@@ -135,7 +156,7 @@ class RetinaFrame:
 
     def _send_to_owners(self, gaussians: Gaussians, leaf_ids: Tensor) -> Tuple[Gaussians, Tensor]:
         part_rank = torch.as_tensor(self.parts.rank, device=leaf_ids.device)
-        dest = part_rank[self.leaf_part.to(leaf_ids.device)[leaf_ids]]
+        dest = part_rank[self.leaf_part_on(leaf_ids.device)[leaf_ids]]
         rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
         received, _ = all_to_all_rows(self.comm, rows, dest)
         columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians])
@@ -143,20 +164,28 @@ class RetinaFrame:
 
     # ---- cameras --------------------------------------------------------------------------
     def view(self, camera: Cameras) -> View:
-        """Pose (camera optimiser applied in training), intrinsics and leaf order of one camera."""
+        """Pose (camera optimiser applied in training), intrinsics and leaf order of one camera.
+
+        Worked out on the host copy of the camera (the pipeline keeps its cameras there): the
+        image size and the tree walk need host values, which a device camera would give only
+        through a synchronisation; the matrices then travel to the device without one.
+        """
         model = self.model
         dtype = model.means.dtype
-        c2w = model.camera_optimizer.apply_to_camera(camera) if model.training else camera.camera_to_worlds
+        host = camera.to("cpu")  # a new object: rescaling it below leaves ``camera`` as it was
+        c2w = model.camera_optimizer.apply_to_camera(host) if model.training else host.camera_to_worlds
         downscale = model._get_downscale_factor() if model.training else 1
-        camera.rescale_output_resolution(1 / downscale)
-        K = camera.get_intrinsics_matrices()[0].to(model.device, dtype)
-        width, height = int(camera.width.item()), int(camera.height.item())
-        camera.rescale_output_resolution(downscale)
-        viewmat = get_viewmat(c2w.to(model.device, dtype))[0]
-        # The walk over the tree is a handful of tiny ops: on the CPU copy of the tree.
-        order = camera_leaf_order(model.cpu_tree, camera_center(viewmat).detach().cpu())
-        positions = order_positions(order).to(model.device, non_blocking=True)
-        return View(viewmat, K, width, height, positions, part_order(order, self.parts))
+        host.rescale_output_resolution(1 / downscale)
+        K = host.get_intrinsics_matrices()[0].to(dtype)
+        width, height = int(host.width.reshape(-1)[0]), int(host.height.reshape(-1)[0])
+        viewmat = get_viewmat(c2w.to(dtype))[0]
+        order = camera_leaf_order(model.cpu_tree, camera_center(viewmat).detach())
+        positions = order_positions(order)
+        device = model.device
+        return View(
+            viewmat.to(device, non_blocking=True), K.to(device, non_blocking=True), width, height,
+            positions.to(device, non_blocking=True), part_order(order, self.parts),
+        )
 
     def sh_degree(self) -> Optional[int]:
         """The SH degree the model renders with at its current step."""
@@ -249,7 +278,7 @@ class RetinaFrame:
                 if not bool(visible[b, s]) or (index.numel() == 0 and drawn is g):
                     continue
                 if clip:
-                    mask = None if len(self.parts) == 1 else self.leaf_part.to(g.means.device) == s
+                    mask = None if len(self.parts) == 1 else self.leaf_part_on(g.means.device) == s
                     partial = render_partial_clipped(
                         drawn, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height,
                         self.sh_degree(), self.settings, with_depth=with_depth, backend=backend, absgrad=absgrad,
@@ -321,9 +350,10 @@ class RetinaFrame:
             grads += remote[..., :2]
             absgrads += remote[..., 2:]
         for b, (w, h) in enumerate(record.sizes):
-            scale = grads.new_tensor([w / record.width, h / record.height])
-            grads[b] *= scale
-            absgrads[b] *= scale
+            if (w, h) != (record.width, record.height):
+                scale = grads.new_tensor([w / record.width, h / record.height])
+                grads[b] *= scale
+                absgrads[b] *= scale
         radii = torch.zeros(num, n, dtype=torch.int32, device=model.device)
         for b, r in record.radii.items():
             radii[b] = r
@@ -372,7 +402,7 @@ class RetinaFrame:
         owners = torch.zeros(1, dtype=torch.int64)
         visible = torch.ones(1, len(self.parts), dtype=torch.bool)
         with_depth = self.model.config.output_depth_during_training or not self.model.training
-        outputs, anchor = self.forward(camera.to(self.model.device), visible, owners, with_depth)
+        outputs, anchor = self.forward(camera, visible, owners, with_depth)
         out = outputs.get(0)
         if out is not None and self.model.training:
             out["rgb"] = out["rgb"] + 0.0 * anchor  # the backward collectives run on every rank
