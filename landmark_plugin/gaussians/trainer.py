@@ -134,8 +134,6 @@ class RetinaTrainer(LandmarkTrainer):
         if pointed is not None:
             return self._rank_state_of_shards(*pointed)
         comm = self.comm
-        if comm.world_size == 1:
-            return state
         CONSOLE.print(f"Resuming rank {comm.rank}/{comm.world_size} from {path}")
         return shard_for_rank(state, tree_of_state(state, self.pipeline.model.config.tree_depth), comm.rank, comm.world_size)
 
