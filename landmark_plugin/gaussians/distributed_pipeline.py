@@ -233,7 +233,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
             data["image"] = data["image"].to(self.device)
             return data
 
-        batch_cameras = cameras[torch.tensor(batch)]
+        batch_cameras = pool_cameras if size == len(pool) else cameras[torch.tensor(batch)]
         batch_cameras.metadata = {"cam_idx": torch.tensor(batch)[:, None]}
         loss_dict, metrics_dict, outputs = self.frame.batch_loss(batch_cameras, visible, owners, batch_of)
         return outputs, loss_dict, metrics_dict

@@ -99,6 +99,8 @@ class RetinaFrame:
         self.leaf_part = self.parts.leaf_part()
         self._leaf_part_device = self.leaf_part
         self._part_index: Optional[Tuple[tuple, Dict[int, Tensor]]] = None
+        self._orders: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._orders_tree = None
         self.record = StepRecord()
 
     @property
@@ -172,20 +174,34 @@ class RetinaFrame:
         """
         model = self.model
         dtype = model.means.dtype
-        host = camera.to("cpu")  # a new object: rescaling it below leaves ``camera`` as it was
+        host = camera if camera.device.type == "cpu" else camera.to("cpu")
         c2w = model.camera_optimizer.apply_to_camera(host) if model.training else host.camera_to_worlds
         downscale = model._get_downscale_factor() if model.training else 1
-        host.rescale_output_resolution(1 / downscale)
+        if downscale != 1:
+            host = host.to("cpu")  # a new object: rescaling it leaves ``camera`` as it was
+            host.rescale_output_resolution(1 / downscale)
         K = host.get_intrinsics_matrices()[0].to(dtype)
         width, height = int(host.width.reshape(-1)[0]), int(host.height.reshape(-1)[0])
         viewmat = get_viewmat(c2w.to(dtype))[0]
-        order = camera_leaf_order(model.cpu_tree, camera_center(viewmat).detach())
-        positions = order_positions(order)
+        order, positions = self._leaf_order(camera_center(viewmat).detach())
         device = model.device
         return View(
             viewmat.to(device, non_blocking=True), K.to(device, non_blocking=True), width, height,
             positions.to(device, non_blocking=True), part_order(order, self.parts),
         )
+
+    def _leaf_order(self, centre: Tensor) -> Tuple[Tensor, Tensor]:
+        """(leaf order, leaf positions) for a camera centre, kept per centre and tree: training
+        revisits the same cameras, and the walk is many tiny host ops."""
+        tree = self.model.cpu_tree
+        if tree is not self._orders_tree or len(self._orders) >= 4096:
+            self._orders, self._orders_tree = {}, tree
+        key = tuple(centre.tolist())
+        found = self._orders.get(key)
+        if found is None:
+            order = camera_leaf_order(tree, centre)
+            found = self._orders[key] = (order, order_positions(order))
+        return found
 
     def sh_degree(self) -> Optional[int]:
         """The SH degree the model renders with at its current step."""
@@ -232,7 +248,7 @@ class RetinaFrame:
             camera -> splatfacto-style outputs for every camera this rank owns, and the
             exchange anchor (a scalar that must enter the loss, see ``exchange_partials``).
         """
-        views = [self.view(cameras[b : b + 1]) for b in range(len(cameras))]
+        views = [self.view(cameras if len(cameras) == 1 else cameras[b : b + 1]) for b in range(len(cameras))]
         anchor = self.model.means.new_zeros((), requires_grad=True)
         local, rects, anchor = self._render_local(views, visible, owners, with_depth, anchor)
         summed = all_reduce_ints(self.comm, rects, "partial rectangles")  # [B, S, 4]
