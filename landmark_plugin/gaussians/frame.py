@@ -31,7 +31,7 @@ another rank: ``render_set`` sends it there (one ``all_to_all_rows``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -57,8 +57,9 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info
 from landmark_plugin.gaussians.rows import split_columns
-from landmark_plugin.gaussians.sharing import Shared, join, parts_reached, share_rows
+from landmark_plugin.gaussians.sharing import join, parts_reached, share_rows
 
 
 @dataclass
@@ -71,20 +72,6 @@ class View:
     height: int
     positions: Tensor  # [L] place of every leaf in the camera's front-to-back order
     part_order: List[int]  # parts front to back
-
-
-@dataclass
-class StepRecord:
-    """What densification needs after backward: per rendered (camera, part), the screen means
-    of the local Gaussians (their .grad) and radii, scattered over all local rows."""
-
-    means2d: List[Tuple[Tensor, Tensor, int]] = field(default_factory=list)  # (means2d [1,n,2], index [n], camera)
-    radii: Dict[int, Tensor] = field(default_factory=dict)  # camera -> [N] radii
-    num_cameras: int = 0
-    width: int = 0
-    height: int = 0
-    sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) of every camera
-    shared: Optional[Shared] = None  # clip mode on several ranks: copies drawn elsewhere
 
 
 class RetinaFrame:
@@ -310,7 +297,7 @@ class RetinaFrame:
                         num_leaf_positions=2**model.config.tree_depth,
                     )
                     rows = index
-                self._note_render(record, partial, rows, b, n)
+                note_render(record, self.model, partial, rows, b, n)
                 packed = torch.cat([partial.color, partial.transmittance], dim=-1)  # [H, W, D + 1]
                 if int(owners[b]) == self.comm.rank:  # stays here: no crop, no device sync
                     rects[b, s] = torch.tensor([0, 0, v.width, v.height])
@@ -323,63 +310,9 @@ class RetinaFrame:
         self.record = record
         return local, rects, anchor
 
-    def _note_render(self, record: StepRecord, partial, rows: Tensor, b: int, n: int) -> None:
-        """Keep what densification reads of one training render (screen means, radii)."""
-        model = self.model
-        if not (model.training and partial.means2d.requires_grad):
-            return
-        partial.means2d.retain_grad()
-        record.means2d.append((partial.means2d, rows, b))
-        if record.shared is not None:
-            record.shared.stats.renders.append((partial.means2d, n, b))
-            record.radii[b] = record.shared.radii[b]
-            return
-        radii = record.radii.setdefault(b, torch.zeros(model.num_points, dtype=torch.int32, device=model.device))
-        radii[rows] = partial.radii[0, : rows.numel()].to(torch.int32)
-
     def strategy_info(self) -> Optional[Dict]:
-        """The last training batch as gsplat's strategies read it: ``rasterization``'s ``info``
-        for B cameras over this rank's N Gaussians (unpacked).
-
-        ``means2d`` is a stand-in [B, N, 2] tensor whose ``.grad`` (and ``.absgrad``) holds every
-        (camera, part) render's screen-mean gradient scattered to its rows, plus those of copies
-        drawn on other ranks (clip mode); Gaussians a camera did not draw have radius 0 there
-        and are skipped by the strategy.  gsplat scales the gradient by ``width / 2 *
-        n_cameras`` (the loss is a mean over the B cameras); a camera of another size is
-        pre-scaled so that it gets its own ``width / 2``.  None when the last forward was not a
-        training batch.
-        """
-        record, model = self.record, self.model
-        if record.num_cameras == 0 or not record.radii:
-            return None
-        num, n = record.num_cameras, model.num_points
-        grads = model.means.new_zeros(num, n, 2)
-        absgrads = model.means.new_zeros(num, n, 2)
-        for means2d, index, b in record.means2d:
-            if means2d.grad is not None:
-                grads[b, index] += means2d.grad[0, : index.numel()].to(grads)
-            absgrad = getattr(means2d, "absgrad", None)
-            if absgrad is not None:
-                absgrads[b, index] += absgrad[0, : index.numel()].to(absgrads)
-        if record.shared is not None:
-            remote = record.shared.stats.remote.transpose(0, 1).to(grads)  # [B, N, 4]
-            grads += remote[..., :2]
-            absgrads += remote[..., 2:]
-        for b, (w, h) in enumerate(record.sizes):
-            if (w, h) != (record.width, record.height):
-                scale = grads.new_tensor([w / record.width, h / record.height])
-                grads[b] *= scale
-                absgrads[b] *= scale
-        radii = torch.zeros(num, n, dtype=torch.int32, device=model.device)
-        for b, r in record.radii.items():
-            radii[b] = r
-        stand_in = model.means.new_zeros(num, n, 2)
-        stand_in.grad = grads
-        stand_in.absgrad = absgrads
-        return {
-            "means2d": stand_in, "radii": radii, "width": record.width, "height": record.height,
-            "n_cameras": num, "gaussian_ids": None,
-        }
+        """The last training batch as gsplat's strategies read it (``frame_stats.strategy_info``)."""
+        return strategy_info(self.record, self.model)
 
     def _composite(self, v: View, crops: Dict[int, Tuple[Tensor, tuple]], with_depth: bool) -> Dict[str, Tensor]:
         """Owner side: paste the parts' crops and composite them front to back."""
