@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from test_distributed_train import BIN, _scalars, _start
-from test_resume_cli import _checksums, _truncate
+from test_distributed_train import BIN, _finish, _start
+from test_resume_cli import _checksums, assert_resumed_like_unbroken, crash_leftovers
 
 STEPS, SAVED, LOST = 5, 2, 3
 """Steps 0..4, growth at step 1 (0.2 of the run), a checkpoint at every step; a crash after step
@@ -54,12 +54,6 @@ def _command(nproc: int, data: Path, out: Path, timestamp: str, parallel: str, *
             "landmark_plugin.distributed.train", "landmark-grid", *args]  # fmt: skip
 
 
-def _finish(proc, timeout: int = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, proc.args))} failed:\n{out[-6000:]}"
-    return out
-
-
 def _checkpoint(run_dir: Path, step: int) -> Dict:
     """The checkpoint of ``step``, the shards merged into the single-process model."""
     from landmark_plugin.checkpoints import allow_nerfstudio_checkpoints, load_checkpoint_file
@@ -82,20 +76,6 @@ def _final_state(run_dir: Path) -> Dict[str, torch.Tensor]:
     return out
 
 
-def crash_leftovers(run_dir: Path, into: Path, nproc: int) -> Path:
-    """Step 2's checkpoint and step 3's truncated: the folder to pass to --load-dir."""
-    if nproc == 1:
-        into.mkdir(parents=True)
-        for step in (SAVED, LOST):
-            shutil.copy(run_dir / "nerfstudio_models" / f"step-{step:09d}.ckpt", into)
-        _truncate(into / f"step-{LOST:09d}.ckpt")
-        return into
-    for step in (SAVED, LOST):
-        shutil.copytree(run_dir / "shards" / f"step-{step:09d}", into / "shards" / f"step-{step:09d}")
-    _truncate(into / "shards" / f"step-{LOST:09d}" / f"rank-00001-of-{nproc:05d}.ckpt")
-    return into
-
-
 @pytest.fixture(scope="module")
 def city(tmp_path_factory) -> Path:
     from landmark_plugin.data.city import CityConfig, write_city
@@ -104,49 +84,34 @@ def city(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def unbroken(city, tmp_path_factory):
-    """nproc -> directory of the unbroken run on that many processes (trained on first use)."""
-    runs: Dict[int, Path] = {}
-
-    def run(nproc: int) -> Path:
-        if nproc not in runs:
-            work = tmp_path_factory.mktemp(f"unbroken-{nproc}")
-            _finish(_start(_command(nproc, city, work / "out", "unbroken", LAYOUTS[nproc]), work))
-            runs[nproc] = work / "out" / "city" / "landmark-grid" / "unbroken"
-        return runs[nproc]
-
-    return run
+def unbroken(city, tmp_path_factory, request) -> Tuple[Path, int]:
+    """The unbroken run on ``request.param`` processes (trained once per module): its directory
+    and process count."""
+    nproc = request.param
+    work = tmp_path_factory.mktemp(f"unbroken-{nproc}")
+    _finish(_start(_command(nproc, city, work / "out", "unbroken", LAYOUTS[nproc]), work))
+    return work / "out" / "city" / "landmark-grid" / "unbroken", nproc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 3])
-def test_resume_after_growth_is_bit_exact(city, unbroken, tmp_path, nproc):
-    run_dir = unbroken(nproc)
+@pytest.mark.parametrize("unbroken", [1, 3], indirect=True, ids=["1-process", "3-ranks-plane"])
+def test_resume_after_growth_is_bit_exact(city, unbroken, tmp_path):
+    run_dir, nproc = unbroken
     assert _checkpoint(run_dir, SAVED)["pipeline"][PLANE].shape[1] == 2 * CELLS + 1, "the grid should have grown"
-    load_dir = crash_leftovers(run_dir, tmp_path / "left", nproc)
+    load_dir = crash_leftovers(run_dir, tmp_path / "left", nproc, SAVED, LOST)
     before = _checksums(load_dir)
 
     out = tmp_path / "out"
     log = _finish(_start(_command(nproc, city, out, "resumed", LAYOUTS[nproc], "--load-dir", str(load_dir)), tmp_path))
     resumed = out / "city" / "landmark-grid" / "resumed"
-    truncated = f"step-{LOST:09d}.ckpt" if nproc == 1 else f"rank-00001-of-{nproc:05d}.ckpt"
-    flat = "".join(log.split())  # the console wraps long paths
-    assert f"{truncated}cannotberead" in flat, log[-3000:]
-    assert f"Resumedfromstep{SAVED}:" in flat, log[-3000:]
     assert _checksums(load_dir) == before, "resuming changed the checkpoints it read"
-
-    losses, resumed_losses = _scalars(run_dir)["Train Loss"], _scalars(resumed)["Train Loss"]
-    assert sorted(resumed_losses) == list(range(SAVED + 1, STEPS))
-    assert resumed_losses == {s: losses[s] for s in resumed_losses}
-    expected, got = _final_state(run_dir), _final_state(resumed)
-    assert expected.keys() == got.keys()
-    differing = [k for k in expected if expected[k].shape != got[k].shape or not torch.equal(expected[k], got[k])]
-    assert not differing, f"differ from the unbroken run: {differing}"
+    assert_resumed_like_unbroken(log, nproc, run_dir, resumed, _final_state(run_dir), _final_state(resumed), SAVED, LOST, STEPS)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unbroken", [1], indirect=True, ids=["1-process"])
 def test_resume_into_another_line_layout_is_one_error_naming_the_checkpoint(city, unbroken, tmp_path):
-    checkpoint = unbroken(1) / "nerfstudio_models" / f"step-{SAVED:09d}.ckpt"
+    checkpoint = unbroken[0] / "nerfstudio_models" / f"step-{SAVED:09d}.ckpt"
     load_dir = tmp_path / "left"
     load_dir.mkdir()
     shutil.copy(checkpoint, load_dir)
@@ -158,3 +123,21 @@ def test_resume_into_another_line_layout_is_one_error_naming_the_checkpoint(city
     flat = "".join(log.split())  # the console wraps long paths
     assert f"{load_dir / checkpoint.name}doesnotfitthismodel" in flat and "sharedbyallblocks" in flat, log[-3000:]
     assert "ConfigError" not in log, "a rank printed a traceback before its error"
+
+
+def test_factor_shape_check_accepts_growth_and_refuses_another_structure():
+    from _grid_dist_helpers import make_model
+
+    from landmark_plugin.errors import ConfigError
+    from landmark_plugin.grid.sharded_state import PREFIX, check_factor_shapes
+
+    grown = make_model("none")
+    grown.upsample_grids()
+    grown.upsample_grids()
+    state = {PREFIX + k: v for k, v in grown.state_dict().items()}
+    check_factor_shapes(make_model("none"), state, "grown.ckpt")  # a fresh model takes a grown grid
+    with pytest.raises(ConfigError, match=r"grown.ckpt does not fit this model: field.density.lines.0 .*shared by all"):
+        check_factor_shapes(make_model("plane"), state, "grown.ckpt")  # plane: one shared z line
+    state[PREFIX + "field.density.planes.0"] = state[PREFIX + "field.density.planes.0"][:, :-1]  # not a doubling
+    with pytest.raises(ConfigError, match="field.density.planes.0"):
+        check_factor_shapes(make_model("none"), state, "grown.ckpt")

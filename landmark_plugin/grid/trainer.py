@@ -29,15 +29,15 @@ from typing import Dict, List, Type
 
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.checkpoints import Candidate, UnreadableCheckpoint, load_checkpoint_file, remove_stale_temp_files
+from landmark_plugin.checkpoints import Candidate, remove_stale_temp_files
 from landmark_plugin.data.validate import InputError
 from landmark_plugin.distributed.checkpoint import (
+    checkpoint_or_pointer,
     complete_steps,
     find_shards,
     remove_pointers_except,
     remove_steps_except,
     save_group_shard,
-    shards_of_pointer,
     write_shards_pointer,
 )
 from landmark_plugin.grid.sharded_state import (
@@ -117,11 +117,7 @@ class GridTrainer(LandmarkTrainer):
     def _rank_state_of_file(self, path: Path) -> Dict:
         """This rank's part of a checkpoint file: a single-process (or landmark-merge) checkpoint,
         cut for this rank's layout on several ranks, or a pointer to shards."""
-        state = load_checkpoint_file(path)
-        try:
-            pointed = shards_of_pointer(state["pipeline"])
-        except FileNotFoundError as gone:
-            raise UnreadableCheckpoint(f"{path} cannot be read ({gone})") from gone
+        state, pointed = checkpoint_or_pointer(path)
         if pointed is not None:
             return self._rank_state_of_shards(*pointed)
         pipeline, plan = self.pipeline, getattr(self.pipeline, "plan", None)
