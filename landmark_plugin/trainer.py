@@ -18,6 +18,7 @@ Everything else (loop, logging, eval, one-process viewer) is nerfstudio's own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -395,7 +396,10 @@ class LandmarkTrainer(Trainer):
             CONSOLE.print("No checkpoint to load, so training from scratch.")
             return
         state = load_newest_readable(candidates, self.errors_on_every_rank)
-        self.restore_state(state)
+        # A sharded pipeline's candidates are this rank's parts already: say so rather than let
+        # load_pipeline guess from shapes (a grown grid's shard can look like a whole model).
+        with getattr(self.pipeline, "loading_rank_parts", contextlib.nullcontext)():
+            self.restore_state(state)
         CONSOLE.print(f"Resumed from step {state['step']}: training continues at step {self._start_step}")
 
     def restore_state(self, state: dict) -> None:

@@ -83,6 +83,22 @@ def assert_some_leaves_are_stale(pipeline: Dict) -> None:
     assert int(moved.sum()) > 0, "the test needs Gaussians that left their leaf since the last refresh"
 
 
+def assert_resumed_like_unbroken(log: str, nproc: int, unbroken: Path, resumed: Path, expected: Dict[str, torch.Tensor],
+                                 got: Dict[str, torch.Tensor], saved: int = SAVED, lost: int = LOST, steps: int = STEPS) -> None:
+    """The resumed run (``log``) reported the truncated checkpoint of ``lost`` and resumed from
+    ``saved``; its losses and final state (``got``) are the unbroken run's (``expected``) bit for bit."""
+    truncated = f"step-{lost:09d}.ckpt" if nproc == 1 else f"rank-00001-of-{nproc:05d}.ckpt"
+    flat = "".join(log.split())  # the console wraps long paths
+    assert f"{truncated}cannotberead" in flat, log[-3000:]
+    assert f"Resumedfromstep{saved}:" in flat, log[-3000:]
+    losses, resumed_losses = _scalars(unbroken)["Train Loss"], _scalars(resumed)["Train Loss"]
+    assert sorted(resumed_losses) == list(range(saved + 1, steps)), "the resumed run ends where the unbroken one did"
+    assert resumed_losses == {s: losses[s] for s in resumed_losses}
+    assert expected.keys() == got.keys()
+    differing = [k for k in expected if expected[k].shape != got[k].shape or not torch.equal(expected[k], got[k])]
+    assert not differing, f"differ from the unbroken run: {differing}"
+
+
 @pytest.fixture(scope="module")
 def city(tmp_path_factory) -> Path:
     from landmark_plugin.data.city import CityConfig, write_city
@@ -90,18 +106,19 @@ def city(tmp_path_factory) -> Path:
     return write_city(tmp_path_factory.mktemp("resume-city") / "city", CityConfig(**CITY))
 
 
-def crash_leftovers(run_dir: Path, into: Path, nproc: int) -> Path:
-    """What a crash after step 2's save leaves, step 2's checkpoint truncated: the folder
-    to pass to --load-dir (nerfstudio_models/ on one process, the run directory on several)."""
+def crash_leftovers(run_dir: Path, into: Path, nproc: int, saved: int = SAVED, lost: int = LOST) -> Path:
+    """What a crash after step ``lost``'s save leaves, the checkpoints of ``saved`` and ``lost``, the
+    latter truncated (on several ranks, rank 1's shard): the folder to pass to --load-dir
+    (nerfstudio_models/ on one process, the run directory on several)."""
     if nproc == 1:
         into.mkdir(parents=True)
-        for step in (SAVED, LOST):
+        for step in (saved, lost):
             shutil.copy(run_dir / "nerfstudio_models" / f"step-{step:09d}.ckpt", into)
-        _truncate(into / f"step-{LOST:09d}.ckpt")
+        _truncate(into / f"step-{lost:09d}.ckpt")
         return into
-    for step in (SAVED, LOST):
+    for step in (saved, lost):
         shutil.copytree(run_dir / "shards" / f"step-{step:09d}", into / "shards" / f"step-{step:09d}")
-    _truncate(into / "shards" / f"step-{LOST:09d}" / f"rank-00001-of-{nproc:05d}.ckpt")
+    _truncate(into / "shards" / f"step-{lost:09d}" / f"rank-00001-of-{nproc:05d}.ckpt")
     return into
 
 
@@ -117,19 +134,8 @@ def test_resume_from_the_command_line_is_bit_exact(city, tmp_path, nproc):
 
     log = _finish(_start(_command(nproc, city, out, "resumed", "--load-dir", str(load_dir)), tmp_path))
     resumed = out / "city" / "retina-gs-small" / "resumed"
-    truncated = f"step-{LOST:09d}.ckpt" if nproc == 1 else f"rank-00001-of-{nproc:05d}.ckpt"
-    flat = "".join(log.split())  # the console wraps long paths
-    assert f"{truncated}cannotberead" in flat, log[-3000:]
-    assert f"Resumedfromstep{SAVED}:" in flat, log[-3000:]
     assert _checksums(load_dir) == before, "resuming changed the checkpoints it read"
-
-    losses, resumed_losses = _scalars(unbroken)["Train Loss"], _scalars(resumed)["Train Loss"]
-    assert sorted(resumed_losses) == list(range(SAVED + 1, STEPS)), "the resumed run ends where the unbroken one did"
-    assert {s: resumed_losses[s] for s in resumed_losses} == {s: losses[s] for s in resumed_losses}
-    expected, got = _final_state(unbroken, nproc), _final_state(resumed, nproc)
-    assert expected.keys() == got.keys()
-    differing = [k for k in expected if expected[k].shape != got[k].shape or not torch.equal(expected[k], got[k])]
-    assert not differing, f"differ from the unbroken run: {differing}"
+    assert_resumed_like_unbroken(log, nproc, unbroken, resumed, _final_state(unbroken, nproc), _final_state(resumed, nproc))
     counts = _scalars(unbroken)["Train Metrics Dict/gaussian_count"]
     assert counts[STEPS - 1] != counts[0], "densification should have changed the Gaussians within the run"
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from landmark_plugin.checkpoints import atomic_torch_save, load_checkpoint_file
+from landmark_plugin.checkpoints import UnreadableCheckpoint, atomic_torch_save, load_checkpoint_file
 from landmark_plugin.core.partition import KDTree, assign_leaves
 from landmark_plugin.core.schedule import Parts
 from landmark_plugin.distributed.collectives import barrier
@@ -291,6 +291,21 @@ def shards_of_pointer(pipeline_state: Dict) -> Optional[Tuple[Path, int]]:
         "which are not there (complete.json missing): run from the training's working directory, or merge "
         "the shards where they are (landmark-merge CONFIG) and copy the merged checkpoint"
     )
+
+
+def checkpoint_or_pointer(path: Path) -> Tuple[Dict, Optional[Tuple[Path, int]]]:
+    """A checkpoint file (``load_checkpoint_file``) and, where it is a pointer, the (run directory,
+    step) of its shards; a pointer whose shards are gone counts as unreadable, so that resuming
+    falls back to an older checkpoint.
+
+    Raises:
+        UnreadableCheckpoint: the file does not load, or its shards are gone.
+    """
+    state = load_checkpoint_file(path)
+    try:
+        return state, shards_of_pointer(state["pipeline"])
+    except FileNotFoundError as gone:
+        raise UnreadableCheckpoint(f"{path} cannot be read ({gone})") from gone
 
 
 def is_shards_pointer(path: Path) -> bool:

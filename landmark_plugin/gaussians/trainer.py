@@ -32,13 +32,12 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.checkpoints import (
     Candidate,
-    UnreadableCheckpoint,
-    load_checkpoint_file,
     load_newest_readable,
     remove_stale_temp_files,
 )
 from landmark_plugin.distributed.checkpoint import (
     LEAF_IDS,
+    checkpoint_or_pointer,
     complete_steps,
     find_shards,
     rank_state_of_shards,
@@ -47,7 +46,6 @@ from landmark_plugin.distributed.checkpoint import (
     remove_steps_except,
     save_shard,
     shard_for_rank,
-    shards_of_pointer,
     tree_of_state,
     write_shards_pointer,
 )
@@ -126,11 +124,7 @@ class RetinaTrainer(LandmarkTrainer):
     def _rank_state_of_file(self, path: Path) -> Dict:
         """This rank's part of a checkpoint file: a single-process (or landmark-merge) checkpoint,
         cut by subtree on several ranks, or a pointer to shards."""
-        state = load_checkpoint_file(path)
-        try:
-            pointed = shards_of_pointer(state["pipeline"])
-        except FileNotFoundError as gone:
-            raise UnreadableCheckpoint(f"{path} cannot be read ({gone})") from gone
+        state, pointed = checkpoint_or_pointer(path)
         if pointed is not None:
             return self._rank_state_of_shards(*pointed)
         comm = self.comm

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional, Type
+from typing import Dict, Iterator, Literal, Optional, Type
 
 import torch
 import tyro
@@ -45,7 +45,13 @@ from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.edits import LayoutEdits, apply_edits
 from landmark_plugin.grid.model import SHARDED_LOSSES
 from landmark_plugin.grid.parallel import GridPlan, same_randomness, step_seed
-from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
+from landmark_plugin.grid.sharded_state import (
+    check_factor_shapes,
+    grid_state_of_shards,
+    param_names,
+    shard_grid_state,
+    sharded_keys,
+)
 
 EVAL_STREAM = 1 << 20
 """Seed stream of evaluation (data-parallel ranks use streams 0 .. D-1)."""
@@ -85,6 +91,7 @@ class DistributedGridPipeline(VanillaPipeline):
         self.comm = init_comm(device, timeout=timeout, backend=config.backend)
         self.world_size = self.comm.world_size
         self.plan: Optional[GridPlan] = None
+        self._loading_rank_parts = False
         if self.comm.world_size > 1:
             self.plan = GridPlan.create(self.comm, self.model)
             self.plan.shard_model_(self.model)
@@ -164,24 +171,30 @@ class DistributedGridPipeline(VanillaPipeline):
         """VanillaPipeline's, except that a pointer to shards (what a sharded save leaves in
         nerfstudio_models/ for ns-eval / ns-render / ns-viewer) loads the shards: merged in memory
         on one process, this rank's part on several; and that a single-process checkpoint on
-        several ranks loads this rank's part."""
+        several ranks loads this rank's part.  Within ``loading_rank_parts`` (the trainer's
+        resume) the state is this rank's part already.  A checkpoint of another model structure
+        (blocks, channels, lines) is refused with a ConfigError."""
         pointed = shards_of_pointer(loaded_state)
         if pointed is not None:
             base, shard_step = pointed
             state = grid_state_of_shards(base, shard_step, self.plan, self.model, param_names(self))
             CONSOLE.print(f"Loaded the shards of step {shard_step} in {base}")
             loaded_state = state["pipeline"]
-        elif self._holds_whole_model(loaded_state, keys := sharded_keys(self.plan, self.model)):
+        elif self.plan is not None and not self._loading_rank_parts and (keys := sharded_keys(self.plan, self.model)):
             # A single-process checkpoint (a one-process run, landmark-merge) on several ranks:
-            # keep this rank's part of every sharded factor.
+            # keep this rank's part of every sharded factor.  Not told by shapes: a grown grid's
+            # sub-plane can have the shape of a whole plane at the initial resolution.
             whole = {"pipeline": loaded_state, "optimizers": {}}
             loaded_state = shard_grid_state(whole, self.plan.layout, self.plan.rank, keys, param_names(self))["pipeline"]
             CONSOLE.print(f"Loaded rank {self.plan.rank}'s part of a single-process checkpoint")
+        check_factor_shapes(self.model, loaded_state, f"the checkpoint of step {step}")
         super().load_pipeline(loaded_state, step)
 
-    def _holds_whole_model(self, loaded_state: Dict, keys: Dict[str, str]) -> bool:
-        """Whether ``loaded_state`` holds whole factors where this rank holds parts of the
-        sharded ``keys`` (a state already cut for this rank, as a resume passes, has this
-        rank's shapes; one process shards nothing: ``keys`` is empty)."""
-        own = self.state_dict()
-        return any(key in loaded_state and loaded_state[key].shape != own[key].shape for key in keys)
+    @contextlib.contextmanager
+    def loading_rank_parts(self) -> Iterator[None]:
+        """Within: ``load_pipeline`` receives states already cut for this rank (the trainer's resume)."""
+        self._loading_rank_parts = True
+        try:
+            yield
+        finally:
+            self._loading_rank_parts = False

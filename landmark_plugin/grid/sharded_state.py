@@ -21,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-import torch
-
+from landmark_plugin.checkpoints import load_checkpoint_file
 from landmark_plugin.core.grid_parallel import GridLayout, merge_factor, shard_factor
 from landmark_plugin.distributed.checkpoint import load_shards, read_manifest, shard_path
+from landmark_plugin.errors import ConfigError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 PREFIX = "_model."
@@ -42,6 +42,45 @@ def sharded_keys(plan, model) -> Dict[str, str]:
     for param in shards:
         keys[PREFIX + names[id(param)]] = "plane" if id(param) in planes else "line"
     return keys
+
+
+def _grown(saved: int, fresh: int) -> bool:
+    """Whether ``saved`` texels along an axis are ``fresh`` ones after doubling the cells 0 or more
+    times (upsampling maps s texels to 2 (s - 1) + 1)."""
+    cells, base = saved - 1, fresh - 1
+    while base > 0 and cells > base and cells % 2 == 0:
+        cells //= 2
+    return cells == base
+
+
+def check_factor_shapes(model, pipeline_state: Dict, source: str) -> None:
+    """Refuse a checkpoint (``pipeline_state``, already cut for this rank) whose grid factors are
+    not ``model``'s own at some number of growth steps: other blocks, channels, modes or lines.
+
+    Loading resizes every factor to the checkpoint's shape (a grown grid is larger than a fresh
+    model), so without this check a checkpoint of another structure, e.g. one z line per block
+    (``--pipeline.model.parallel none``) into a shared line (``plane``), would load silently wrong.
+    """
+    factors = {id(p) for field in (model.field, *model.proposal_networks) for f in field.factor_sets()
+               for p in (*f.planes, *f.lines)}  # fmt: skip
+    for name, param in model.named_parameters():
+        saved = pipeline_state.get(PREFIX + name)
+        if id(param) not in factors or saved is None:
+            continue  # a missing key is load_state_dict's error to report
+        fresh = tuple(param.shape)
+        same = saved.dim() == len(fresh) and saved.shape[0] == fresh[0] and saved.shape[-1] == fresh[-1]
+        if same and all(_grown(s, f) for s, f in zip(saved.shape[1:-1], fresh[1:-1])):
+            continue
+        hint = ""
+        if name.split(".")[-2] == "lines" and saved.dim() == len(fresh) and 1 in (saved.shape[0], fresh[0]):
+            shared = "the checkpoint has" if saved.shape[0] == 1 else "this run has"
+            hint = (f"; {shared} one z line shared by all blocks (--pipeline.model.parallel plane implies "
+                    "--pipeline.model.field.shared-line True), the other one line per block")
+        raise ConfigError(
+            f"{source} does not fit this model: {name} is {tuple(saved.shape)} there, {fresh} here "
+            f"(this rank's part; grids may differ only by growth){hint}.  Resume with the model options "
+            "(blocks, mode, components, shared line) of the run that wrote it."
+        )
 
 
 def param_names(pipeline) -> Dict[str, List[str]]:
@@ -122,7 +161,7 @@ def grid_state_of_shards(base_dir: Path, step: int, plan, model, names: Dict[str
     saved = GridLayout.from_dict(manifest["grid_layout"])
     count = int(manifest["world_size"])
     if plan is not None and saved == plan.layout and plan.layout.parts > 1:
-        return torch.load(shard_path(base_dir, step, plan.rank, count), map_location="cpu", weights_only=True)
+        return load_checkpoint_file(shard_path(base_dir, step, plan.rank, count))
     merged = merge_grid_shards(load_shards(base_dir, step))
     if plan is None or plan.layout.parts == 1:
         return merged

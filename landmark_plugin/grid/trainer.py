@@ -11,7 +11,10 @@ With one rank it is ``LandmarkTrainer``, except that ``--load-dir`` may also nam
   merged checkpoint instead;
 - ``--load-dir`` may name a sharded run (its directory, ``shards/``, a ``shards/step-*`` folder, or
   its nerfstudio_models/ of pointers) or a single-process nerfstudio_models/: with the layout that
-  saved it each rank loads its own shard, otherwise the checkpoint is merged and re-split;
+  saved it each rank loads its own shard, otherwise the checkpoint is merged and re-split; a
+  checkpoint (or any rank's shard) that does not load is reported and the newest older one that
+  loads is used (``load_newest_readable``, as for retina-gs); one of another model structure
+  (blocks, components, shared line) stops the run with a ConfigError naming it;
 - config.yml records the world size; rank 0 logs;
 - the viewer (``--vis viewer...``) runs on rank 0 and renders through every rank
   (``LandmarkTrainer``'s live view over the pipeline's ``render_view``).
@@ -19,24 +22,31 @@ With one rank it is ``LandmarkTrainer``, except that ``--load-dir`` may also nam
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Type
+from pathlib import Path
+from typing import Dict, List, Type
 
-import torch
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from landmark_plugin.checkpoints import remove_stale_temp_files
+from landmark_plugin.checkpoints import Candidate, remove_stale_temp_files
+from landmark_plugin.data.validate import InputError
 from landmark_plugin.distributed.checkpoint import (
+    checkpoint_or_pointer,
+    complete_steps,
     find_shards,
-    is_shards_pointer,
-    latest_complete_step,
     remove_pointers_except,
     remove_steps_except,
     save_group_shard,
-    shards_of_pointer,
     write_shards_pointer,
 )
-from landmark_plugin.grid.sharded_state import grid_state_of_shards, param_names, shard_grid_state, sharded_keys
+from landmark_plugin.grid.sharded_state import (
+    check_factor_shapes,
+    grid_state_of_shards,
+    param_names,
+    shard_grid_state,
+    sharded_keys,
+)
 from landmark_plugin.trainer import LandmarkTrainer, LandmarkTrainerConfig
 
 
@@ -81,32 +91,41 @@ class GridTrainer(LandmarkTrainer):
                 remove_pointers_except(self.checkpoint_dir, step)
 
     # ---- loading --------------------------------------------------------------------------
-    def _load_checkpoint(self) -> None:
-        state = self._state_to_load()
-        if state is None:
-            CONSOLE.print("No checkpoint to load, so training from scratch.")
-            return
-        self.restore_state(state)
-        CONSOLE.print(f"Resumed at step {self._start_step} (rank {self.comm.rank} of {self.comm.world_size})")
-
-    def _state_to_load(self) -> Optional[Dict]:
-        """This rank's part of the checkpoint --load-dir / --load-checkpoint names, or None."""
-        pipeline, plan = self.pipeline, getattr(self.pipeline, "plan", None)
+    def resume_candidates(self) -> List[Candidate]:
+        """This rank's part of every checkpoint --load-dir / --load-checkpoint may resume from,
+        newest first (``load_newest_readable`` falls back to an older one when a file or a shard
+        does not load): the complete sharded steps of a sharded run (its directory, ``shards/`` or
+        one ``shards/step-*``), else the checkpoint files of a nerfstudio_models/ (pointers to
+        shards load the shards)."""
         load_dir = self.config.load_dir
         sharded = find_shards(load_dir) if load_dir is not None else None
         if sharded is None:
-            path = self.checkpoint_to_load()
-            if path is None:
-                return None
-            if not is_shards_pointer(path):
-                merged = torch.load(path, map_location="cpu", weights_only=True)
-                if plan is None or plan.layout.parts == 1:
-                    return merged
-                keys = sharded_keys(plan, pipeline.model)
-                return shard_grid_state(merged, plan.layout, plan.rank, keys, param_names(pipeline))
-            sharded = shards_of_pointer(torch.load(path, map_location="cpu", weights_only=True)["pipeline"])
+            return [Candidate(str(path), functools.partial(self._rank_state_of_file, path)) for path in self.checkpoint_candidates()]
         base, step = sharded
         step = step if step is not None else self.config.load_step
-        step = step if step is not None else latest_complete_step(base)
+        steps = [step] if step is not None else complete_steps(base)
+        if not steps:
+            raise InputError(f"no complete sharded checkpoint (shards/step-*/complete.json) in {base}")
+        return [Candidate(f"the shards of step {s} in {base}", functools.partial(self._rank_state_of_shards, base, s)) for s in steps]
+
+    def _rank_state_of_shards(self, base: Path, step: int) -> Dict:
+        pipeline = self.pipeline
         CONSOLE.print(f"Resuming from the shards of step {step} in {base}")
-        return grid_state_of_shards(base, step, plan, pipeline.model, param_names(pipeline))
+        state = grid_state_of_shards(base, step, getattr(pipeline, "plan", None), pipeline.model, param_names(pipeline))
+        return self._checked(state, f"the shards of step {step} in {base}")
+
+    def _rank_state_of_file(self, path: Path) -> Dict:
+        """This rank's part of a checkpoint file: a single-process (or landmark-merge) checkpoint,
+        cut for this rank's layout on several ranks, or a pointer to shards."""
+        state, pointed = checkpoint_or_pointer(path)
+        if pointed is not None:
+            return self._rank_state_of_shards(*pointed)
+        pipeline, plan = self.pipeline, getattr(self.pipeline, "plan", None)
+        if plan is not None and plan.layout.parts > 1:
+            state = shard_grid_state(state, plan.layout, plan.rank, sharded_keys(plan, pipeline.model), param_names(pipeline))
+        return self._checked(state, str(path))
+
+    def _checked(self, state: Dict, source: str) -> Dict:
+        """``state``, after refusing one of another model structure (named by ``source``)."""
+        check_factor_shapes(self.pipeline.model, state["pipeline"], source)
+        return state
