@@ -529,8 +529,13 @@ def subtree_leaves(depth: int, node: int) -> range:
 
 
 def leaf_counts(leaf_ids: Int[Tensor, " N"], num_leaves: int) -> Int[Tensor, " L"]:
-    """Number of points owned by every leaf."""
-    return torch.bincount(leaf_ids, minlength=num_leaves)
+    """Number of points owned by every leaf.
+
+    A scatter rather than ``bincount``: on CUDA, bincount reads the largest id back to size its
+    output, a host-device synchronisation on every training step that logs the counts.
+    """
+    counts = torch.zeros(num_leaves, dtype=torch.int64, device=leaf_ids.device)
+    return counts.index_add_(0, leaf_ids.long(), torch.ones_like(leaf_ids, dtype=torch.int64))
 
 
 def points_in_boxes(

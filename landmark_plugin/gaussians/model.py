@@ -30,7 +30,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from landmark_plugin.config_checks import check_tree_fits_points
 from landmark_plugin.core.clip import unbounded_leaf_boxes
 from landmark_plugin.core.edits import BoxEdit
-from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree
+from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree, leaf_counts
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.frame import RetinaFrame
@@ -192,7 +192,7 @@ class RetinaGSModel(SplatfactoModel):
             self.leaf_ids = assign_leaves(self.tree, self.means.detach())
 
     def leaf_counts(self) -> torch.Tensor:
-        return torch.bincount(self.leaf_ids, minlength=2**self.config.tree_depth)
+        return leaf_counts(self.leaf_ids, 2**self.config.tree_depth)
 
     # ---- checkpoints --------------------------------------------------------------------
     def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
