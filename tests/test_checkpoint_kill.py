@@ -18,6 +18,7 @@ import yaml
 from landmark_plugin.checkpoints import temp_dir
 from _trainers import micro_city, model_state, setup_trainer  # noqa: F401 (fixture)
 
+BIN = Path(sys.executable).parent
 CHILD = Path(__file__).resolve().parent / "_pause_in_checkpoint_write.py"
 SAVE_EVERY, KILLED_AT = 2, 4  # saves at steps 2 and 4; killed while step 4's is written
 
@@ -76,3 +77,40 @@ def test_sigkill_during_a_checkpoint_write(micro_city, tmp_path, deterministic):
     names = sorted(p.name for p in checkpoints.iterdir())
     assert f"step-{KILLED_AT:09d}.ckpt" in names
     assert not list(temp_dir(checkpoints).iterdir()), "the next save removes the stale temp file"
+
+
+@pytest.mark.slow
+def test_eval_render_and_export_skip_temp_files_of_older_versions(micro_city, tmp_path):
+    """Versions before the temp folder wrote temp files into nerfstudio_models/, where nerfstudio's
+    eval_setup parses every name as a step (``ValueError: invalid literal for int()``): ns-eval,
+    ns-render and landmark-export of such a run load the newest complete checkpoint, say which
+    names they ignored, and leave them on disk."""
+    from test_user_errors import SMALL, checksums, ns_train, run
+
+    out = tmp_path / "out"
+    trained = run(ns_train("retina-gs-small", micro_city, out, "--max-num-iterations", "2", "--steps-per-save", "1", *SMALL), tmp_path)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    run_dir = out / micro_city.name / "retina-gs-small" / "t"
+    models = run_dir / "nerfstudio_models"
+    # what an older version killed while saving step 4 left: mkstemp's name, and a fixed-suffix one
+    # that parses as step 4 (whose checkpoint does not exist)
+    stale = [".step-000000004.ckpt.1234.tmp", "step-000000004.ckpt.tmp"]
+    for name in stale:
+        (models / name).write_bytes(b"half a checkpoint")
+    before = checksums(models)
+    config = run_dir / "config.yml"
+    commands = {
+        "ns-eval": [str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(tmp_path / "eval.json")],
+        "ns-render": [str(BIN / "ns-render"), "dataset", "--load-config", str(config), "--split", "test",
+                      "--output-path", str(tmp_path / "renders")],  # fmt: skip
+        "landmark-export": [str(BIN / "landmark-export"), "--load-config", str(config), "--output-dir", str(tmp_path / "export")],
+    }
+    for name, args in commands.items():
+        result = run(args, tmp_path)
+        log = "".join((result.stdout + result.stderr).split())  # the console wraps long paths
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        assert "step-000000001.ckpt" in log, f"{name} did not load the newest complete checkpoint:\n{result.stdout[-2000:]}"
+        assert all(s in log for s in stale) and "notcheckpoints" in log, f"{name} did not name what it ignored"
+    assert (tmp_path / "eval.json").is_file() and (tmp_path / "export" / "splat.ply").is_file()
+    assert list((tmp_path / "renders").rglob("*.jpg")) or list((tmp_path / "renders").rglob("*.png"))
+    assert checksums(models) == before, "the run's files changed"
