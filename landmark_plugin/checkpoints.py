@@ -67,6 +67,40 @@ def load_newest_complete(config: Any) -> Any:
     return config
 
 
+def resume_files(load_dir: Optional[Path], load_step: Optional[int], load_checkpoint: Optional[Path]) -> List[Path]:
+    """Checkpoint files to resume from, newest first: --load-checkpoint, --load-step's in
+    --load-dir, or every complete checkpoint of --load-dir (names that are not ``step-<9
+    digits>.ckpt``, such as temp files of killed writes, are passed over: nerfstudio would parse
+    them as steps).  None asked for: [].
+
+    Raises:
+        InputError: what the options name is not there (the message lists what the folder holds),
+            so that every rank ends with this one message rather than a traceback.
+    """
+    from landmark_plugin.data.validate import InputError
+
+    if load_dir is not None:
+        load_dir = Path(load_dir)
+        if not load_dir.is_dir():
+            raise InputError(f"--load-dir {load_dir}: no such directory")
+        steps = [load_step] if load_step is not None else complete_steps(load_dir)
+        if not steps:
+            held = sorted(p.name for p in load_dir.iterdir())
+            raise InputError(
+                f"--load-dir {load_dir}: no checkpoint to resume from (step-<9 digits>.ckpt, or the shards of a "
+                f"run with shards/step-*/complete.json); it holds {', '.join(held[:20]) or 'nothing'}"
+                + (f" and {len(held) - 20} more" if len(held) > 20 else "")
+            )
+        paths = [load_dir / f"step-{step:09d}.ckpt" for step in steps]
+    elif load_checkpoint is not None:
+        paths = [Path(load_checkpoint)]
+    else:
+        return []
+    if not paths[0].is_file():
+        raise InputError(f"checkpoint {paths[0]} does not exist" + (f" (--load-step {load_step})" if load_step is not None else ""))
+    return paths
+
+
 def install_eval_checkpoint_filter() -> None:
     """Make nerfstudio's ``eval_setup`` (ns-eval, ns-render, ns-viewer, ns-export, landmark-render)
     load the newest complete checkpoint (``load_newest_complete``) instead of parsing every name in
