@@ -1,6 +1,7 @@
 """A run killed with SIGKILL while it writes a checkpoint resumes from the last complete one with
 identical parameters, losing only the steps since; the killed write's temporary file is ignored
-on resume and removed by the next save."""
+on resume and removed by the next save.  ns-eval, ns-render and landmark-export load such a run,
+also where an older version left its temp files in nerfstudio_models/."""
 
 from __future__ import annotations
 
@@ -80,25 +81,23 @@ def test_sigkill_during_a_checkpoint_write(micro_city, tmp_path, deterministic):
 
 
 @pytest.mark.slow
-def test_eval_render_and_export_skip_temp_files_of_older_versions(micro_city, tmp_path):
-    """Versions before the temp folder wrote temp files into nerfstudio_models/, where nerfstudio's
-    eval_setup parses every name as a step (``ValueError: invalid literal for int()``): ns-eval,
-    ns-render and landmark-export of such a run load the newest complete checkpoint, say which
-    names they ignored, and leave them on disk."""
-    from test_user_errors import SMALL, checksums, ns_train, run
+def test_killed_run_with_temp_files_of_older_versions_evaluates_renders_and_exports(micro_city, tmp_path):
+    """A run killed while saving is usable by ns-eval, ns-render and landmark-export, also where an
+    older version left temp files in nerfstudio_models/ (nerfstudio's eval_setup parses every name
+    there as a step: ``ValueError: invalid literal for int()``).  The commands load the newest
+    complete checkpoint, say which names they ignored, and leave every file as it was."""
+    from test_user_errors import checksums, run
 
-    out = tmp_path / "out"
-    trained = run(ns_train("retina-gs-small", micro_city, out, "--max-num-iterations", "2", "--steps-per-save", "1", *SMALL), tmp_path)
-    assert trained.returncode == 0, trained.stderr[-4000:]
-    run_dir = out / micro_city.name / "retina-gs-small" / "t"
-    models = run_dir / "nerfstudio_models"
-    # what an older version killed while saving step 4 left: mkstemp's name, and a fixed-suffix one
-    # that parses as step 4 (whose checkpoint does not exist)
-    stale = [".step-000000004.ckpt.1234.tmp", "step-000000004.ckpt.tmp"]
+    out = tmp_path / "outputs"
+    run_until_paused(micro_city, out, tmp_path / "writing", tmp_path / "child.log")
+    config = next(out.rglob("config.yml"))
+    models = config.parent / "nerfstudio_models"
+    # what an older version killed while saving step 6 left: mkstemp's name, and a fixed-suffix one
+    # that parses as step 6 (whose checkpoint does not exist)
+    stale = [".step-000000006.ckpt.1234.tmp", "step-000000006.ckpt.tmp"]
     for name in stale:
         (models / name).write_bytes(b"half a checkpoint")
-    before = checksums(models)
-    config = run_dir / "config.yml"
+    before = checksums(config.parent)
     commands = {
         "ns-eval": [str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(tmp_path / "eval.json")],
         "ns-render": [str(BIN / "ns-render"), "dataset", "--load-config", str(config), "--split", "test",
@@ -109,8 +108,8 @@ def test_eval_render_and_export_skip_temp_files_of_older_versions(micro_city, tm
         result = run(args, tmp_path)
         log = "".join((result.stdout + result.stderr).split())  # the console wraps long paths
         assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-        assert "step-000000001.ckpt" in log, f"{name} did not load the newest complete checkpoint:\n{result.stdout[-2000:]}"
+        assert f"step-{SAVE_EVERY:09d}.ckpt" in log, f"{name} did not load the newest complete checkpoint:\n{result.stdout[-2000:]}"
         assert all(s in log for s in stale) and "notcheckpoints" in log, f"{name} did not name what it ignored"
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "export" / "splat.ply").is_file()
     assert list((tmp_path / "renders").rglob("*.jpg")) or list((tmp_path / "renders").rglob("*.png"))
-    assert checksums(models) == before, "the run's files changed"
+    assert checksums(config.parent) == before, "the run's files changed"

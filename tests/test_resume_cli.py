@@ -14,7 +14,8 @@ node leaves it), and resumes from the copy with the same command line:
   checkpoint holds it.  gsplat refines at steps 6 and 8 from statistics gathered on both sides
   of the save;
 - nothing in the folder resumed from changes (checksums);
-- with every checkpoint unreadable the run stops with one error naming the files.
+- with no checkpoint that loads (every one unreadable, or none complete) every rank stops with
+  one error naming the files, exit status 1 and no traceback (ns-train, torchrun, landmark-train).
 """
 
 from __future__ import annotations
