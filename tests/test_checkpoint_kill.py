@@ -5,7 +5,6 @@ also where an older version left its temp files in nerfstudio_models/."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
