@@ -13,9 +13,11 @@ a lost node) is reported by path, and resuming falls back to the newest older on
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +47,83 @@ def complete_steps(checkpoint_dir: Path) -> List[int]:
 def load_newest_complete(config: Any) -> Any:
     """An ``eval_setup`` ``update_config_callback``: pin --load-step to the newest complete
     checkpoint, so that nerfstudio's loader, which parses every name in nerfstudio_models/ as a
-    step, never meets a temp file an older version left there."""
-    checkpoint_dir = config.get_checkpoint_dir()
-    if config.load_step is None and Path(checkpoint_dir).is_dir():
-        steps = complete_steps(checkpoint_dir)
-        config.load_step = steps[0] if steps else None
+    step, never meets a temp file an older version left there.  The names passed over are
+    reported (and left on disk: they may be the user's); a folder with no checkpoint at all is
+    an ``InputError`` naming it."""
+    checkpoint_dir = Path(config.get_checkpoint_dir())
+    if config.load_step is not None or not checkpoint_dir.is_dir():
+        return config  # a step the user chose, or nerfstudio's own "no checkpoint directory" message
+    ignored = sorted(p.name for p in checkpoint_dir.iterdir() if not CHECKPOINT_NAME.match(p.name))
+    if ignored:
+        CONSOLE.print(f"[bold yellow]Ignoring {len(ignored)} name(s) in {checkpoint_dir} that are not checkpoints "
+                      f"(step-<9 digits>.ckpt), e.g. temp files of an older version: {', '.join(ignored)}")  # fmt: skip
+    steps = complete_steps(checkpoint_dir)
+    if not steps:
+        from landmark_plugin.data.validate import InputError
+
+        raise InputError(f"{checkpoint_dir}: no checkpoint (step-<9 digits>.ckpt) to load"
+                         + (f"; ignored {', '.join(ignored)}" if ignored else ""))  # fmt: skip
+    config.load_step = steps[0]
     return config
+
+
+def resume_files(load_dir: Optional[Path], load_step: Optional[int], load_checkpoint: Optional[Path]) -> List[Path]:
+    """Checkpoint files to resume from, newest first: --load-checkpoint, --load-step's in
+    --load-dir, or every complete checkpoint of --load-dir (names that are not ``step-<9
+    digits>.ckpt``, such as temp files of killed writes, are passed over: nerfstudio would parse
+    them as steps).  None asked for: [].
+
+    Raises:
+        InputError: what the options name is not there (the message lists what the folder holds),
+            so that every rank ends with this one message rather than a traceback.
+    """
+    from landmark_plugin.data.validate import InputError
+
+    if load_dir is not None:
+        load_dir = Path(load_dir)
+        if not load_dir.is_dir():
+            raise InputError(f"--load-dir {load_dir}: no such directory")
+        steps = [load_step] if load_step is not None else complete_steps(load_dir)
+        if not steps:
+            held = sorted(p.name for p in load_dir.iterdir())
+            raise InputError(
+                f"--load-dir {load_dir}: no checkpoint to resume from (step-<9 digits>.ckpt, or the shards of a "
+                f"run with shards/step-*/complete.json); it holds {', '.join(held[:20]) or 'nothing'}"
+                + (f" and {len(held) - 20} more" if len(held) > 20 else "")
+            )
+        paths = [load_dir / f"step-{step:09d}.ckpt" for step in steps]
+    elif load_checkpoint is not None:
+        paths = [Path(load_checkpoint)]
+    else:
+        return []
+    if not paths[0].is_file():
+        raise InputError(f"checkpoint {paths[0]} does not exist" + (f" (--load-step {load_step})" if load_step is not None else ""))
+    return paths
+
+
+def install_eval_checkpoint_filter() -> None:
+    """Make nerfstudio's ``eval_setup`` (ns-eval, ns-render, ns-viewer, ns-export, landmark-render)
+    load the newest complete checkpoint (``load_newest_complete``) instead of parsing every name in
+    nerfstudio_models/ as a step, which raises ``ValueError: invalid literal for int()`` on a temp
+    file that an older version left there.
+
+    ``eval_setup`` offers no hook to these commands' users, so its module's
+    ``eval_load_checkpoint`` is wrapped.  Our pipelines call this from their ``__init__``:
+    ``eval_setup`` builds the pipeline just before it lists the checkpoints, and by then
+    nerfstudio.utils.eval_utils is fully imported (when the package itself is imported, inside
+    that module's imports, it is not yet).  Idempotent; does nothing where eval_utils is not loaded.
+    """
+    eval_utils = sys.modules.get("nerfstudio.utils.eval_utils")
+    original = getattr(eval_utils, "eval_load_checkpoint", None)
+    if original is None or getattr(original, "landmark_filtered", False):
+        return
+
+    @functools.wraps(original)
+    def eval_load_checkpoint(config: Any, pipeline: Any) -> Any:
+        return original(load_newest_complete(config), pipeline)
+
+    eval_load_checkpoint.landmark_filtered = True  # type: ignore[attr-defined]
+    eval_utils.eval_load_checkpoint = eval_load_checkpoint
 
 
 def temp_dir(folder: Path) -> Path:

@@ -43,6 +43,7 @@ from landmark_plugin.checkpoints import (
     load_checkpoint_file,
     load_newest_readable,
     remove_stale_temp_files,
+    resume_files,
 )
 from landmark_plugin.config_checks import check_before_start
 from landmark_plugin.distributed.groups import Comm, cuda_index
@@ -351,24 +352,9 @@ class LandmarkTrainer(Trainer):
                     old.unlink()
 
     def checkpoint_candidates(self) -> List[Path]:
-        """Checkpoint files to resume from, newest first: --load-checkpoint, --load-step's in
-        --load-dir, or every complete checkpoint of --load-dir (an older one is used when a newer
-        one does not load)."""
-        config = self.config
-        if config.load_dir is not None:
-            # nerfstudio parses every file name in load_dir as a step; a temp file left by a
-            # killed write would crash it.  List the complete checkpoints ourselves.
-            steps = [config.load_step] if config.load_step is not None else complete_steps(config.load_dir)
-            if not steps:
-                raise FileNotFoundError(f"no complete checkpoint (step-*.ckpt) in {config.load_dir}")
-            paths = [Path(config.load_dir) / f"step-{step:09d}.ckpt" for step in steps]
-        elif config.load_checkpoint is not None:
-            paths = [Path(config.load_checkpoint)]
-        else:
-            return []
-        if not paths[0].is_file():
-            raise FileNotFoundError(f"checkpoint {paths[0]} does not exist")
-        return paths
+        """Checkpoint files to resume from, newest first (``resume_files``: an older one is used
+        when a newer one does not load)."""
+        return resume_files(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
 
     def checkpoint_to_load(self) -> Optional[Path]:
         """--load-checkpoint, or the newest complete checkpoint of --load-dir (or --load-step)."""

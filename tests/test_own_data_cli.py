@@ -41,3 +41,19 @@ def test_ns_train_nerfstudio_data_with_a_point_cloud(micro_city, tmp_path):
     run = tmp_path / "out" / micro_city.name / "retina-gs" / "t"
     assert (run / "nerfstudio_models" / "step-000000001.ckpt").is_file()
     assert "PlyNerfstudioDataParserConfig" in (run / "config.yml").read_text()
+
+
+@pytest.mark.slow
+def test_readme_matrixcity_command_on_a_tiny_map(tmp_path):
+    import json
+
+    from test_dataparsers import aerial_pose_m, raw_capture_file, write_matrixcity
+
+    root = write_matrixcity(tmp_path / "small_city")  # block_1: split files (pose/block_A); block_2: raw capture
+    # MatrixCity ships a raw capture file in every block folder: block_1's too
+    for folder, poses in (("train/block_1", range(4)), ("test/block_1_test", range(10, 12))):
+        (root / "aerial" / folder / "transforms.json").write_text(json.dumps(raw_capture_file([aerial_pose_m(i) for i in poses])))
+    # README: ns-train retina-gs --data path/to/MatrixCity/small_city matrixcity --views aerial --blocks block_1 block_2
+    ns_train(["retina-gs", "--data", str(root), "--output-dir", str(tmp_path / "out"), *QUICK,
+              "--pipeline.model.num-downscales", "0", "matrixcity", "--views", "aerial", "--blocks", "block_1", "block_2"], tmp_path)
+    assert (tmp_path / "out" / "small_city" / "retina-gs" / "t" / "nerfstudio_models" / "step-000000001.ckpt").is_file()

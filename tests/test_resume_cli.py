@@ -14,7 +14,8 @@ node leaves it), and resumes from the copy with the same command line:
   checkpoint holds it.  gsplat refines at steps 6 and 8 from statistics gathered on both sides
   of the save;
 - nothing in the folder resumed from changes (checksums);
-- with every checkpoint unreadable the run stops with one error naming the files.
+- with no checkpoint that loads (every one unreadable, or none complete) every rank stops with
+  one error naming the files, exit status 1 and no traceback (ns-train, torchrun, landmark-train).
 """
 
 from __future__ import annotations
@@ -140,15 +141,49 @@ def test_resume_from_the_command_line_is_bit_exact(city, tmp_path, nproc):
     assert counts[STEPS - 1] != counts[0], "densification should have changed the Gaussians within the run"
 
 
+def _nothing_readable(left: Path, case: str) -> List[str]:
+    """Fill ``left`` with what a --load-dir holding no usable checkpoint may hold; the names the
+    error must give."""
+    if case == "unreadable":  # checkpoints truncated to nothing or overwritten
+        names = [f"step-{step:09d}.ckpt" for step in (SAVED, LOST)]
+        for name in names:
+            (left / name).write_bytes(b"PK\x03\x04 not a checkpoint")
+        return names
+    # a crash before any save completed: a step folder without complete.json, a torn temp file
+    (left / "shards" / f"step-{SAVED:09d}").mkdir(parents=True)
+    (left / "shards" / f"step-{SAVED:09d}" / "rank-00000-of-00002.ckpt").write_bytes(b"torn")
+    (left / "nerfstudio_models").mkdir()
+    (left / "nerfstudio_models" / f".step-{SAVED:09d}.ckpt.1234.tmp").write_bytes(b"torn")
+    return [str(left), "nerfstudio_models", "shards"]
+
+
 @pytest.mark.slow
-def test_no_readable_checkpoint_is_one_error_naming_the_files(city, tmp_path):
+@pytest.mark.parametrize("launcher, case", [("ns-train", "unreadable"), ("torchrun", "unreadable"), ("landmark-train", "nothing complete")])
+def test_no_readable_checkpoint_is_one_error_naming_the_files(city, tmp_path, launcher, case):
+    """Every rank ends with one message naming the files, exit status 1, no traceback of ours."""
+    from test_user_errors import run
+
     left = tmp_path / "left"
     left.mkdir()
-    for step in (SAVED, LOST):
-        (left / f"step-{step:09d}.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    proc = _start(_command(1, city, tmp_path / "out", "resumed", "--load-dir", str(left)), tmp_path)
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1, log[-3000:]
-    flat = "".join(log.split())  # the console wraps long paths
-    assert all(f"step-{step:09d}.ckpt" in flat for step in (SAVED, LOST)), log[-3000:]
-    # (printing it without a traceback is issue 21 item 5's top-level InputError handler)
+    names = _nothing_readable(left, case)
+    before = _checksums(left)
+    args = ["--data", str(city), "--output-dir", str(tmp_path / "out"), "--timestamp", "resumed", *TRAIN, *EXACT,
+            "--load-dir", str(left), "synthetic-city"]  # fmt: skip
+    if launcher == "ns-train":
+        args, ranks = _ns_train(*args), [""]
+    elif launcher == "torchrun":
+        args, ranks = _torchrun(2, *args), ["[rank 0/2] ", "[rank 1/2] "]
+    else:
+        args, ranks = [str(BIN / "landmark-train"), "retina-gs-small", "--machine.num-devices", "2", *args], ["[rank 0/2] ", "[rank 1/2] "]
+    result = run(args, tmp_path)
+    log = result.stderr
+    assert result.returncode == 1, log[-3000:]
+    # torchrun adds its own failure report, with a traceback of torchrun: none of our frames in it
+    frames = [line for line in log.splitlines() if line.lstrip().startswith("File ") and "landmark_plugin" in line]
+    assert not frames and (launcher == "torchrun" or "Traceback" not in log), log[-4000:]
+    errors = [line for line in log.splitlines() if "error: " in line]
+    assert sorted(line.split("error: ")[0] for line in errors) == ranks, log[-4000:]  # one message per rank
+    for rank in ranks:  # each rank's message (it may run over lines) names every file
+        message = "".join(log[log.index(f"{rank}error: "):].split("\n[rank")[0].split())
+        assert all("".join(name.split()) in message for name in names), message
+    assert _checksums(left) == before

@@ -53,6 +53,7 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.checkpoints import install_eval_checkpoint_filter
 from landmark_plugin.core.schedule import image_owner, interleave_owners, owned_images
 from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
 from landmark_plugin.distributed.collectives import (
@@ -105,6 +106,9 @@ class DistributedRetinaPipeline(VanillaPipeline):
                  local_rank: int = 0, grad_scaler=None):
         if torch.device(device).type == "cuda" and torch.device(device).index is not None:
             torch.cuda.set_device(torch.device(device))  # NCCL talks through the current device
+        # eval_setup (ns-eval, ns-render, ...) builds the pipeline, then lists the checkpoints: from here on
+        # it skips names that are not checkpoints (temp files of older versions) instead of crashing
+        install_eval_checkpoint_filter()
         # Several ranks: an identical initial model on every rank (one process: nerfstudio's seeding).
         seeded = launched_world_size() > 1
         with torch.random.fork_rng(devices=[], enabled=seeded):

@@ -40,6 +40,7 @@ from nerfstudio.model_components.renderers import background_color_override_cont
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from landmark_plugin.checkpoints import install_eval_checkpoint_filter
 from landmark_plugin.distributed.checkpoint import shards_of_pointer
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.edits import LayoutEdits, apply_edits
@@ -81,6 +82,9 @@ class DistributedGridPipeline(VanillaPipeline):
                  local_rank: int = 0, grad_scaler=None):
         if torch.device(device).type == "cuda" and torch.device(device).index is not None:
             torch.cuda.set_device(torch.device(device))  # NCCL talks through the current device
+        # eval_setup (ns-eval, ns-render, ...) builds the pipeline, then lists the checkpoints: from here on
+        # it skips names that are not checkpoints (temp files of older versions) instead of crashing
+        install_eval_checkpoint_filter()
         if launched_world_size() > 1:
             # identical model and identically ordered image cache on every rank
             with same_randomness(config.init_seed, torch.device(device)):
