@@ -4,6 +4,7 @@ bounds, and a few real training steps on the tiny synthetic city."""
 from __future__ import annotations
 
 import copy
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -213,11 +214,40 @@ def test_scene_bounds_from_points_cameras_and_default():
     assert box[1, 0] <= 1.0 + 1e-6 and box[0, 2] >= -1e-6
 
 
+def train_steps(config, pipeline) -> List[Tuple[Dict, Dict]]:
+    """``config.max_num_iterations`` steps of ``pipeline`` as nerfstudio's Trainer runs them
+    (callbacks included): each step's (loss dict, metrics dict)."""
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+    from nerfstudio.engine.optimizers import Optimizers
+
+    optimizers = Optimizers(config.optimizers, pipeline.get_param_groups())
+
+    class _Trainer:  # what the callbacks read from the trainer
+        pass
+
+    trainer = _Trainer()
+    trainer.config = config  # type: ignore[attr-defined]
+    callbacks = pipeline.get_training_callbacks(
+        TrainingCallbackAttributes(optimizers=optimizers, grad_scaler=None, pipeline=pipeline, trainer=trainer)  # type: ignore[arg-type]
+    )
+    records = []
+    for step in range(config.max_num_iterations):
+        for cb in callbacks:
+            cb.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        optimizers.zero_grad_all()
+        _, loss_dict, metrics = pipeline.get_train_loss_dict(step)
+        sum(loss_dict.values()).backward()
+        optimizers.optimizer_step_all()
+        optimizers.scheduler_step_all(step)
+        for cb in callbacks:
+            cb.run_callback_at_location(step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        records.append(({k: v.detach() for k, v in loss_dict.items()}, metrics))
+    return records
+
+
 @pytest.mark.slow
 def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
-    from nerfstudio.engine.optimizers import Optimizers
 
     from landmark_plugin.method_configs.landmark_grid import landmark_grid_config
 
@@ -235,29 +265,7 @@ def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     aabb = pipeline.model.field.aabb
     assert (aabb[1] > aabb[0]).all()  # derived from the city's points, not the default cube
-    optimizers = Optimizers(config.optimizers, pipeline.get_param_groups())
-
-    class _Trainer:  # what the callbacks read from the trainer
-        pass
-
-    trainer = _Trainer()
-    trainer.config = config  # type: ignore[attr-defined]
-    callbacks = pipeline.get_training_callbacks(
-        TrainingCallbackAttributes(optimizers=optimizers, grad_scaler=None, pipeline=pipeline, trainer=trainer)  # type: ignore[arg-type]
-    )
-    losses = []
-    for step in range(config.max_num_iterations):
-        for cb in callbacks:
-            cb.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        optimizers.zero_grad_all()
-        _, loss_dict, _ = pipeline.get_train_loss_dict(step)
-        loss = loss_dict["rgb_loss"]
-        sum(loss_dict.values()).backward()
-        optimizers.optimizer_step_all()
-        optimizers.scheduler_step_all(step)
-        for cb in callbacks:
-            cb.run_callback_at_location(step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-        losses.append(float(loss))
+    losses = [float(losses["rgb_loss"]) for losses, _ in train_steps(config, pipeline)]
     assert max(pipeline.model.field.density.cells()) == 2 * 12  # the grid grew once
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, losses
