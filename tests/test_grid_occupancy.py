@@ -90,10 +90,13 @@ def model():
 
 def _render(model, dense: bool):
     occupancy, config = model.occupancy, model.config.occupancy
+    if not dense:
+        with torch.no_grad():
+            return model(_rays())
+    # every cell marched, no early termination: the reference
     saved = occupancy.estimator.binaries.clone(), config.early_stop_eps
-    if dense:  # every cell marched, no early termination: the reference
-        occupancy.estimator.binaries.fill_(True)
-        config.early_stop_eps = 0.0
+    occupancy.estimator.binaries.fill_(True)
+    config.early_stop_eps = 0.0
     try:
         with torch.no_grad():
             return model(_rays())
@@ -137,6 +140,18 @@ def test_points_in_empty_cells_have_density_below_the_threshold(model):
     assert density.max() < THRESHOLD
 
 
+def test_a_proposal_checkpoint_renders_with_the_occupancy_sampler(model):
+    """A checkpoint without occupancy state loads (strictly) and the first render rebuilds the
+    grid from the field's density: it skips, and renders what the dense march renders."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("occupancy.")}
+    fresh = _model()
+    fresh.load_state_dict(state)
+    fresh.eval()
+    assert fresh.occupancy.stale and fresh.occupancy.estimator.binaries.all()
+    _assert_skipped_equals_dense(fresh)
+    assert not fresh.occupancy.stale and not fresh.occupancy.estimator.binaries.all()
+
+
 def test_occupancy_without_the_box_collider_is_refused():
     with pytest.raises(ConfigError, match="enable-collider"):
         LandmarkGridModelConfig(sampler="occupancy", enable_collider=False).setup(
@@ -176,6 +191,7 @@ def test_training_steps_update_the_grid_and_a_checkpoint_restores_it(tiny_city):
     restored = fresh.model.occupancy.estimator
     assert torch.equal(restored.occs, estimator.occs) and torch.equal(restored.binaries, estimator.binaries)
     pipeline.eval(), fresh.eval()
+    assert not fresh.model.occupancy.stale  # the checkpoint's grid is used as it is
     camera = pipeline.datamanager.eval_dataset.cameras[0:1]
     with torch.no_grad():
         a, b = (p.model.get_outputs_for_camera(camera) for p in (pipeline, fresh))

@@ -246,6 +246,13 @@ class LandmarkGridModel(NerfactoModel):
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # only a load of this model's state (field keys present) decides that the grid is missing:
+        # nerfstudio's pipeline also passes its own, non-model entries through here afterwards
+        if self.occupancy is not None and any(key.startswith(prefix + "field.") for key in state_dict):
+            self.occupancy.adopt_missing_state(state_dict, prefix + "occupancy.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """'grids' (planes and lines), 'decoder', 'proposal_networks' and the camera optimiser."""
         groups = {

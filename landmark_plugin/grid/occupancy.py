@@ -15,6 +15,9 @@ rays through the same grid (the update draws its points from a seed of the step 
 field's joined densities are equal on every rank), so the field's collective forward sees the
 same samples everywhere.
 
+A checkpoint without a grid (trained with the proposal sampler) loads too: the grid is rebuilt from
+the field's density (largest density over a lattice of points per cell) before the first render.
+
 Each ray always keeps the last sample of its march: ``background_color='last_sample'`` reads the
 colour there, as the proposal sampler's last sample near the box exit.
 """
@@ -78,6 +81,25 @@ class GridOccupancy(nn.Module):
         # a fresh grid marches densely until its first update (nerfacc starts all-empty)
         self.estimator.binaries.fill_(True)
         self.step_size = float(extent.norm()) / config.march_samples
+        self.stale = False
+        """True after loading a checkpoint without occupancy state (trained with the proposal
+        sampler): the first render rebuilds the grid from the field's density."""
+
+    def adopt_missing_state(self, state_dict: Dict, prefix: str) -> None:
+        """Called with a model state that lacks this grid (a proposal-sampler checkpoint): put the
+        fresh buffers in (``state_dict`` is load_state_dict's own copy, so a strict load works)
+        and rebuild the grid from the field's density before the first render."""
+        names = {prefix + "estimator." + name: buf for name, buf in self.estimator.named_buffers()
+                 if name in ("resolution", "aabbs", "occs", "binaries")}  # fmt: skip
+        if not any(name in state_dict for name in names):
+            state_dict.update(names)
+            self.stale = True
+
+    def rebuild_if_stale(self, density_fn: Callable[[Tensor], Tensor]) -> None:
+        """Rebuild a grid loaded without state: a cell is occupied where density x step reaches occ_thre."""
+        if self.stale:
+            self.rebuild(density_fn, self.config.occ_thre / self.step_size)
+            self.stale = False
 
     def update(self, step: int, density_fn: Callable[[Tensor], Tensor]) -> None:
         """nerfacc's EMA update (every ``update_every`` steps) from ``density_fn(positions)``.
@@ -85,6 +107,7 @@ class GridOccupancy(nn.Module):
         Its random points come from a seed of the step only (and the global streams are put back),
         so every rank updates identically and training's own randomness is untouched."""
         config = self.config
+        self.stale = False  # training's updates take over from a grid loaded without state
         with same_randomness(step_seed(0, step, OCCUPANCY_STREAM), self.estimator.occs.device):
             self.estimator.update_every_n_steps(
                 step=step,
@@ -189,6 +212,8 @@ def terminate_early(field, bundle, starts, ends, valid, eps: float, alpha_thre: 
 def occupancy_outputs(model, bundle: RayBundle) -> Dict[str, Tensor]:
     """nerfacto's outputs (rgb, accumulation, depth, expected_depth) from the occupancy march."""
     occupancy, field, config = model.occupancy, model.field, model.config.occupancy
+    if not model.training:
+        occupancy.rebuild_if_stale(field.density_fn)
     with torch.no_grad():
         starts, ends, keep = march(occupancy, field, bundle, stratified=model.training)
         last = (keep.cumsum(dim=1) == keep.sum(dim=1, keepdim=True)) & keep  # each ray's final column
@@ -204,7 +229,7 @@ def occupancy_outputs(model, bundle: RayBundle) -> Dict[str, Tensor]:
         # padding: zero-length intervals (zero opacity) at the far end; the march's last sample last
         starts = torch.cat([torch.where(valid, starts, fars), last_start[:, None]], dim=1)
         ends = torch.cat([torch.where(valid, ends, fars), last_end[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
         rows, cols = valid.nonzero(as_tuple=True)
     packed = _samples(bundle, starts[rows, cols, None], ends[rows, cols, None], rows)
     out = field.forward(packed)
