@@ -214,6 +214,19 @@ def test_scene_bounds_from_points_cameras_and_default():
     assert box[1, 0] <= 1.0 + 1e-6 and box[0, 2] >= -1e-6
 
 
+def tiny_city_config(data, steps: int, rays: int):
+    """landmark-grid's trainer config for ``steps`` steps of ``rays`` rays on the tiny city at ``data``."""
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from landmark_plugin.method_configs.landmark_grid import landmark_grid_config
+
+    config = landmark_grid_config(max_steps=steps)
+    config.pipeline.datamanager.data = data
+    config.pipeline.datamanager.dataparser = NerfstudioDataParserConfig()
+    config.pipeline.datamanager.train_num_rays_per_batch = rays
+    return config
+
+
 def train_steps(config, pipeline) -> List[Tuple[Dict, Dict]]:
     """``config.max_num_iterations`` steps of ``pipeline`` as nerfstudio's Trainer runs them
     (callbacks included): each step's (loss dict, metrics dict)."""
@@ -247,14 +260,7 @@ def train_steps(config, pipeline) -> List[Tuple[Dict, Dict]]:
 
 @pytest.mark.slow
 def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-
-    from landmark_plugin.method_configs.landmark_grid import landmark_grid_config
-
-    config = landmark_grid_config(max_steps=30)
-    config.pipeline.datamanager.data = tiny_city
-    config.pipeline.datamanager.dataparser = NerfstudioDataParserConfig()
-    config.pipeline.datamanager.train_num_rays_per_batch = 256
+    config = tiny_city_config(tiny_city, steps=30, rays=256)
     model = config.pipeline.model
     model.field.cells = 12
     model.proposal_cells = (8, 16)

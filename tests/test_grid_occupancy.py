@@ -160,19 +160,13 @@ def test_occupancy_without_the_box_collider_is_refused():
 
 
 def test_training_steps_update_the_grid_and_a_checkpoint_restores_it(tiny_city):
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from test_grid_model import train_steps
-
-    from landmark_plugin.method_configs.landmark_grid import landmark_grid_config
+    from test_grid_model import tiny_city_config, train_steps
 
     def pipeline_of(config):
         torch.manual_seed(0)
         return config.pipeline.setup(device="cpu", test_mode="val")
 
-    config = landmark_grid_config(max_steps=6)
-    config.pipeline.datamanager.data = tiny_city
-    config.pipeline.datamanager.dataparser = NerfstudioDataParserConfig()
-    config.pipeline.datamanager.train_num_rays_per_batch = 128
+    config = tiny_city_config(tiny_city, steps=6, rays=128)
     model_config = config.pipeline.model
     model_config.field.cells = 8
     model_config.proposal_cells = (4, 8)
