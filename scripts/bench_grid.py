@@ -26,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
+VARIANTS = {"landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"})}
+"""Benchmarked names that are a registered method with model overrides: (method, overrides)."""
 
 
 def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool, city_images: int = 240):
@@ -67,6 +69,7 @@ def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, s
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 
+    method, variant = VARIANTS.get(method, (method, {}))
     config = copy.deepcopy(all_methods[method])
     config.max_num_iterations = steps
     for group in config.optimizers.values():
@@ -82,7 +85,7 @@ def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, s
     datamanager.eval_num_rays_per_batch = rays
     model = config.pipeline.model
     model.camera_optimizer.mode = "off"  # exact poses (synthetic scenes): compare the fields only
-    for key, value in overrides.get(method, {}).items():
+    for key, value in {**overrides.get(method, {}), **variant}.items():
         _set(model, key, value)
     if smoke:
         _shrink(method, model)
@@ -97,6 +100,7 @@ def _shrink(method: str, model) -> None:
     if method == "landmark-grid":
         model.field.cells = 8
         model.proposal_cells = (4, 8)
+        model.occupancy.cells, model.occupancy.march_samples = 16, 64
     else:
         model.num_levels, model.max_res, model.log2_hashmap_size = 4, 64, 12
         model.proposal_net_args_list = [
@@ -150,7 +154,7 @@ def evaluate(trainer) -> Dict:
     trainer.pipeline.eval()
     metrics = trainer.pipeline.get_average_eval_image_metrics()
     _sync()
-    keep = {k: float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "lpips")}
+    keep = {k: float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "lpips", "fps", "num_rays_per_sec")}
     return {**without_unavailable_lpips(keep), "eval_seconds": time.perf_counter() - start}
 
 
@@ -198,19 +202,19 @@ def _hash_backend() -> str:
 
 
 def print_table(rows: List[Dict]) -> None:
-    header = f"{'scene':<6} {'method':<14} {'steps':>7} {'train s':>8} {'rays/s':>10} {'PSNR':>6} {'SSIM':>6} {'GPU MiB':>8}"
+    header = f"{'scene':<6} {'method':<24} {'steps':>7} {'train s':>8} {'rays/s':>10} {'PSNR':>6} {'SSIM':>6} {'GPU MiB':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         mem = f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-"
         lines.append(
-            f"{r['scene']:<6} {r['method']:<14} {r['steps']:>7} {r['train_seconds']:>8.1f} "
+            f"{r['scene']:<6} {r['method']:<24} {r['steps']:>7} {r['train_seconds']:>8.1f} "
             f"{r['train_rays_per_s']:>10.0f} {r['psnr']:>6.2f} {r['ssim']:>6.3f} {mem:>8}"
         )
     by_scene: Dict[str, Dict[str, Dict]] = {}
     for r in rows:
         by_scene.setdefault(r["scene"], {})[r["method"]] = r
     for scene, methods in by_scene.items():
-        if len(methods) == 2:
+        if "landmark-grid" in methods and "nerfacto" in methods:
             grid, nerfacto = methods["landmark-grid"], methods["nerfacto"]
             lines.append(
                 f"{scene}: landmark-grid - nerfacto PSNR {grid['psnr'] - nerfacto['psnr']:+.2f} dB, "
@@ -219,10 +223,11 @@ def print_table(rows: List[Dict]) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[List[str]] = None, methods=METHODS, description: str = __doc__) -> argparse.Namespace:
+    """The benchmark's command line (``methods``: the default method list)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=None, help="city and/or lego (smoke: city)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(methods), choices=METHODS + tuple(VARIANTS))
     parser.add_argument("--seconds", type=float, default=None, help="training time per method (default 600; smoke 30)")
     parser.add_argument("--rays", type=int, default=None, help="rays per step (default 4096; smoke 64)")
     parser.add_argument("--calibration-steps", type=int, default=60, help="timed steps to estimate s/step")
@@ -233,7 +238,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, tiny models, 4 steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.scenes = args.scenes or (["city"] if args.smoke else ["city", "lego"])
     args.seconds = args.seconds if args.seconds is not None else (30.0 if args.smoke else 600.0)
     args.rays = args.rays or (64 if args.smoke else 4096)
@@ -243,7 +248,11 @@ def main() -> None:
         candidates = [REPO.parent / "shared" / "data" / "lego_synthetic", REPO / "shared" / "data" / "lego_synthetic"]
         args.lego = next((c for c in candidates if c.exists()), None)
     args.work.mkdir(parents=True, exist_ok=True)
+    return args
 
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    """One row per (scene, method), written to ``--json`` as they come."""
     rows = []
     for scene in args.scenes:
         for method in args.methods:
@@ -251,7 +260,11 @@ def main() -> None:
             rows.append(run_one(method, scene, args))
             if args.json is not None:  # keep partial results if a later run dies
                 args.json.write_text(json.dumps(rows, indent=2))
-    print_table(rows)
+    return rows
+
+
+def main() -> None:
+    print_table(run(parse_args()))
 
 
 if __name__ == "__main__":

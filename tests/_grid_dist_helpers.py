@@ -15,13 +15,15 @@ STEPS = 5
 LRS = {"grids": 2e-2, "decoder": 1e-2, "proposal_networks": 2e-2}
 
 
-def make_model(parallel: str = "none", model_parallel_size=None, seed: int = 0):
+def make_model(parallel: str = "none", model_parallel_size=None, seed: int = 0, sampler: str = "proposal"):
     """A float64 landmark-grid model: 2x2 blocks of 4 cells (2 levels), 4 components per factor
-    set (so 2 and 4 ranks divide blocks, channels and cells), proposal grids of 2 and 4 cells."""
+    set (so 2 and 4 ranks divide blocks, channels and cells), proposal grids of 2 and 4 cells;
+    ``sampler occupancy``: an 8-cell occupancy grid updated every step (half its cells empty)."""
     from nerfstudio.data.scene_box import SceneBox
 
     from landmark_plugin.grid.field import MultiBranchGridFieldConfig
     from landmark_plugin.grid.model import LandmarkGridModelConfig
+    from landmark_plugin.grid.occupancy import OccupancyConfig
 
     config = LandmarkGridModelConfig(
         field=MultiBranchGridFieldConfig(
@@ -34,6 +36,9 @@ def make_model(parallel: str = "none", model_parallel_size=None, seed: int = 0):
         num_nerf_samples_per_ray=6,
         parallel=parallel,
         model_parallel_size=model_parallel_size,
+        sampler=sampler,  # type: ignore[arg-type]
+        # occ_thre 1: cells below the grid's mean are empty, so a fresh (near-uniform) field skips some
+        occupancy=OccupancyConfig(cells=8, march_samples=40, update_every=1, warmup_steps=2, occ_thre=1.0),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,6 +72,8 @@ def losses_of(model, step: int, stream: int):
     """nerfstudio's training losses of one ray batch, its randomness seeded by (step, stream)."""
     from landmark_plugin.grid.parallel import same_randomness, step_seed
 
+    if model.occupancy is not None:  # the trainer's callback: collective under model parallelism
+        model.occupancy.update(step, model.field.density_fn)
     with same_randomness(step_seed(0, step, stream)):
         outputs = model(rays(step, stream))
         batch = {"image": target(step, stream)}
@@ -105,7 +112,7 @@ def named(model, grads: bool = False) -> Dict[str, torch.Tensor]:
 
 
 # ---- workers ------------------------------------------------------------------------------
-def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int = STEPS):
+def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int = STEPS, sampler: str = "proposal"):
     """One rank: the sharded model trained ``steps`` steps on its data-parallel group's rays."""
     from landmark_plugin.grid.model import SHARDED_LOSSES
     from landmark_plugin.grid.parallel import GridPlan
@@ -113,7 +120,7 @@ def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int
     from landmark_plugin.grid.sharded_state import merge_grid_shards, shard_grid_state, sharded_keys
 
     torch.set_default_dtype(torch.float64)
-    model = make_model(parallel, model_parallel_size)
+    model = make_model(parallel, model_parallel_size, sampler=sampler)
     plan = GridPlan.create(comm, model)
     plan.shard_model_(model)
     optimizers = make_optimizers(model)
@@ -140,17 +147,17 @@ def distributed_worker(comm, parallel: str, model_parallel_size: int, steps: int
     shards = all_gather_objects(comm, shard)[: plan.layout.parts]
     merged = merge_grid_shards(shards)
     if comm.is_main:
-        result["merged_eval_rgb"] = merged_render(parallel, merged["pipeline"])
+        result["merged_eval_rgb"] = merged_render(parallel, merged["pipeline"], sampler)
     # ... and cut again for this rank (a one-process checkpoint loaded on these ranks): its own state
     recut = shard_grid_state(merged, plan.layout, plan.mp.rank, result["keys"], {})["pipeline"]
     result["recut_differs"] = [k for k, v in shard["pipeline"].items() if not torch.equal(recut[k], v)]
     return result
 
 
-def reference_worker(comm, parallel: str, data_parallel: int, steps: int = STEPS):
+def reference_worker(comm, parallel: str, data_parallel: int, steps: int = STEPS, sampler: str = "proposal"):
     """One process, the whole model: the mean loss over the ``data_parallel`` batches of each step."""
     torch.set_default_dtype(torch.float64)
-    model = make_model(parallel)
+    model = make_model(parallel, sampler=sampler)
     optimizers = make_optimizers(model)
     records = []
     for step in range(steps):
@@ -169,8 +176,8 @@ def reference_worker(comm, parallel: str, data_parallel: int, steps: int = STEPS
     return {"records": records, "params": named(model), "eval_rgb": eval_rgb(model)}
 
 
-def merged_render(parallel: str, state: Dict[str, torch.Tensor]) -> torch.Tensor:
+def merged_render(parallel: str, state: Dict[str, torch.Tensor], sampler: str = "proposal") -> torch.Tensor:
     """A fresh one-process model loading a merged checkpoint's pipeline state: its eval render."""
-    model = make_model(parallel)
+    model = make_model(parallel, sampler=sampler)
     model.load_state_dict({k[len("_model.") :]: v for k, v in state.items()})
     return eval_rgb(model)

@@ -4,6 +4,7 @@ bounds, and a few real training steps on the tiny synthetic city."""
 from __future__ import annotations
 
 import copy
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -213,28 +214,25 @@ def test_scene_bounds_from_points_cameras_and_default():
     assert box[1, 0] <= 1.0 + 1e-6 and box[0, 2] >= -1e-6
 
 
-@pytest.mark.slow
-def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
+def tiny_city_config(data, steps: int, rays: int):
+    """landmark-grid's trainer config for ``steps`` steps of ``rays`` rays on the tiny city at ``data``."""
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
-    from nerfstudio.engine.optimizers import Optimizers
 
     from landmark_plugin.method_configs.landmark_grid import landmark_grid_config
 
-    config = landmark_grid_config(max_steps=30)
-    config.pipeline.datamanager.data = tiny_city
+    config = landmark_grid_config(max_steps=steps)
+    config.pipeline.datamanager.data = data
     config.pipeline.datamanager.dataparser = NerfstudioDataParserConfig()
-    config.pipeline.datamanager.train_num_rays_per_batch = 256
-    model = config.pipeline.model
-    model.field.cells = 12
-    model.proposal_cells = (8, 16)
-    model.num_proposal_samples_per_ray = (32, 16)
-    model.num_nerf_samples_per_ray = 16
-    model.upsample_fractions = (0.5,)  # grow once mid-run: training must go on across the resize
-    torch.manual_seed(0)
-    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
-    aabb = pipeline.model.field.aabb
-    assert (aabb[1] > aabb[0]).all()  # derived from the city's points, not the default cube
+    config.pipeline.datamanager.train_num_rays_per_batch = rays
+    return config
+
+
+def train_steps(config, pipeline) -> List[Tuple[Dict, Dict]]:
+    """``config.max_num_iterations`` steps of ``pipeline`` as nerfstudio's Trainer runs them
+    (callbacks included): each step's (loss dict, metrics dict)."""
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+    from nerfstudio.engine.optimizers import Optimizers
+
     optimizers = Optimizers(config.optimizers, pipeline.get_param_groups())
 
     class _Trainer:  # what the callbacks read from the trainer
@@ -245,19 +243,35 @@ def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
     callbacks = pipeline.get_training_callbacks(
         TrainingCallbackAttributes(optimizers=optimizers, grad_scaler=None, pipeline=pipeline, trainer=trainer)  # type: ignore[arg-type]
     )
-    losses = []
+    records = []
     for step in range(config.max_num_iterations):
         for cb in callbacks:
             cb.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
         optimizers.zero_grad_all()
-        _, loss_dict, _ = pipeline.get_train_loss_dict(step)
-        loss = loss_dict["rgb_loss"]
+        _, loss_dict, metrics = pipeline.get_train_loss_dict(step)
         sum(loss_dict.values()).backward()
         optimizers.optimizer_step_all()
         optimizers.scheduler_step_all(step)
         for cb in callbacks:
             cb.run_callback_at_location(step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-        losses.append(float(loss))
+        records.append(({k: v.detach() for k, v in loss_dict.items()}, metrics))
+    return records
+
+
+@pytest.mark.slow
+def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
+    config = tiny_city_config(tiny_city, steps=30, rays=256)
+    model = config.pipeline.model
+    model.field.cells = 12
+    model.proposal_cells = (8, 16)
+    model.num_proposal_samples_per_ray = (32, 16)
+    model.num_nerf_samples_per_ray = 16
+    model.upsample_fractions = (0.5,)  # grow once mid-run: training must go on across the resize
+    torch.manual_seed(0)
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    aabb = pipeline.model.field.aabb
+    assert (aabb[1] > aabb[0]).all()  # derived from the city's points, not the default cube
+    losses = [float(losses["rgb_loss"]) for losses, _ in train_steps(config, pipeline)]
     assert max(pipeline.model.field.density.cells()) == 2 * 12  # the grid grew once
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, losses

@@ -46,13 +46,19 @@ if 8 in gloo_world_sizes():  # issue 9's 8-process check: 4-way model parallel x
     CASES += [("branch", 8, 4), ("plane", 8, 4), ("channel", 8, 4), ("none", 8, 1)]
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(tmp_dir, strategy: str, data_parallel: int):
-    """The single-process run, in a child process (the test process stays free of nerfstudio)."""
-    from _grid_dist_helpers import reference_worker
+OCCUPANCY_CASES = [("branch", 2, 2), ("plane", 2, 2), ("channel", 2, 2)]
+"""``sampler occupancy`` (grid updates every step, a collective density evaluation), model parallel only:
+the reference updates once per batch, so it repeats a data-parallel run only for one batch a step."""
 
-    out = tmp_dir / f"reference-{strategy}-{data_parallel}"
-    return run_ranks(reference_worker, 1, out, args=(strategy, data_parallel), timeout_s=300, **FAST_START)[0]
+
+@functools.lru_cache(maxsize=None)
+def _reference(tmp_dir, strategy: str, data_parallel: int, sampler: str = "proposal"):
+    """The single-process run, in a child process (the test process stays free of nerfstudio)."""
+    from _grid_dist_helpers import STEPS, reference_worker
+
+    out = tmp_dir / f"reference-{strategy}-{data_parallel}-{sampler}"
+    return run_ranks(reference_worker, 1, out, args=(strategy, data_parallel, STEPS, sampler), timeout_s=300,
+                     **FAST_START)[0]  # fmt: skip
 
 
 def _cut(value: torch.Tensor, key: str, keys, layout: GridLayout, rank: int) -> torch.Tensor:
@@ -62,12 +68,21 @@ def _cut(value: torch.Tensor, key: str, keys, layout: GridLayout, rank: int) -> 
 
 @pytest.mark.parametrize("strategy,world_size,model_parallel", CASES)
 def test_sharded_training_equals_single_process(tmp_path, strategy, world_size, model_parallel):
-    from _grid_dist_helpers import distributed_worker
+    _check_sharded_equals_single(tmp_path, strategy, world_size, model_parallel, "proposal")
 
-    results = run_ranks(distributed_worker, world_size, tmp_path, args=(strategy, model_parallel), timeout_s=300,
-                        **FAST_START)
+
+@pytest.mark.parametrize("strategy,world_size,model_parallel", OCCUPANCY_CASES)
+def test_sharded_occupancy_training_equals_single_process(tmp_path, strategy, world_size, model_parallel):
+    _check_sharded_equals_single(tmp_path, strategy, world_size, model_parallel, "occupancy")
+
+
+def _check_sharded_equals_single(tmp_path, strategy: str, world_size: int, model_parallel: int, sampler: str):
+    from _grid_dist_helpers import STEPS, distributed_worker
+
+    results = run_ranks(distributed_worker, world_size, tmp_path, args=(strategy, model_parallel, STEPS, sampler),
+                        timeout_s=300, **FAST_START)  # fmt: skip
     data_parallel = world_size // model_parallel
-    ref = _reference(tmp_path.parent, strategy, data_parallel)
+    ref = _reference(tmp_path.parent, strategy, data_parallel, sampler)
     layout = GridLayout.from_dict(results[0]["layout"])
     assert (layout.strategy, layout.parts) == (strategy, model_parallel)
     assert [(r["dp_rank"], r["mp_rank"]) for r in results] == [divmod(i, model_parallel) for i in range(world_size)]

@@ -29,6 +29,7 @@ from nerfstudio.models.nerfacto import NerfactoModel
 
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
+from landmark_plugin.grid.occupancy import GridOccupancy, OccupancyConfig, occupancy_outputs
 from landmark_plugin.metrics import build_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
 
@@ -69,6 +70,13 @@ class LandmarkGridModelConfig(ModelConfig):
     upsample_fractions: Tuple[float, ...] = (0.05, 0.1, 0.2)
     """Fractions of max_num_iterations at which every grid doubles its cells (exact resampling;
     Adam state is carried over).  Empty: keep the initial resolution."""
+    sampler: Literal["proposal", "occupancy"] = "proposal"
+    """How rays are sampled.  proposal: nerfacto's proposal grids (options below).  occupancy:
+    empty-space skipping -- an occupancy grid over the scene box, updated from the field's density
+    during training, a uniform march through its occupied cells only, and early ray termination
+    (options under --pipeline.model.occupancy; the proposal grids are kept but unused)."""
+    occupancy: OccupancyConfig = dataclasses.field(default_factory=OccupancyConfig)
+    """The occupancy grid and march of ``sampler occupancy`` (ignored by ``proposal``)."""
     proposal_cells: Tuple[int, ...] = (32, 64)
     """Cells per block (longest axis) of each proposal density grid, one entry per proposal round."""
     proposal_components: int = 8
@@ -190,6 +198,9 @@ class LandmarkGridModel(NerfactoModel):
             update_sched=update_schedule,
             initial_sampler=UniformSampler(single_jitter=config.use_single_jitter),
         )
+        self.occupancy: Optional[GridOccupancy] = None
+        if config.sampler == "occupancy":
+            self.occupancy = self._make_occupancy()
         if config.enable_collider:
             self.collider = AABBBoxCollider(scene_box=self.scene_box, near_plane=config.near_plane)
 
@@ -208,6 +219,40 @@ class LandmarkGridModel(NerfactoModel):
         self.lpips = LazyLPIPS()
         self.layout = LayoutControls(self)  # viewer folders: partition, edits, appearance
 
+    def _make_occupancy(self) -> GridOccupancy:
+        config = self.config
+        occupancy = config.occupancy
+        if not config.enable_collider:
+            raise ConfigError("--pipeline.model.sampler occupancy marches from the box entry to its exit: it needs "
+                              "--pipeline.model.enable-collider True")
+        if min(occupancy.cells, occupancy.march_samples, occupancy.update_every) < 1:
+            raise ConfigError("--pipeline.model.occupancy.cells, .march-samples and .update-every must be positive")
+        return GridOccupancy(occupancy, self.scene_box.aabb)
+
+    def get_outputs(self, ray_bundle):
+        """nerfacto's proposal sampling, or the occupancy march (``sampler occupancy``)."""
+        if self.occupancy is None:
+            return super().get_outputs(ray_bundle)
+        if self.training:
+            self.camera_optimizer.apply_to_raybundle(ray_bundle)
+        return occupancy_outputs(self, ray_bundle)
+
+    def get_metrics_dict(self, outputs, batch):
+        if self.occupancy is None:
+            return super().get_metrics_dict(outputs, batch)
+        # no proposal weights: nerfacto's distortion metric has nothing to read
+        metrics = {"psnr": self.psnr(outputs["rgb"], self.renderer_rgb.blend_background(batch["image"].to(self.device)))}
+        metrics["samples_per_ray"] = outputs["num_samples_per_ray"].mean()
+        self.camera_optimizer.get_metrics_dict(metrics)
+        return metrics
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # only a load of this model's state (field keys present) decides that the grid is missing:
+        # nerfstudio's pipeline also passes its own, non-model entries through here afterwards
+        if self.occupancy is not None and any(key.startswith(prefix + "field.") for key in state_dict):
+            self.occupancy.adopt_missing_state(state_dict, prefix + "occupancy.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """'grids' (planes and lines), 'decoder', 'proposal_networks' and the camera optimiser."""
         groups = {
@@ -222,6 +267,15 @@ class LandmarkGridModel(NerfactoModel):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
+        if self.occupancy is not None:
+            occupancy = self.occupancy
+            callbacks.append(
+                TrainingCallback(
+                    where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                    update_every_num_iters=1,
+                    func=lambda step: occupancy.update(step, self.field.density_fn),
+                )
+            )
         trainer = training_callback_attributes.trainer
         if not self.config.upsample_fractions or trainer is None:
             return callbacks
@@ -253,7 +307,15 @@ class LandmarkGridModel(NerfactoModel):
                 params[:] = [replaced.get(p, p) for p in params]
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None):
-        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if self.occupancy is None:
+            loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        else:  # nerfacto's rgb loss; the proposal losses have no proposal weights to compare
+            pred, gt = self.renderer_rgb.blend_background_for_loss_computation(
+                pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=batch["image"].to(self.device)
+            )
+            loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
+            if self.training:
+                self.camera_optimizer.get_loss_dict(loss_dict)
         if self.training:
             config = self.config
             if config.tv_density_mult > 0:
@@ -265,6 +327,8 @@ class LandmarkGridModel(NerfactoModel):
         return loss_dict
 
     def get_image_metrics_and_images(self, outputs, batch):
+        if self.occupancy is not None:  # nerfacto draws one depth image per proposal round
+            outputs = {**outputs, **{f"prop_depth_{i}": outputs["depth"] for i in range(self.config.num_proposal_iterations)}}
         metrics, images = super().get_image_metrics_and_images(outputs, batch)
         return without_unavailable_lpips(metrics), images
 
