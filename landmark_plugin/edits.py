@@ -413,15 +413,12 @@ class GridLayout:
 
 
 def scene_layout(model) -> Union[RetinaLayout, GridLayout]:
-    """The edit adapter of a retina-gs or landmark-grid model."""
-    from landmark_plugin.gaussians.model import RetinaGSModel
-    from landmark_plugin.grid.model import LandmarkGridModel
-
-    if isinstance(model, RetinaGSModel):
-        return RetinaLayout(model)
-    if isinstance(model, LandmarkGridModel):
-        return GridLayout(model)
-    raise EditsError(f"layout edits support retina-gs and landmark-grid models, not {type(model).__name__}")
+    """The edit adapter of a retina-gs or landmark-grid model (each model names its own, so
+    this module needs no model import)."""
+    make = getattr(model, "scene_layout", None)
+    if make is None:
+        raise EditsError(f"layout edits support retina-gs and landmark-grid models, not {type(model).__name__}")
+    return make()
 
 
 def apply_edits(model, edits: LayoutEdits, source: str = "edits") -> None:

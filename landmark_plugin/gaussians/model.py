@@ -21,7 +21,6 @@ from nerfstudio.models.splatfacto import (
     RGB2SH,
     SplatfactoModel,
     SplatfactoModelConfig,
-    get_viewmat,
     num_sh_bases,
     random_quat_tensor,
 )
@@ -33,6 +32,7 @@ from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree, leaf_counts
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.edits import RetinaLayout
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
@@ -190,6 +190,10 @@ class RetinaGSModel(SplatfactoModel):
             if rebuild:
                 self._set_tree(build_kdtree(self.means.detach(), self.config.tree_depth, axis_rule=self.config.split_axes))
             self.leaf_ids = assign_leaves(self.tree, self.means.detach())
+
+    def scene_layout(self) -> RetinaLayout:
+        """The layout-edit adapter of this model."""
+        return RetinaLayout(self)
 
     def leaf_counts(self) -> torch.Tensor:
         return leaf_counts(self.leaf_ids, 2**self.config.tree_depth)

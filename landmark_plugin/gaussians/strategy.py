@@ -10,16 +10,14 @@ current means to rebalance leaf counts (what the distributed pipeline migrates a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import duplicate, split
 from gsplat.utils import normalized_quat_to_rotmat
+from nerfstudio.models.splatfacto import SplatfactoModelConfig
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from landmark_plugin.gaussians.model import RetinaGSModelConfig
 
 
 @dataclass
@@ -30,8 +28,9 @@ class RetinaStrategyConfig:
     """Rebuild the kd-tree from the current means every this many steps (0: keep the initial
     tree).  Rebuilding rebalances the Gaussian count of every leaf."""
 
-    def make_gsplat_strategy(self, model: "RetinaGSModelConfig", num_train_data: int) -> "KeyedSplitStrategy":
-        """gsplat's DefaultStrategy with splatfacto's mapping of its config fields."""
+    def make_gsplat_strategy(self, model: SplatfactoModelConfig, num_train_data: int) -> "KeyedSplitStrategy":
+        """gsplat's DefaultStrategy with splatfacto's mapping of its config fields (retina-gs
+        keeps splatfacto's densification fields)."""
         return KeyedSplitStrategy(
             prune_opa=model.cull_alpha_thresh,
             grow_grad2d=model.densify_grad_thresh,
@@ -50,7 +49,7 @@ class RetinaStrategyConfig:
             verbose=False,
         )
 
-    def refreshes_at(self, step: int, model: "RetinaGSModelConfig") -> bool:
+    def refreshes_at(self, step: int, model: SplatfactoModelConfig) -> bool:
         """Ownership is refreshed at every refinement step, when Gaussians are added or removed."""
         return step > 0 and step % model.refine_every == 0
 

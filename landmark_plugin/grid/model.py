@@ -27,6 +27,7 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.models.nerfacto import NerfactoModel
 
+from landmark_plugin.edits import GridLayout
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
 from landmark_plugin.grid.occupancy import GridOccupancy, OccupancyConfig, occupancy_outputs
@@ -252,6 +253,10 @@ class LandmarkGridModel(NerfactoModel):
         if self.occupancy is not None and any(key.startswith(prefix + "field.") for key in state_dict):
             self.occupancy.adopt_missing_state(state_dict, prefix + "occupancy.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scene_layout(self) -> GridLayout:
+        """The layout-edit adapter of this model."""
+        return GridLayout(self)
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """'grids' (planes and lines), 'decoder', 'proposal_networks' and the camera optimiser."""
