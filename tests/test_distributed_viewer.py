@@ -484,6 +484,16 @@ def test_browser_shows_the_composited_render_while_training(live_run, loaded):
     assert colour < MEAN_COLOUR_TOL
 
 
+def _metric_tolerances(psnr: float) -> dict:
+    """How far image metrics may move when every pixel moves by at most RENDER_TOL's atol
+    (renders of 2 ranks and of one process differ by float rounding).  PSNR: the mean squared
+    error moves by at most 2 * sqrt(mse) * atol (+ atol^2), so PSNR by 20 / ln 10 * atol /
+    sqrt(mse); a fixed 1e-6 is about one float32 step of a PSNR near 15 and failed on it."""
+    atol = RENDER_TOL["atol"]
+    rms = 10.0 ** (-psnr / 20.0)
+    return {"psnr": 20.0 / math.log(10.0) * (atol + atol**2 / rms) / rms, "ssim": 1e-5, "lpips": 1e-5}
+
+
 @pytest.mark.slow
 def test_sharded_run_renders_and_evaluates_as_its_merge(sharded_run, loaded):
     sharded, merged = loaded["sharded"], loaded["merged"]
@@ -491,12 +501,14 @@ def test_sharded_run_renders_and_evaluates_as_its_merge(sharded_run, loaded):
     for a, b in zip(sharded["renders"], merged["renders"]):
         torch.testing.assert_close(a, b, **RENDER_TOL)
     assert sharded["metrics"].keys() == merged["metrics"].keys()
+    tol = _metric_tolerances(merged["metrics"]["psnr"])
     for key, value in merged["metrics"].items():
         if "psnr" in key or "ssim" in key or "lpips" in key:
-            assert sharded["metrics"][key] == pytest.approx(value, abs=1e-6), key
+            kind = next(k for k in tol if k in key)
+            assert sharded["metrics"][key] == pytest.approx(value, abs=tol[kind]), key
     assert math.isfinite(sharded["metrics"]["psnr"])
     for key in ("psnr", "ssim"):
-        assert loaded["two_ranks_metrics"][key] == pytest.approx(merged["metrics"][key], abs=1e-6), key
+        assert loaded["two_ranks_metrics"][key] == pytest.approx(merged["metrics"][key], abs=tol[key]), key
     # Resuming from nerfstudio_models/ (the pointer) on one process: every Gaussian, the next step.
     (ckpt,) = (sharded_run[0] / "shards").iterdir()
     assert loaded["resumed"] == {"start_step": int(ckpt.name.split("-")[1]) + 1, "num_points": merged["num_points"]}
