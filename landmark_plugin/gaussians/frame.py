@@ -165,7 +165,8 @@ class RetinaFrame:
         c2w = model.camera_optimizer.apply_to_camera(host) if model.training else host.camera_to_worlds
         downscale = model._get_downscale_factor() if model.training else 1
         if downscale != 1:
-            host = host.to("cpu")  # a new object: rescaling it leaves ``camera`` as it was
+            if host is camera:
+                host = camera.to("cpu")  # a new object: rescaling it leaves ``camera`` as it was
             host.rescale_output_resolution(1 / downscale)
         K = host.get_intrinsics_matrices()[0].to(dtype)
         width, height = int(host.width.reshape(-1)[0]), int(host.height.reshape(-1)[0])
