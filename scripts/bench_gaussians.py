@@ -85,7 +85,7 @@ def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: s
 
 
 def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_mode: str = "clip",
-            profile: int = 0, sync_audit: int = 0) -> Dict:
+            profile: int = 0, sync_audit: int = 0, host_profile: int = 0) -> Dict:
     from nerfstudio.utils import writer
 
     config = method_config(method, dataparser, steps, out, retina_mode)
@@ -112,6 +112,8 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
     table = profile_steps(trainer, steps, profile, device) if profile else None
     if sync_audit:
         table = (table or "") + "\n" + audit_steps(trainer, steps + profile, sync_audit, device)
+    if host_profile:
+        table = (table or "") + "\n" + host_profile_steps(trainer, steps + profile + sync_audit, host_profile, device)
     pipeline.eval()
     metrics = pipeline.get_average_eval_image_metrics(step=steps)
     return {
@@ -143,6 +145,31 @@ def profile_steps(trainer, start: int, count: int, device: str) -> str:
     if device == "cuda":
         tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=30))
     return "\n".join(tables)
+
+
+def host_profile_steps(trainer, start: int, count: int, device: str) -> str:
+    """Python functions by total host time (cProfile) over ``count`` more training steps.
+
+    torch.profiler names ATen ops; this names the Python code that issues them, which is where
+    per-step host overhead is fixed. Time a function spends waiting on the GPU shows up in it too.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from landmark_plugin.trainer import LandmarkTrainer
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    LandmarkTrainer.run_steps(trainer, start, count)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
+    return f"host time by Python function over {count} steps:\n" + text.getvalue()
 
 
 def audit_steps(trainer, start: int, count: int, device: str) -> str:
@@ -177,6 +204,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
     parser.add_argument("--retina-mode", choices=["clip", "plain", "auto"], default="clip", help="retina-gs's render mode")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more steps per run (torch.profiler)")
+    parser.add_argument("--host-profile", type=int, default=0, help="cProfile this many more steps per run (host time by Python function)")
     parser.add_argument("--sync-audit", type=int, default=0, help="count host-device synchronisations by source line over this many more steps")
     args = parser.parse_args()
     if args.smoke:
@@ -188,7 +216,8 @@ def main() -> None:
         dataparser, description = scene_dataparser(scene, args.data_root, args.work)
         for method in args.methods:
             torch.manual_seed(42)
-            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile, args.sync_audit)
+            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile, args.sync_audit,
+                          args.host_profile)
             if row.get("profile"):
                 print(row["profile"], flush=True)
             row.update(scene=scene, scene_description=description, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
