@@ -64,8 +64,9 @@ def target_image(index: int) -> torch.Tensor:
     return torch.rand(H, W, 3, generator=g, dtype=torch.float64)
 
 
-def make_optimizers(model) -> Dict[str, torch.optim.Adam]:
-    return {name: torch.optim.Adam([model.gauss_params[name]], lr=lr, eps=1e-15) for name, lr in LRS.items()}
+def make_optimizers(model, eps: float = 1e-15) -> Dict[str, torch.optim.Adam]:
+    """splatfacto's Adam (eps 1e-15) unless a float32 comparison asks for a larger ``eps``."""
+    return {name: torch.optim.Adam([model.gauss_params[name]], lr=lr, eps=eps) for name, lr in LRS.items()}
 
 
 def step_optimizers(model, optimizers) -> None:

@@ -32,7 +32,7 @@ def _batch(step: int):
     return [(step * BATCH + k) % CAMERAS for k in range(BATCH)]
 
 
-def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch"):
+def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch", adam_eps: float = 1e-15):
     """Clip-mode training of the stress scene on this rank's shard (float64 on the CPU twin,
     float32 through the csrc/ kernel on CUDA)."""
     from landmark_plugin.core.schedule import Parts
@@ -50,7 +50,7 @@ def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch"):
     shard_(comm, model, parts)
     frame = RetinaFrame(comm, model, no_termination())
     model.frame = frame
-    optimizers = make_optimizers(model)
+    optimizers = make_optimizers(model, adam_eps)
     model.optimizers = optimizers
     records, sent = [], 0
     for step in range(STEPS):
