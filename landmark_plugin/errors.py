@@ -53,10 +53,18 @@ def message_of(error: BaseException) -> str:
     return f"error: {error}"
 
 
+def say(text: str) -> None:
+    """Write ``text`` and its newline to stderr in ONE write: ranks of a run share the stream, and
+    ``print`` writes the end of line separately, so another rank's message could land between."""
+    sys.stderr.flush()
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def report_user_errors(kind: Type[BaseException], value: BaseException, tb: Optional[TracebackType]) -> None:
     """``sys.excepthook``: a UserError prints its message alone (the interpreter exits with status 1)."""
     if isinstance(value, UserError) and not debug():
-        print(message_of(value), file=sys.stderr, flush=True)
+        say(message_of(value))
         return
     _previous_hook(kind, value, tb)
 
@@ -76,10 +84,9 @@ def exit_rank(error: BaseException, prefix: str) -> NoReturn:
     """End one rank of a multi-process run after ``error``: its message (a user error) or its
     traceback, then ``os._exit(1)`` without tearing down (the process group may be broken)."""
     if isinstance(error, UserError) and not debug():
-        print(f"{prefix} {message_of(error)}", file=sys.stderr, flush=True)
+        say(f"{prefix} {message_of(error)}")
     else:
-        print(f"{prefix} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-    sys.stderr.flush()
+        say(f"{prefix} failed:\n{traceback.format_exc()}")
     os._exit(1)
 
 

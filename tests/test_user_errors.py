@@ -187,3 +187,18 @@ def test_write_failures_become_output_errors_naming_the_directory(tmp_path):
     with pytest.raises(RuntimeError, match="unrelated"):  # not a write failure: left alone
         with writing_to(tmp_path, "checkpoint"):
             raise RuntimeError("unrelated")
+
+
+def test_messages_of_ranks_sharing_stderr_never_interleave(tmp_path):
+    """Ranks of torchrun share one stderr pipe; ``print`` writes a line's end separately, and
+    another rank's message landed between (CI saw '...loads.[rank 0/2] error: ...')."""
+    code = ("import sys\nfrom landmark_plugin.errors import say\n"
+            "for _ in range(300): say(sys.argv[1] + ' error: ' + 'x' * 1500 + ' end.')")
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"[rank {r}/2]"], stderr=write, cwd=tmp_path) for r in (0, 1)]
+    os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        lines = stream.read().decode().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    torn = [line[:40] + "..." + line[-40:] for line in lines if line.count(" error: ") != 1 or not line.endswith(" end.")]
+    assert len(lines) == 600 and not torn, f"{len(lines)} lines, torn: {torn[:3]}"
