@@ -39,9 +39,10 @@ class RasterSettings:
     """A pixel ends before the Gaussian that would drop T to this or below; 0 disables."""
     radius_clip: float = 0.0
     """Gaussians with a screen radius (pixels) at or below this are culled."""
-    max_candidates: int = 2**22
+    max_candidates: int = 2**20
     """Memory bound: the window is rendered in bands of pixel rows holding about this many
-    (pixel, Gaussian) candidates each (results do not depend on it)."""
+    (pixel, Gaussian) candidates each, and with several bands each is recomputed in backward
+    rather than kept (results do not depend on it)."""
 
 
 class Projection(NamedTuple):

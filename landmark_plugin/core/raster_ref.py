@@ -20,7 +20,7 @@ order.  alpha is computed once, with autograd; the entries are grouped by pixel 
 sort), gsplat's early termination becomes a mask from a no-grad cumulative product (the
 decision is piecewise constant), and the kept entries are composited with an exclusive
 cumulative product per pixel, so no 1 / (1 - alpha) appears in the forward pass.  Large
-windows are processed in bands of pixel rows to bound memory.
+windows are processed in bands of pixel rows, each recomputed in backward, to bound memory.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -350,11 +351,20 @@ def rasterize(
     rows = _candidate_rows(proj, opacities, rank, width, height, settings, window)
     # One gather (and one scatter in backward) for the per-Gaussian geometry.
     geometry = torch.cat([proj.means2d, proj.conics, opacities[:, None].to(proj.means2d)], dim=1)
+    bands = _bands(rows, window, settings.max_candidates)
+    # Autograd would keep every band's per-entry tensors until backward, so the bands would
+    # bound only the temporaries.  With several bands each is recomputed in backward instead
+    # (the same ops, so the same values): what stays saved is one band's rows, not its entries.
+    recompute = len(bands) > 1 and torch.is_grad_enabled() and (geometry.requires_grad or colors.requires_grad)
     colors_out, trans_out = [], []
-    for band_y0, band_y1 in _bands(rows, window, settings.max_candidates):
+    for band_y0, band_y1 in bands:
         in_band = (rows.y >= band_y0) & (rows.y < band_y1)
         band_rows = _Rows(*(t[in_band] for t in rows))
-        c, t = _rasterize_band(geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings, pixel_mask)
+        args = (geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings, pixel_mask)
+        if recompute:
+            c, t = torch.utils.checkpoint.checkpoint(_rasterize_band, *args, use_reentrant=False)
+        else:
+            c, t = _rasterize_band(*args)
         colors_out.append(c)
         trans_out.append(t)
     premult, trans = torch.cat(colors_out), torch.cat(trans_out)
