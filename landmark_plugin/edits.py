@@ -1,9 +1,10 @@
-"""Layout edits of a trained scene: the serialisable edit list and its adapters to both methods.
+"""Layout edits of a trained scene: the serialisable edit list, and how a model's adapter installs it.
 
 ``LayoutEdits`` is what the viewer's controls build, what ``landmark-render --edits`` reads, and what
 ``apply_edits`` installs on a model.  Edits act at render time only (eval mode): trained parameters are
 never touched, and training ignores them.  The maths is in ``core/edits.py``; here block indices become
-boxes (retina-gs: kd-tree leaves; landmark-grid: x-y blocks) and the result is handed to the model's hooks.
+boxes and the result is handed to the model's hooks by the method's adapter (``gaussians/layout.py``:
+kd-tree leaves; ``grid/layout.py``: x-y blocks).
 
 JSON (``version`` optional; README "Editing a scene")::
 
@@ -29,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from landmark_plugin.core.edits import BoxEdit, grid_block_boxes
+from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.errors import UserError
 
 Vec3 = Tuple[float, float, float]
@@ -304,117 +305,11 @@ def contiguous_ranks(count: int, world_size: int) -> List[int]:
     return [max(r for r, s in enumerate(starts) if s <= i) for i in range(count)]
 
 
-class RetinaLayout:
-    """retina-gs: blocks are kd-tree leaves; edits act on the Gaussians by their means."""
-
-    kind = "leaf"
-    item_name = "Gaussians"
-
-    def __init__(self, model, means_extent: Optional[Float[Tensor, "2 3"]] = None) -> None:
-        """``means_extent``: [2, 3] min / max corner of all the scene's means, where the model
-        holds one rank's shard of them (default: the model's own means)."""
-        self.model = model
-        self.means_extent = means_extent
-
-    @property
-    def num_blocks(self) -> int:
-        return 2**self.model.config.tree_depth
-
-    @property
-    def num_images(self) -> int:
-        return 0  # splatfacto's Gaussians have no per-image appearance code
-
-    def boxes(self) -> Float[Tensor, "L 2 3"]:
-        """Leaf boxes cut from the tree's box grown to hold every mean (float64, CPU).
-
-        The far faces move out by one float64 step, so half-open containment equals ownership.
-        """
-        tree = self.model.cpu_tree
-        lo, hi = tree.bounds[0].clone(), tree.bounds[1].clone()
-        extent = self.means_extent
-        if extent is None and self.model.num_points > 0:
-            means = self.model.means.detach().to("cpu", torch.float64)
-            extent = torch.stack([means.min(0).values, means.max(0).values])
-        if extent is not None:
-            lo, hi = torch.minimum(lo, extent[0].to(lo)), torch.maximum(hi, extent[1].to(hi))
-        hi = torch.nextafter(hi, torch.full_like(hi, math.inf))
-        return tree.leaf_boxes(root=torch.stack([lo, hi]))
-
-    def stats(self) -> List[BlockStats]:
-        counts = self.model.leaf_counts().tolist()
-        per_gaussian = sum(p[0].numel() * p.element_size() for p in self.model.gauss_params.values())
-        return [BlockStats(int(n), int(n) * per_gaussian) for n in counts]
-
-    def install(self, edits: LayoutEdits, source: str = "edits") -> None:
-        if edits.appearance is not None:
-            raise EditsError(
-                f"{source}: 'appearance' needs per-image appearance codes, which retina-gs does not have "
-                "(only landmark-grid supports appearance edits); remove it"
-            )
-        self.model.layout_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
-
-
-class GridLayout:
-    """landmark-grid: blocks are the x-y blocks; edits act on every sample point of the field and
-    of the proposal grids (so the sampler puts samples where the edited content is)."""
-
-    kind = "block"
-    item_name = "parameters"
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    @property
-    def num_blocks(self) -> int:
-        bx, by = self.model.field.config.blocks
-        return bx * by
-
-    @property
-    def num_images(self) -> int:
-        embedding = self.model.field.embedding_appearance
-        return 0 if embedding is None else embedding.in_dim
-
-    def boxes(self) -> Float[Tensor, "B 2 3"]:
-        field = self.model.field
-        return grid_block_boxes(field.aabb, tuple(field.config.blocks))
-
-    def stats(self) -> List[BlockStats]:
-        """Planes and per-block lines of the field and proposal grids, per block (shared lines left out)."""
-        items = [0] * self.num_blocks
-        size = [0] * self.num_blocks
-        fields = [self.model.field, *self.model.proposal_networks]
-        for factors in (f for field in fields for f in field.factor_sets()):
-            for param in [*factors.planes, *factors.lines]:
-                if param.shape[0] != self.num_blocks:
-                    continue  # a line shared by all blocks
-                per_block = param[0].numel()
-                for b in range(self.num_blocks):
-                    items[b] += per_block
-                    size[b] += per_block * param.element_size()
-        return [BlockStats(n, s) for n, s in zip(items, size)]
-
-    def install(self, edits: LayoutEdits, source: str = "edits") -> None:
-        box_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
-        mix = None
-        if edits.appearance is not None:
-            a = edits.appearance
-            if self.num_images == 0:
-                raise EditsError(f"{source}: 'appearance' needs appearance codes; this model has appearance_embed_dim 0")
-            for key, index in (("image", a.image), ("to_image", a.to_image)):
-                if index is not None and index >= self.num_images:
-                    raise EditsError(
-                        f"{source}: appearance.{key} {index} does not exist; the model has codes for "
-                        f"{self.num_images} training images (0..{self.num_images - 1})"
-                    )
-            mix = (a.image, a.to_image, a.t)
-        for field in (self.model.field, *self.model.proposal_networks):
-            field.layout_edits = box_edits
-        self.model.field.eval_appearance_mix = mix
-
-
-def scene_layout(model) -> Union[RetinaLayout, GridLayout]:
-    """The edit adapter of a retina-gs or landmark-grid model (each model names its own, so
-    this module needs no model import)."""
+def scene_layout(model) -> Any:
+    """The edit adapter of a retina-gs or landmark-grid model: ``RetinaEditLayout`` or
+    ``GridEditLayout``, each beside its method (the model names its own, so this module needs
+    no model import).  An adapter has ``kind``, ``item_name``, ``num_blocks``, ``num_images``,
+    ``boxes()``, ``stats()`` and ``install(edits, source)``."""
     make = getattr(model, "scene_layout", None)
     if make is None:
         raise EditsError(f"layout edits support retina-gs and landmark-grid models, not {type(model).__name__}")

@@ -2,7 +2,7 @@
 """Fused plane x line feature kernel micro-benchmark: forward + backward against the torch paths.
 
 Paths (same planes, lines and points; the loss is the features times a fixed random cotangent):
-  fused        landmark_plugin.cuda.sample_block_features: csrc/, all blocks and factors in one
+  fused        landmark_plugin.cuda_grid.sample_block_features: csrc/, all blocks and factors in one
                launch (forward), one launch for every gradient (backward)
   twin         core.grid_features.sample_block_features: index_select of channels-last rows over
                all blocks at once (the kernel's torch twin and the reference for the errors)
@@ -126,9 +126,9 @@ def path_function(name: str, planes, lines, axes) -> Callable:
 
     def run(points, block_index):
         if name == "fused":
-            from landmark_plugin import cuda
+            from landmark_plugin import cuda_grid
 
-            return cuda.sample_block_features(leaves[:count], leaves[count:], points, block_index, axes)
+            return cuda_grid.sample_block_features(leaves[:count], leaves[count:], points, block_index, axes)
         if name == "twin":
             return sample_block_features(leaves[:count], leaves[count:], points, block_index, axes)
         return grid_sample_features(leaves[:count], leaves[count:], points, block_index, axes)
@@ -194,9 +194,9 @@ def run(args) -> List[dict]:
     device = "cpu" if args.smoke else "cuda"
     unavailable = fused_unavailable(device)
     if args.points_per_thread is not None:
-        from landmark_plugin import cuda
+        from landmark_plugin import cuda_grid
 
-        cuda.GRID_POINTS_PER_THREAD = args.points_per_thread
+        cuda_grid.GRID_POINTS_PER_THREAD = args.points_per_thread
     rows = []
     for channels in args.channels:
         planes, lines, axes = make_factors(args, channels, device)
@@ -242,14 +242,14 @@ def _row(r: dict) -> str:
 
 def memcheck(args) -> None:
     """A small fused forward + backward (point gradients too) for compute-sanitizer."""
-    from landmark_plugin import cuda
+    from landmark_plugin import cuda_grid
 
     args.blocks, args.plane_res, args.line_res, args.levels, args.mode = [3, 2], 9, 5, 2, "vm"
     for channels in (3, 6, 16):  # the 1-, 2- and 4-wide paths
         planes, lines, axes = make_factors(args, channels, "cuda")
         block_index, points = ray_points(3000, args.blocks, 48, "rays", args.seed, "cuda")
         leaves = [t.requires_grad_(True) for t in (*planes, *lines, points.clone())]
-        features = cuda.sample_block_features(leaves[:6], leaves[6:12], leaves[12], block_index, axes, poison=True)
+        features = cuda_grid.sample_block_features(leaves[:6], leaves[6:12], leaves[12], block_index, axes, poison=True)
         features.square().sum().backward()
         torch.cuda.synchronize()
         assert torch.isfinite(features).all() and all(torch.isfinite(t.grad).all() for t in leaves)
@@ -272,7 +272,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--points-per-thread", type=int, choices=[1, 4, 8], default=None,
-                   help="fused backward: consecutive points per thread (default: cuda.GRID_POINTS_PER_THREAD)")
+                   help="fused backward: consecutive points per thread (default: cuda_grid.GRID_POINTS_PER_THREAD)")
     p.add_argument("--out", "--json", dest="out", type=Path, default=None, help="write settings and rows here")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (exercises the code, not speed)")
     p.add_argument("--memcheck", action="store_true", help="a small fused forward + backward on the GPU")

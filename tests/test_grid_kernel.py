@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from landmark_plugin import cuda
+from landmark_plugin import cuda_grid
 from landmark_plugin.core.grid_features import (
     MODES,
     average_seams,
@@ -123,9 +123,9 @@ def test_wrapper_rejects_bad_arguments_with_a_clear_error(name, change, message)
     planes, lines, axes = random_factors((2, 2), "vm", 1, 4)
     block_index, local = make_points((2, 2), n=20)
     args = change(planes, lines, local, block_index, axes)
-    assert cuda.block_features_unsupported(*args) is not None
+    assert cuda_grid.block_features_unsupported(*args) is not None
     with pytest.raises(ValueError, match=message):
-        cuda.sample_block_features(*args)
+        cuda_grid.sample_block_features(*args)
     # the dispatcher never sends such arguments to the kernel: the twin takes what it can
     if name in ("channels differ", "float64"):
         assert torch.allclose(block_features(*args), sample_block_features(*args))
@@ -134,7 +134,7 @@ def test_wrapper_rejects_bad_arguments_with_a_clear_error(name, change, message)
 def test_valid_arguments_are_accepted_up_to_the_device():
     planes, lines, axes = random_factors((2, 2), "vm", 2, 4, shared_line=True)
     block_index, local = make_points((2, 2), n=20)
-    assert cuda.block_features_unsupported(planes, lines, local, block_index, axes) == (
+    assert cuda_grid.block_features_unsupported(planes, lines, local, block_index, axes) == (
         "planes, lines, points and block_index must be CUDA tensors on one device")
 
 
@@ -143,5 +143,5 @@ def test_points_that_need_a_gradient_are_accepted():
     checked against the twin on a GPU in test_grid_kernel_cuda.py): only the device is missing."""
     planes, lines, axes = random_factors((2, 2), "xy-z", 1, 4)
     block_index, local = make_points((2, 2), n=20)
-    reason = cuda.block_features_unsupported(planes, lines, local.requires_grad_(True), block_index, axes)
+    reason = cuda_grid.block_features_unsupported(planes, lines, local.requires_grad_(True), block_index, axes)
     assert reason == "planes, lines, points and block_index must be CUDA tensors on one device"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from landmark_plugin import cuda
+from landmark_plugin import cuda, cuda_grid
 from landmark_plugin.core.grid_features import MODES, block_features, route_points, sample_block_features
 
 from test_grid_kernel import make_points, random_factors
@@ -51,7 +51,7 @@ def _both(planes, lines, local, block_index, axes, cotangent, poison=True):
         leaves = [t.detach().clone().requires_grad_(True) for t in (*planes, *lines)]
         k = len(planes)
         args = (leaves[:k], leaves[k:], local.detach(), block_index, axes)
-        features = cuda.sample_block_features(*args, poison=poison) if who == "kernel" else sample_block_features(*args)
+        features = cuda_grid.sample_block_features(*args, poison=poison) if who == "kernel" else sample_block_features(*args)
         grads = torch.autograd.grad((features * cotangent).sum(), leaves)
         out[who] = (features.detach(), grads)
     return out
@@ -106,7 +106,7 @@ def _ray_points(blocks, rays=300, samples=64, seed=3, device="cuda"):
 @pytest.mark.parametrize("points_per_thread", [1, 4, 8])
 def test_backward_register_runs_match_twin(ext, monkeypatch, points_per_thread):
     """Every compiled points-per-thread variant, on ray-ordered points where runs are long."""
-    monkeypatch.setattr(cuda, "GRID_POINTS_PER_THREAD", points_per_thread)
+    monkeypatch.setattr(cuda_grid, "GRID_POINTS_PER_THREAD", points_per_thread)
     blocks = (3, 3)
     planes, lines, axes = random_factors(blocks, "xy-z", 3, 16, seed=2, device="cuda", cells=(6, 6, 5))
     block_index, local = _ray_points(blocks)
@@ -132,7 +132,7 @@ def test_point_gradients_match_twin(ext, blocks, mode, levels, channels, shared_
     width = len(axes) * channels
     cotangent = torch.randn(local.shape[0], width, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7))
     grads = {}
-    for who, sample in (("kernel", cuda.sample_block_features), ("twin", sample_block_features)):
+    for who, sample in (("kernel", cuda_grid.sample_block_features), ("twin", sample_block_features)):
         leaves = [t.detach().clone().requires_grad_(True) for t in (*planes, *lines, local)]
         k = len(planes)
         features = sample(leaves[:k], leaves[k:2 * k], leaves[-1], block_index, axes)
@@ -151,7 +151,7 @@ def test_points_needing_a_gradient_take_the_kernel(ext):
     block_index, local = make_points((2, 2), n=500, seed=1, device="cuda")
     local = local.clone().requires_grad_(True)
     got = block_features(planes, lines, local, block_index, axes, backend="auto")
-    want = cuda.sample_block_features(planes, lines, local, block_index, axes)
+    want = cuda_grid.sample_block_features(planes, lines, local, block_index, axes)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     (grad,) = torch.autograd.grad(got.sum(), local)
     (twin_grad,) = torch.autograd.grad(sample_block_features(planes, lines, local, block_index, axes).sum(), local)
@@ -168,7 +168,7 @@ def test_contended_texels_sum_exactly(ext):
     block_index = torch.full((n,), 3, device="cuda", dtype=torch.long)
     cotangent = torch.rand(n, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     leaves = [t.clone().requires_grad_(True) for t in (*planes, *lines)]
-    features = cuda.sample_block_features(leaves[:1], leaves[1:], local, block_index, axes)
+    features = cuda_grid.sample_block_features(leaves[:1], leaves[1:], local, block_index, axes)
     kernel = torch.autograd.grad((features * cotangent).sum(), leaves)
     ref_leaves = [t.double().requires_grad_(True) for t in (*planes, *lines)]
     ref = sample_block_features(ref_leaves[:1], ref_leaves[1:], local.double(), block_index, axes)
@@ -188,7 +188,7 @@ def test_invalid_points_get_nan_and_no_gradient(ext):
     block_index[3], block_index[50], local[99, 2] = -1, 4, float("nan")
     cotangent = torch.rand(local.shape[0], 12, device="cuda") * (~bad)[:, None]
     leaves = [t.clone().requires_grad_(True) for t in (*planes, *lines)]
-    features = cuda.sample_block_features(leaves[:3], leaves[3:6], local, block_index, axes, poison=True)
+    features = cuda_grid.sample_block_features(leaves[:3], leaves[3:6], local, block_index, axes, poison=True)
     grads = torch.autograd.grad((features * cotangent).nan_to_num().sum(), leaves)
     assert torch.isnan(features[bad]).all() and torch.isfinite(features[~bad]).all()
     # the twin cannot take the bad points (it raises an indexing error): compare on the rest
@@ -202,7 +202,7 @@ def test_no_points(ext):
     planes, lines, axes = random_factors((2, 1), "xy-z", 2, 4, device="cuda")
     leaves = [t.clone().requires_grad_(True) for t in (*planes, *lines)]
     local = torch.zeros(0, 3, device="cuda")
-    features = cuda.sample_block_features(leaves[:2], leaves[2:], local, torch.zeros(0, dtype=torch.long, device="cuda"),
+    features = cuda_grid.sample_block_features(leaves[:2], leaves[2:], local, torch.zeros(0, dtype=torch.long, device="cuda"),
                                           axes)
     assert features.shape == (0, 8)
     grads = torch.autograd.grad(features.sum(), leaves)
@@ -213,8 +213,8 @@ def test_dispatch_uses_the_kernel_on_cuda(ext, monkeypatch):
     """``block_features`` (auto) and the field's BlockFactors run the kernel on float32 CUDA
     inputs, and the twin in float64 and under deterministic algorithms."""
     calls = []
-    kernel = cuda.sample_block_features
-    monkeypatch.setattr(cuda, "sample_block_features", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = cuda_grid.sample_block_features
+    monkeypatch.setattr(cuda_grid, "sample_block_features", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     planes, lines, axes = random_factors((2, 2), "vm", 2, 8, device="cuda")
     block_index, local = make_points((2, 2), n=200, device="cuda")
     twin = sample_block_features(planes, lines, local, block_index, axes)
@@ -236,7 +236,7 @@ def test_field_factors_on_kernel_equal_twin(ext):
     """BlockFactors (seam-tying gradient hooks included) with backend cuda vs torch, through a
     loss like the density field's (sum over channels: a stride-0 incoming gradient)."""
     pytest.importorskip("nerfstudio")
-    from landmark_plugin.grid.field import BlockFactors
+    from landmark_plugin.grid.factors import BlockFactors
 
     blocks, axes = (3, 2), MODES["vm"] * 2
     cells = [[6, 5, 4]] * 3 + [[3, 3, 2]] * 3

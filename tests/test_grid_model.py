@@ -124,10 +124,11 @@ def test_appearance_embedding_follows_the_image_index():
     samples.camera_indices = torch.tensor([0] * 8 + [3] * 8)[:, None]
     field.train()
     rgb = field(samples)[FieldHeadNames.RGB]
-    assert not torch.allclose(rgb[:8], rgb[8:])  # same points, different images
+    assert (rgb[:8] - rgb[8:]).abs().max() > 1e-3  # same points, different images
     field.eval()  # eval: the mean code, whatever the index ...
     rgb_eval = field(samples)[FieldHeadNames.RGB]
-    torch.testing.assert_close(rgb_eval[:8], rgb_eval[8:], atol=0, rtol=0)
+    # equal up to float32 rounding: a CPU's matmul kernel may block rows 0-7 and 8-15 differently
+    torch.testing.assert_close(rgb_eval[:8], rgb_eval[8:], atol=1e-6, rtol=0)
     field.eval_appearance_index = 3  # ... unless an image's appearance is picked
     torch.testing.assert_close(field(samples)[FieldHeadNames.RGB][:8], rgb[8:], atol=1e-6, rtol=0)
 

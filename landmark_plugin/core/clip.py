@@ -45,9 +45,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from landmark_plugin.core.binning import Window, _level_set, tile_ranges
 from landmark_plugin.core.partition import KDTree
 from landmark_plugin.core.projection import Projection, RasterSettings
-from landmark_plugin.core.raster_ref import Window, _level_set, rasterize, tile_ranges
+from landmark_plugin.core.raster_ref import rasterize
 
 CAMERA_SIZE = 16
 """Floats in a clip camera: camera-to-world rotation (9, row major), centre (3), fx, fy, cx, cy."""

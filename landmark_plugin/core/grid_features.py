@@ -35,14 +35,13 @@ seam therefore gets the same *plane* features from both blocks, and the same ful
 when the line is shared (``[1, Rl, C]``).
 
 On CUDA, ``block_features`` samples with the fused kernel of csrc/ (all blocks and factors in
-one launch, ``landmark_plugin.cuda.sample_block_features``); ``sample_block_features`` here is
+one launch, ``landmark_plugin.cuda_grid.sample_block_features``); ``sample_block_features`` here is
 its torch twin and the reference.
 """
 
 from __future__ import annotations
 
 import math
-
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -185,7 +184,7 @@ def block_features(
 
     Args:
         planes, lines, points, block_index, axes: as ``sample_block_features``.
-        backend: ``auto``: the kernel (``landmark_plugin.cuda.sample_block_features``) for CUDA
+        backend: ``auto``: the kernel (``landmark_plugin.cuda_grid.sample_block_features``) for CUDA
             inputs it takes (float32, one channel count), the twin otherwise, also when the kernel
             cannot be built (warned once) and under ``torch.use_deterministic_algorithms`` (the
             kernel's gradient atomics sum in no fixed order); ``cuda``: the kernel or an error;
@@ -194,15 +193,15 @@ def block_features(
     if backend not in FEATURE_BACKENDS:
         raise ValueError(f"backend must be one of {FEATURE_BACKENDS}, got {backend!r}")
     if backend == "cuda":
-        from landmark_plugin import cuda
+        from landmark_plugin import cuda_grid
 
-        return cuda.sample_block_features(planes, lines, points, block_index, axes)
+        return cuda_grid.sample_block_features(planes, lines, points, block_index, axes)
     if backend == "auto" and points.is_cuda and not torch.are_deterministic_algorithms_enabled():
-        from landmark_plugin import cuda
+        from landmark_plugin import cuda, cuda_grid
 
-        supported = cuda.block_features_unsupported(planes, lines, points, block_index, axes) is None
+        supported = cuda_grid.block_features_unsupported(planes, lines, points, block_index, axes) is None
         if supported and cuda.require(allow_fallback=True) is not None:
-            return cuda.sample_block_features(planes, lines, points, block_index, axes)
+            return cuda_grid.sample_block_features(planes, lines, points, block_index, axes)
     return sample_block_features(planes, lines, points, block_index, axes)
 
 

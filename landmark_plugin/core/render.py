@@ -20,13 +20,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from landmark_plugin.core.sh import camera_center
 from landmark_plugin.core.raster_ref import (
     RasterSettings,
     gaussian_colors,
     project_gaussians,
     rasterize,
 )
+from landmark_plugin.core.sh import camera_center
 
 Backend = Literal["auto", "gsplat", "torch"]
 

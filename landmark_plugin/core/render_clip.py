@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from landmark_plugin.core.binning import tile_ranges
 from landmark_plugin.core.clip import _REACH_MARGIN, Copies, clip_camera, rasterize_clipped, sharing_copies
 from landmark_plugin.core.projection import Projection, RasterSettings, project_gaussians
-from landmark_plugin.core.raster_ref import tile_ranges
 from landmark_plugin.core.render import (
     Backend,
     Gaussians,

@@ -64,8 +64,9 @@ from landmark_plugin.distributed.collectives import (
 )
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.gaussians.rows import migrate_, shard_
-from landmark_plugin.edits import LayoutEdits, RetinaLayout
+from landmark_plugin.edits import LayoutEdits
 from landmark_plugin.gaussians.frame import RetinaFrame
+from landmark_plugin.gaussians.layout import RetinaEditLayout
 
 
 @dataclass
@@ -171,7 +172,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
     def apply_edits(self, edits: LayoutEdits, source: str = "edits") -> None:
         """Install layout edits on this rank's shard (collective on several ranks): leaf boxes
         are cut from the extent of every rank's Gaussians, as in one process."""
-        RetinaLayout(self.model, means_extent=self._means_extent()).install(edits, source)
+        RetinaEditLayout(self.model, means_extent=self._means_extent()).install(edits, source)
 
     def _means_extent(self) -> torch.Tensor:
         """[2, 3] min / max corner of every rank's Gaussian means (float64, CPU)."""

@@ -32,8 +32,8 @@ from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree, leaf_counts
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.edits import RetinaLayout
 from landmark_plugin.gaussians.frame import RetinaFrame
+from landmark_plugin.gaussians.layout import RetinaEditLayout
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
@@ -191,9 +191,9 @@ class RetinaGSModel(SplatfactoModel):
                 self._set_tree(build_kdtree(self.means.detach(), self.config.tree_depth, axis_rule=self.config.split_axes))
             self.leaf_ids = assign_leaves(self.tree, self.means.detach())
 
-    def scene_layout(self) -> RetinaLayout:
+    def scene_layout(self) -> RetinaEditLayout:
         """The layout-edit adapter of this model."""
-        return RetinaLayout(self)
+        return RetinaEditLayout(self)
 
     def leaf_counts(self) -> torch.Tensor:
         return leaf_counts(self.leaf_ids, 2**self.config.tree_depth)

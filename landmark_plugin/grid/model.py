@@ -27,9 +27,9 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.models.nerfacto import NerfactoModel
 
-from landmark_plugin.edits import GridLayout
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
+from landmark_plugin.grid.layout import GridEditLayout
 from landmark_plugin.grid.occupancy import GridOccupancy, OccupancyConfig, occupancy_outputs
 from landmark_plugin.metrics import build_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
@@ -254,9 +254,9 @@ class LandmarkGridModel(NerfactoModel):
             self.occupancy.adopt_missing_state(state_dict, prefix + "occupancy.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def scene_layout(self) -> GridLayout:
+    def scene_layout(self) -> GridEditLayout:
         """The layout-edit adapter of this model."""
-        return GridLayout(self)
+        return GridEditLayout(self)
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """'grids' (planes and lines), 'decoder', 'proposal_networks' and the camera optimiser."""
