@@ -91,10 +91,10 @@ def reference_step(model, cameras, indices: List[int]):
     return float(loss), images
 
 
-def no_termination():
+def no_termination(rasterize_mode: str = "classic"):
     from landmark_plugin.core.projection import RasterSettings
 
-    return RasterSettings(min_transmittance=0.0)
+    return RasterSettings(min_transmittance=0.0, rasterize_mode=rasterize_mode)
 
 
 def _look_at(eye, target):

@@ -174,16 +174,20 @@ def _bounded_flips(a, b, name, scale=1.0):
     assert float(err.max()) <= 0.1, f"{name}: max {float(err.max()):.2e}"
 
 
-@pytest.mark.parametrize("depth", [2, 4])
-def test_one_pass_clip_render_equals_unpartitioned_gsplat(ext, depth):
+@pytest.mark.parametrize("depth, mode", [(2, "classic"), (4, "classic"), (2, "antialiased")])
+def test_one_pass_clip_render_equals_unpartitioned_gsplat(ext, depth, mode):
     """The clip-mode partial over all leaves (sharing, clipping, one pass, early termination
-    on) against gsplat.rasterization of all Gaussians: forward and parameter gradients."""
+    on) against gsplat.rasterization of all Gaussians: forward and parameter gradients, in
+    gsplat's classic and antialiased modes."""
+    import dataclasses
+
     from gsplat.rendering import rasterization
 
     from landmark_plugin.core.render import Gaussians
     from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 
     s = _scene(20 + depth, depth, n=8000, eye=(1.2, -0.9, 0.35))  # low, partly inside: oblique rays
+    s["settings"] = dataclasses.replace(s["settings"], rasterize_mode=mode)
     p = s["p"]
     names = ["means", "quats", "scales", "opacities", "colors"]
     g = torch.Generator(device="cuda").manual_seed(depth)
@@ -201,7 +205,7 @@ def test_one_pass_clip_render_equals_unpartitioned_gsplat(ext, depth):
         else:
             color, alpha, _ = rasterization(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"],
                                             leaves["colors"], s["viewmat"][None], s["K"][None], WIDTH, HEIGHT,
-                                            packed=False)
+                                            packed=False, rasterize_mode=mode)
             color, trans = color[0], 1.0 - alpha[0]
         loss = (color * cot_c).sum() + (trans * cot_t).sum()
         results[who] = (color.detach(), trans.detach(), torch.autograd.grad(loss, [leaves[k] for k in names]))

@@ -32,7 +32,8 @@ def _batch(step: int):
     return [(step * BATCH + k) % CAMERAS for k in range(BATCH)]
 
 
-def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch", adam_eps: float = 1e-15):
+def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch", adam_eps: float = 1e-15,
+                 rasterize_mode: str = "classic"):
     """Clip-mode training of the stress scene on this rank's shard (float64 on the CPU twin,
     float32 through the csrc/ kernel on CUDA)."""
     from landmark_plugin.core.schedule import Parts
@@ -48,7 +49,7 @@ def _clip_worker(comm, depth: int, device: str = "cpu", backend: str = "torch", 
     parts = Parts.of(depth, comm.world_size)
     ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten().cpu()
     shard_(comm, model, parts)
-    frame = RetinaFrame(comm, model, no_termination())
+    frame = RetinaFrame(comm, model, no_termination(rasterize_mode))
     model.frame = frame
     optimizers = make_optimizers(model, adam_eps)
     model.optimizers = optimizers
@@ -101,7 +102,7 @@ def compare_runs(results, ref_records, ref_params, tol) -> None:
     assert not off, f"{len(off)} of {len(diffs)} quantities differ by more than {tol['atol']}:\n{report}"
 
 
-def _unpartitioned_worker(comm, depth: int):
+def _unpartitioned_worker(comm, depth: int, rasterize_mode: str = "classic"):
     """All Gaussians in one group sorted by depth: the plain rule with a single leaf id."""
     from landmark_plugin.distributed.groups import Comm
     from landmark_plugin.gaussians.frame import RetinaFrame
@@ -109,7 +110,7 @@ def _unpartitioned_worker(comm, depth: int):
     torch.set_default_dtype(torch.float64)
     model, cameras = stress_model(depth), stress_cameras()
     model.config.mode = "plain"
-    model.frame = RetinaFrame(Comm.single(), model, no_termination())
+    model.frame = RetinaFrame(Comm.single(), model, no_termination(rasterize_mode))
     optimizers = make_optimizers(model)
     model.optimizers = optimizers
     records = []
@@ -131,9 +132,9 @@ def _unpartitioned_worker(comm, depth: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(tmp_dir, depth: int):
-    return run_ranks(_unpartitioned_worker, 1, tmp_dir / f"unpartitioned-{depth}", args=(depth,), timeout_s=120,
-                     **FAST_START)[0]
+def _reference(tmp_dir, depth: int, rasterize_mode: str = "classic"):
+    return run_ranks(_unpartitioned_worker, 1, tmp_dir / f"unpartitioned-{depth}-{rasterize_mode}",
+                     args=(depth, rasterize_mode), timeout_s=120, **FAST_START)[0]
 
 
 @pytest.mark.slow
@@ -144,6 +145,19 @@ def test_clip_on_any_world_size_equals_the_unpartitioned_render(tmp_path, world_
     ref_records, ref_params = _reference(tmp_path.parent, depth)
     if world_size > 1:
         assert all(r["received"] > 0 for r in results), "the stress scene must make every rank draw others' copies"
+    compare_runs(results, ref_records, ref_params, TOL)
+
+
+@pytest.mark.slow
+def test_antialiased_clip_on_two_ranks_equals_the_unpartitioned_antialiased_render(tmp_path):
+    """rasterize_mode antialiased: the sender and the receiver of a shared Gaussian compensate
+    its opacity for the camera alike, so the partition stays invisible."""
+    results = run_ranks(_clip_worker, 2, tmp_path / "clip", args=(2, "cpu", "torch", 1e-15, "antialiased"),
+                        timeout_s=180, **FAST_START)
+    ref_records, ref_params = _reference(tmp_path.parent, 2, "antialiased")
+    classic_records, _ = _reference(tmp_path.parent, 2)
+    assert all(r["received"] > 0 for r in results)
+    assert abs(ref_records[0]["loss"] - classic_records[0]["loss"]) > 1e-4, "antialiasing must change the render"
     compare_runs(results, ref_records, ref_params, TOL)
 
 

@@ -91,20 +91,21 @@ def test_projection_matches_gsplat(seed):
     torch.testing.assert_close(ours.depths[both], depths[0][both], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("sh_degree", [None, 3])
-def test_render_matches_gsplat_rasterization(seed, sh_degree):
+@pytest.mark.parametrize("seed, sh_degree, mode", [(0, None, "classic"), (1, None, "classic"), (2, None, "classic"),
+                                                   (0, 3, "classic"), (1, 3, "classic"), (2, 3, "classic"),
+                                                   (0, 3, "antialiased"), (1, None, "antialiased")])
+def test_render_matches_gsplat_rasterization(seed, sh_degree, mode):
     rasterization = _gsplat()
     params, viewmat, K = _scene(seed, sh_degree)
     with torch.no_grad():
         ours_c, ours_t = render_ref(
             params["means"], params["quats"], params["scales"], params["opacities"], params["colors"],
-            viewmat, K, WIDTH, HEIGHT, RasterSettings(), sh_degree=sh_degree, render_depth=True,
+            viewmat, K, WIDTH, HEIGHT, RasterSettings(rasterize_mode=mode), sh_degree=sh_degree, render_depth=True,
         )
         theirs_c, theirs_a, _ = rasterization(
             params["means"], params["quats"], params["scales"], params["opacities"], params["colors"],
             viewmat[None], K[None], WIDTH, HEIGHT, sh_degree=sh_degree, render_mode="RGB+ED",
-            rasterize_mode="classic", packed=False,
+            rasterize_mode=mode, packed=False,
         )
     assert float(theirs_a.mean()) > 0.2, "the scene must cover the image"
     _agreement(ours_c[..., :3], theirs_c[0, ..., :3], "colour")

@@ -325,13 +325,13 @@ def test_projection_matches_gsplat_torch(seed):
     params = random_gaussians(500, seed, low=-2.0, high=2.0, scale_range=(0.01, 0.5))
     width, height = 64, 48
     viewmat, K = look_at([0.5, -3.0, 1.0], [0.0, 0.0, 0.2]), intrinsics(width, height, fov_deg=70)
-    settings = RasterSettings()
+    settings = RasterSettings(rasterize_mode="antialiased")
     ours = project_gaussians(params["means"], params["quats"], params["scales"], viewmat, K, width, height, settings)
     covars, _ = impl._quat_scale_to_covar_preci(params["quats"], params["scales"], compute_preci=False)
     torch.testing.assert_close(quat_scale_to_covar(params["quats"], params["scales"]), covars, **TOL64_GSPLAT)
-    radii, means2d, depths, conics, _ = impl._fully_fused_projection(
+    radii, means2d, depths, conics, compensations = impl._fully_fused_projection(
         params["means"], covars, viewmat[None], K[None], width, height, eps2d=settings.eps2d,
-        near_plane=settings.near_plane, far_plane=settings.far_plane,
+        near_plane=settings.near_plane, far_plane=settings.far_plane, calc_compensations=True,
     )
     visible = ours.radii > 0
     assert 50 < int(visible.sum()) < 500, "the scene must have both culled and visible Gaussians"
@@ -339,6 +339,11 @@ def test_projection_matches_gsplat_torch(seed):
     torch.testing.assert_close(ours.means2d[visible], means2d[0][visible], **TOL64_GSPLAT)
     torch.testing.assert_close(ours.conics[visible], conics[0][visible], **TOL64_GSPLAT)
     torch.testing.assert_close(ours.depths, depths[0], **TOL64_GSPLAT)
+    # antialiased mode: the opacity compensation of gsplat's rasterize_mode="antialiased"
+    torch.testing.assert_close(ours.compensations[visible], compensations[0][visible], **TOL64_GSPLAT)
+    assert float(ours.compensations[visible].min()) < 0.5 < float(ours.compensations[visible].max())
+    classic = project_gaussians(params["means"], params["quats"], params["scales"], viewmat, K, width, height)
+    assert classic.compensations is None and torch.equal(classic.radii, ours.radii)
 
     tiles = tile_ranges(ours.means2d, ours.radii, 16, width, height)
     tiles_per_gauss, _, _ = impl._isect_tiles(

@@ -6,12 +6,18 @@ half-angle tangent on each side; ``eps2d`` added to the 2D covariance diagonal; 
 its inverse; radius = ceil(3 sqrt(b + sqrt(max(0.01, b^2 - det)))) with b = trace / 2; and
 radius 0 for depth outside [near, far], det <= 0, radius <= radius_clip, or a footprint
 square fully off-screen.  Differentiable by autograd, CPU or GPU, float32 or float64.
+
+``rasterize_mode="antialiased"`` (gsplat's, Mip-Splatting's 2D filter): the blur eps2d would
+make small splats grow and brighten, so each opacity is scaled by the compensation
+sqrt(max(0, det(cov2d) / det(cov2d + eps2d I))) that keeps the splat's integral; every
+rasteriser then uses ``Projection.opacities`` of the camera, exactly as gsplat's
+``rasterization`` multiplies the opacities before its rasteriser.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,9 @@ class RasterSettings:
     """A pixel ends before the Gaussian that would drop T to this or below; 0 disables."""
     radius_clip: float = 0.0
     """Gaussians with a screen radius (pixels) at or below this are culled."""
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"
+    """classic: 3DGS's rule.  antialiased: opacities scaled by the eps2d blur's compensation
+    (gsplat's ``rasterize_mode``; see the module docstring)."""
     max_candidates: int = 2**20
     """Memory bound: the window is rendered in bands of pixel rows holding about this many
     (pixel, Gaussian) candidates each, and with several bands each is recomputed in backward
@@ -52,10 +61,16 @@ class Projection(NamedTuple):
     conics: Float[Tensor, "N 3"]
     depths: Float[Tensor, " N"]
     radii: Int[Tensor, " N"]
+    compensations: Optional[Float[Tensor, " N"]] = None
+    """Antialiased mode: the factor on every opacity for this camera; None in classic mode."""
 
     def take(self, index: Int[Tensor, " M"]) -> "Projection":
         """The rows ``index`` (differentiable)."""
-        return Projection(*(t[index] for t in self))
+        return Projection(*(None if t is None else t[index] for t in self))
+
+    def opacities(self, opacities: Float[Tensor, " N"]) -> Float[Tensor, " N"]:
+        """The opacities the rasteriser and the sharing rule use for this camera."""
+        return opacities if self.compensations is None else opacities * self.compensations
 
 
 def quat_scale_to_covar(
@@ -137,7 +152,8 @@ def project_gaussians(
 
     Returns:
         Projection with [N, 2] means2d, [N, 3] conics (a, b, c of the inverse blurred
-        covariance), [N] camera depths and [N] int32 radii (0 = culled).
+        covariance), [N] camera depths, [N] int32 radii (0 = culled) and, antialiased, [N]
+        compensations.
     """
     means_c, covars_c = world_to_camera(means, quat_scale_to_covar(quats, scales), viewmat)
     depth = means_c[:, 2]
@@ -150,14 +166,21 @@ def project_gaussians(
     c = cov2d[:, 1, 1] + settings.eps2d
     det = a * c - b * b
     det_ok = det > 0
-    inv_det = 1.0 / torch.where(det_ok, det, torch.ones_like(det))
+    safe_det = torch.where(det_ok, det, torch.ones_like(det))
+    inv_det = 1.0 / safe_det
     conics = torch.stack([c * inv_det, -b * inv_det, a * inv_det], dim=-1)
+    compensations = None
+    if settings.rasterize_mode == "antialiased":
+        det_orig = cov2d[:, 0, 0] * cov2d[:, 1, 1] - cov2d[:, 0, 1] * cov2d[:, 1, 0]
+        # clamped above 0 before the root, so sqrt's gradient stays finite where it is 0
+        ratio = (det_orig / safe_det).clamp(min=0.0)
+        compensations = torch.where(ratio > 0, torch.sqrt(torch.where(ratio > 0, ratio, 1.0)), 0.0)
     radius = _screen_radius(a.detach(), c.detach(), det.detach())
     mx, my = means2d[:, 0].detach(), means2d[:, 1].detach()
     on_screen = (mx + radius > 0) & (mx - radius < width) & (my + radius > 0) & (my - radius < height)
     keep = depth_ok & det_ok & (radius > settings.radius_clip) & on_screen
     radii = torch.where(keep, radius, torch.zeros_like(radius)).to(torch.int32)
-    return Projection(means2d=means2d, conics=conics, depths=depth, radii=radii)
+    return Projection(means2d=means2d, conics=conics, depths=depth, radii=radii, compensations=compensations)
 
 
 def _screen_radius(

@@ -1,7 +1,7 @@
 """Torch reference rasteriser: gsplat 1.4.0's classic 3DGS rule, differentiable by autograd.
 
-It reproduces ``gsplat.rasterization(rasterize_mode="classic", packed=False)`` for one
-pinhole camera, on CPU or GPU, in float32 or float64:
+It reproduces ``gsplat.rasterization(packed=False)`` (``rasterize_mode`` classic or antialiased,
+see ``core/projection.py``) for one pinhole camera, on CPU or GPU, in float32 or float64:
 
 * projection (``fully_fused_projection``): see ``core/projection.py``;
 * tile binning (``isect_tiles``): a Gaussian is a candidate for the pixels of every tile
@@ -338,4 +338,4 @@ def render_ref(
         colors = colors_or_sh
     if render_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
-    return rasterize(proj, colors, opacities, width, height, settings, group)
+    return rasterize(proj, colors, proj.opacities(opacities), width, height, settings, group)

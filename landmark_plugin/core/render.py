@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from landmark_plugin.core.raster_ref import (
+    Projection,
     RasterSettings,
     gaussian_colors,
     project_gaussians,
@@ -104,16 +105,38 @@ def _colors(gaussians: Gaussians, campos: Tensor, sh_degree: Optional[int]) -> T
     return gaussian_colors(gaussians.sh, gaussians.means, campos, sh_degree)
 
 
+def project(
+    gaussians: Gaussians,
+    viewmat: Float[Tensor, "4 4"],
+    K: Float[Tensor, "3 3"],
+    width: int,
+    height: int,
+    settings: RasterSettings,
+    backend: Literal["gsplat", "torch"],
+) -> Projection:
+    """The projection every render of ``backend`` uses: gsplat's CUDA ``fully_fused_projection``
+    or its torch twin (``projection.project_gaussians``); compensations in antialiased mode."""
+    if backend == "torch":
+        return project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
+    from gsplat.cuda._wrapper import fully_fused_projection
+
+    radii, means2d, depths, conics, compensations = fully_fused_projection(
+        gaussians.means, None, gaussians.quats, gaussians.scales, viewmat[None], K[None], width, height,
+        eps2d=settings.eps2d, near_plane=settings.near_plane, far_plane=settings.far_plane,
+        radius_clip=settings.radius_clip, packed=False, calc_compensations=settings.rasterize_mode == "antialiased",
+    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3], compensations [1, N] or None
+    return Projection(means2d[0], conics[0], depths[0], radii[0], None if compensations is None else compensations[0])
+
+
 def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth):
-    proj = project_gaussians(
-        gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings
-    )
+    proj = project(gaussians, viewmat, K, width, height, settings, "torch")
     means2d = proj.means2d[None]  # the tensor whose gradient densification reads
     proj = proj._replace(means2d=means2d[0])
     colors = _colors(gaussians, camera_center(viewmat), sh_degree)
     if with_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
-    color, transmittance = rasterize(proj, colors, gaussians.opacities, width, height, settings, group=leaf_position)
+    opacities = proj.opacities(gaussians.opacities)
+    color, transmittance = rasterize(proj, colors, opacities, width, height, settings, group=leaf_position)
     return Partial(color, transmittance, means2d, proj.radii[None])
 
 
@@ -121,28 +144,14 @@ def _render_partial_gsplat(
     gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad, num_leaf_positions
 ):
     from gsplat.cuda._wrapper import (
-        fully_fused_projection,
         isect_offset_encode,
         isect_tiles,
         rasterize_to_pixels,
         spherical_harmonics,
     )
 
-    radii, means2d, depths, conics, _ = fully_fused_projection(
-        gaussians.means,
-        None,
-        gaussians.quats,
-        gaussians.scales,
-        viewmat[None],
-        K[None],
-        width,
-        height,
-        eps2d=settings.eps2d,
-        near_plane=settings.near_plane,
-        far_plane=settings.far_plane,
-        radius_clip=settings.radius_clip,
-        packed=False,
-    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
+    proj = project(gaussians, viewmat, K, width, height, settings, "gsplat")
+    means2d, depths, conics, radii = proj.means2d[None], proj.depths[None], proj.conics[None], proj.radii[None]
     campos = camera_center(viewmat)
     if sh_degree is None:
         colors = gaussians.sh[None, :, 0, :]
@@ -169,7 +178,7 @@ def _render_partial_gsplat(
         means2d,
         conics,
         colors,
-        gaussians.opacities[None],
+        proj.opacities(gaussians.opacities)[None],
         width,
         height,
         tile,

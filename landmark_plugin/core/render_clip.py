@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -24,13 +24,14 @@ from torch import Tensor
 
 from landmark_plugin.core.binning import tile_ranges
 from landmark_plugin.core.clip import _REACH_MARGIN, Copies, clip_camera, rasterize_clipped, sharing_copies
-from landmark_plugin.core.projection import Projection, RasterSettings, project_gaussians
+from landmark_plugin.core.projection import Projection, RasterSettings
 from landmark_plugin.core.render import (
     Backend,
     Gaussians,
     Partial,
     _colors,
     _sort_by_tile_leaf_depth_torch,
+    project,
     resolve_backend,
 )
 from landmark_plugin.core.sh import camera_center
@@ -96,28 +97,6 @@ def render_partial_clipped(
     return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask)
 
 
-def project(
-    gaussians: Gaussians,
-    viewmat: Float[Tensor, "4 4"],
-    K: Float[Tensor, "3 3"],
-    width: int,
-    height: int,
-    settings: RasterSettings,
-    backend: Literal["gsplat", "torch"],
-) -> Projection:
-    """The projection the clipped render of ``backend`` uses (gsplat's, or the torch twin)."""
-    if backend == "torch":
-        return project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
-    from gsplat.cuda._wrapper import fully_fused_projection
-
-    radii, means2d, depths, conics, _ = fully_fused_projection(
-        gaussians.means, None, gaussians.quats, gaussians.scales, viewmat[None], K[None], width, height,
-        eps2d=settings.eps2d, near_plane=settings.near_plane, far_plane=settings.far_plane,
-        radius_clip=settings.radius_clip, packed=False,
-    )  # radii [1, N], means2d [1, N, 2], depths [1, N], conics [1, N, 3]
-    return Projection(means2d[0], conics[0], depths[0], radii[0])
-
-
 @torch.no_grad()
 def reached_leaves(
     gaussians: Gaussians,
@@ -139,7 +118,8 @@ def reached_leaves(
     which = resolve_backend(backend, gaussians.means.device)
     proj = project(gaussians, viewmat, K, width, height, settings, which)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
-    copies = sharing_copies(proj, gaussians.opacities, camera, boxes, width, height, settings, use_kernel=which == "gsplat")
+    opacities = proj.opacities(gaussians.opacities)
+    copies = sharing_copies(proj, opacities, camera, boxes, width, height, settings, use_kernel=which == "gsplat")
     return copies, proj.radii
 
 
@@ -176,18 +156,19 @@ def _keep_masked_entries(
 
 
 def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask) -> Partial:
-    proj = project_gaussians(gaussians.means, gaussians.quats, gaussians.scales, viewmat, K, width, height, settings)
+    proj = project(gaussians, viewmat, K, width, height, settings, "torch")
     means2d = proj.means2d[None]
     proj = proj._replace(means2d=means2d[0])
     colors = _colors(gaussians, camera_center(viewmat), sh_degree)
     if with_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
-    copies = sharing_copies(proj, gaussians.opacities, camera, leaves.boxes, width, height, settings)
+    opacities = proj.opacities(gaussians.opacities)
+    copies = sharing_copies(proj, opacities, camera, leaves.boxes, width, height, settings)
     if leaf_mask is not None:
         copies = copies.take(torch.nonzero(leaf_mask.to(copies.leaf.device)[copies.leaf]).flatten())
     color, trans = rasterize_clipped(
-        proj, colors, gaussians.opacities, copies, leaves.boxes, camera, width, height, settings,
+        proj, colors, opacities, copies, leaves.boxes, camera, width, height, settings,
         leaf_position=leaves.leaf_position,
     )
     return Partial(color, trans, means2d, proj.radii[None])
@@ -270,15 +251,16 @@ def _clipped_cuda(
     if with_depth:
         colors = torch.cat([colors, depths[0, :, None]], dim=-1)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
+    opacities = projected.opacities(gaussians.opacities)
     proj = Projection(means2d[0].detach(), conics[0].detach(), depths[0].detach(), radii[0])
-    entries = clip_intersections(proj, gaussians.opacities.detach(), camera, leaves, width, height, settings)
+    entries = clip_intersections(proj, opacities.detach(), camera, leaves, width, height, settings)
     if leaf_mask is not None:
         entries = _keep_masked_entries(
-            proj, gaussians.opacities.detach(), camera, leaves, width, height, settings, entries, leaf_mask
+            proj, opacities.detach(), camera, leaves, width, height, settings, entries, leaf_mask
         )
     offsets, flatten_ids, isect_boxes = entries
     color, trans = rasterize_clipped_cuda(
-        means2d, conics, colors, gaussians.opacities, depths[0], leaves.boxes, camera, width, height,
+        means2d, conics, colors, opacities, depths[0], leaves.boxes, camera, width, height,
         offsets, flatten_ids, isect_boxes, settings, absgrad=absgrad,
     )
     return Partial(color, trans, means2d, radii)

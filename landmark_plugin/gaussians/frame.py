@@ -44,8 +44,8 @@ from landmark_plugin.core.composite import composite, expected_depth, paste_part
 from landmark_plugin.core.edits import edit_gaussians
 from landmark_plugin.core.order import camera_leaf_order, order_positions
 from landmark_plugin.core.raster_ref import RasterSettings
-from landmark_plugin.core.render import Gaussians, camera_center, render_partial, resolve_backend
-from landmark_plugin.core.render_clip import ClipLeaves, project, render_partial_clipped
+from landmark_plugin.core.render import Gaussians, camera_center, project, render_partial, resolve_backend
+from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.core.schedule import Parts, assign_owners, content_rect, pack_cameras, part_order
 from landmark_plugin.distributed.collectives import (
     ExchangePlan,
@@ -77,10 +77,12 @@ class View:
 class RetinaFrame:
     """The frame path of a (possibly sharded) ``RetinaGSModel`` (see module docstring)."""
 
-    def __init__(self, comm: Comm, model, settings: RasterSettings = RasterSettings()):
+    def __init__(self, comm: Comm, model, settings: Optional[RasterSettings] = None):
+        """``settings``: the rasterisation constants; default gsplat's (which splatfacto uses)
+        with the model's ``rasterize_mode``."""
         self.comm = comm
         self.model = model
-        self.settings = settings
+        self.settings = settings if settings is not None else RasterSettings(rasterize_mode=model.config.rasterize_mode)
         self.parts = Parts.of(model.config.tree_depth, comm.world_size)
         self.my_parts = self.parts.of_rank(comm.rank)
         self.leaf_part = self.parts.leaf_part()
