@@ -48,6 +48,10 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     if scene == "city":
         city = CityConfig(num_images=120, width=320, height=240)
         return SyntheticCityDataParserConfig(data=work / "city-bench", city=city), "synthetic city, 120 images 320x240"
+    if scene == "city-appearance":  # light, exposure and white balance change per image
+        city = CityConfig(num_images=120, width=320, height=240, vary_appearance=True)
+        return (SyntheticCityDataParserConfig(data=work / "city-appearance", city=city),
+                "synthetic city with per-image appearance, 120 images 320x240")
     if scene == "city-1080":
         city = CityConfig(num_images=40, width=1920, height=1080)
         return SyntheticCityDataParserConfig(data=work / "city-1080", city=city), "synthetic city, 40 images 1920x1080"

@@ -153,3 +153,41 @@ def test_nerfstudio_reads_the_point_cloud_with_open3d(tiny_city):
     ours = parse_checked(synthetic_city_config(tiny_city, orientation_method="none", center_method="poses"), "train")
     torch.testing.assert_close(theirs["points3D_xyz"], ours.metadata["points3D_xyz"])
     assert torch.equal(theirs["points3D_rgb"], ours.metadata["points3D_rgb"])
+
+
+def test_varying_appearance_changes_light_and_exposure_not_geometry(tmp_path):
+    """vary_appearance: per image a time of day, an exposure and a white balance, drawn from the
+    seed (same bytes twice, also from worker processes); the geometry and the point cloud stay."""
+    varying = dataclasses.replace(EIGHT_SMALL, vary_appearance=True)
+    fixed = dataset_bytes(write_city(tmp_path / "fixed", EIGHT_SMALL))
+    first = dataset_bytes(write_city(tmp_path / "a", varying))
+    assert first == dataset_bytes(write_city(tmp_path / "b", varying, workers=2))
+    assert first["sparse_pc.ply"] == fixed["sparse_pc.ply"]
+    images = sorted(name for name in first if name.startswith("images/"))
+    ratios = []
+    for name in images:
+        a, f = (cv2.imdecode(np.frombuffer(d[name], np.uint8), cv2.IMREAD_COLOR).astype(np.float64) for d in (first, fixed))
+        assert np.abs(a - f).mean() > 3.0, f"{name}: appearance must change the image"
+        ratios.append(a.reshape(-1, 3).mean(0) / f.reshape(-1, 3).mean(0))  # BGR
+    ratios = np.array(ratios)
+    assert np.log(ratios[:, 1]).std() > 0.15, f"exposure must vary between images: {ratios[:, 1]}"
+    assert np.log(ratios[:, 2] / ratios[:, 0]).std() > 0.03, "the colour balance must vary between images"
+    frames = json.loads(first["transforms.json"])["frames"]
+    exposures = [frame["appearance"]["exposure"] for frame in frames]
+    assert len(exposures) == 8 and all(0.5 <= e <= 2**0.7 for e in exposures)
+    assert "appearance" not in json.loads(fixed["transforms.json"])["frames"][0]
+
+
+def test_varying_appearance_keeps_the_depth_and_the_first_images():
+    from landmark_plugin.data.city import make_appearances
+
+    config = dataclasses.replace(EIGHT_SMALL, vary_appearance=True)
+    layout, cameras = make_layout(config), make_cameras(config, make_layout(config))
+    more = make_appearances(dataclasses.replace(config, num_images=30))
+    for i, appearance in enumerate(make_appearances(config)):
+        np.testing.assert_array_equal(appearance.gain, more[i].gain)
+        np.testing.assert_array_equal(appearance.sun_dir, more[i].sun_dir)
+    c2w, K = cameras.camera_to_worlds[3], cameras.intrinsics
+    _, depth = render_view(layout, c2w, K, 96, 72)
+    _, lit_depth = render_view(layout, c2w, K, 96, 72, make_appearances(config)[3])
+    np.testing.assert_array_equal(depth, lit_depth)

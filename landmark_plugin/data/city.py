@@ -17,20 +17,22 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
 from jaxtyping import Bool, Float
 
-from landmark_plugin.data.city_render import CityLayout, render_view, sample_points
+from landmark_plugin.data.city_render import CityLayout, ImageAppearance, render_view, sample_points
 from landmark_plugin.data.ply import write_points_ply
 
 __all__ = [
     "CityConfig",
     "CityCameras",
     "CityLayout",
+    "ImageAppearance",
     "look_at",
+    "make_appearances",
     "make_layout",
     "make_cameras",
     "render_view",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 # Independent random streams, so that e.g. asking for more images never moves a building.
-_LAYOUT_STREAM, _CAMERA_STREAM, _POINTS_STREAM = 0, 1, 2
+_LAYOUT_STREAM, _CAMERA_STREAM, _POINTS_STREAM, _APPEARANCE_STREAM = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class CityConfig:
     """Number of points in the sparse point cloud (sparse_pc.ply)."""
     test_every: int = 8
     """Every test_every-th image (0, test_every, ...) is a test image; the others train."""
+    vary_appearance: bool = False
+    """Light and camera response change from image to image, as over a capture taken across a
+    day: each image gets a time of day (the sun's direction and colour, the skylight's colour),
+    an exposure (x0.5 to x1.6) and a white balance (red and blue gains, about +-15 %), drawn from
+    the seed.  Geometry, albedos and the point cloud stay those of the fixed light;
+    transforms.json records every image's values under "appearance"."""
 
     def __post_init__(self) -> None:
         # Fail at construction, not half-way through writing a dataset.
@@ -253,6 +261,35 @@ def _street_poses(layout: CityLayout, config: CityConfig, n: int, rng: np.random
     return np.stack(poses) if poses else np.zeros((0, 4, 4))
 
 
+def make_appearances(config: CityConfig) -> List[Optional[ImageAppearance]]:
+    """Every image's light and camera gain (``vary_appearance``), or None each (the fixed light).
+
+    Four draws per image from their own stream, in image order, so more images never change the
+    first ones: a time of day t (dawn 0 .. dusk 1; the sun rises in +x, passes -y at 8..60
+    degrees of elevation and sets in -x, warmer and weaker when low), an exposure in stops and
+    the red and blue white-balance gains.
+    """
+    if not config.vary_appearance:
+        return [None] * config.num_images
+    rng = _rng(config, _APPEARANCE_STREAM)
+    out = []
+    for _ in range(config.num_images):
+        t, stops, log_red, log_blue = rng.random(), rng.uniform(-1.0, 0.7), rng.normal(0.0, 0.08), rng.normal(0.0, 0.08)
+        elevation, azimuth = math.radians(8.0 + 52.0 * math.sin(math.pi * t)), -math.pi * t
+        high = math.sin(elevation) / math.sin(math.radians(60.0))  # 0.16 at dawn, 1 at noon
+        warm = 1.0 - high
+        out.append(
+            ImageAppearance(
+                sun_dir=np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
+                                  math.sin(elevation)]),
+                sun_rgb=(0.55 + 0.45 * high) * np.array([1.0, 1.0 - 0.25 * warm, 1.0 - 0.55 * warm]),
+                sky_rgb=np.array([1.0 - 0.05 * warm, 1.0 - 0.1 * warm, 1.0 - 0.25 * warm]) * (0.8 + 0.2 * high),
+                gain=2.0**stops * np.array([math.exp(log_red), 1.0, math.exp(log_blue)]),
+            )
+        )
+    return out
+
+
 def make_cameras(config: CityConfig, layout: CityLayout) -> CityCameras:
     """Aerial and street-level cameras, interleaved so that the test split holds both kinds."""
     rng = _rng(config, _CAMERA_STREAM)
@@ -300,8 +337,9 @@ def write_city(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     layout = make_layout(config)
     cameras = make_cameras(config, layout)
+    appearances = make_appearances(config)
     names = [f"images/frame_{i:05d}.png" for i in range(config.num_images)]
-    write = functools.partial(_write_view, out_dir, layout, cameras)
+    write = functools.partial(_write_view, out_dir, layout, cameras, appearances)
     if workers > 1:
         # fork: the workers start at once, with everything imported
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -321,9 +359,13 @@ def write_city(
     return out_dir
 
 
-def _write_view(out_dir: Path, layout: CityLayout, cameras: CityCameras, index: int, name: str) -> None:
-    """Ray cast camera `index` and write it to `out_dir / name`."""
-    rgb, _ = render_view(layout, cameras.camera_to_worlds[index], cameras.intrinsics, cameras.width, cameras.height)
+def _write_view(
+    out_dir: Path, layout: CityLayout, cameras: CityCameras, appearances: List[Optional[ImageAppearance]], index: int,
+    name: str,
+) -> None:
+    """Ray cast camera `index` under its appearance and write it to `out_dir / name`."""
+    rgb, _ = render_view(layout, cameras.camera_to_worlds[index], cameras.intrinsics, cameras.width, cameras.height,
+                         appearances[index])
     # cv2 because it writes the same bytes for the same pixels (no timestamps or metadata).
     if not cv2.imwrite(str(out_dir / name), np.ascontiguousarray(rgb[..., ::-1])):
         raise OSError(f"could not write {out_dir / name}")
@@ -350,9 +392,18 @@ def transforms_json(config: CityConfig, cameras: CityCameras, names: list) -> di
         "val_filenames": test,
         "test_filenames": test,
         "frames": [
-            {"file_path": name, "transform_matrix": c2w.tolist(), "street_level": bool(street)}
-            for name, c2w, street in zip(names, cameras.camera_to_worlds, cameras.is_street)
+            {"file_path": name, "transform_matrix": c2w.tolist(), "street_level": bool(street), **_appearance_record(a)}
+            for name, c2w, street, a in zip(names, cameras.camera_to_worlds, cameras.is_street, make_appearances(config))
         ],
         # Extra keys are ignored by nerfstudio; they record how to regenerate this exact scene.
         "synthetic_city": asdict(config),
     }
+
+
+def _appearance_record(appearance: Optional[ImageAppearance]) -> dict:
+    """An image's appearance for transforms.json (nothing under the fixed light)."""
+    if appearance is None:
+        return {}
+    exposure = float(appearance.gain[1])
+    return {"appearance": {"sun_dir": appearance.sun_dir.round(6).tolist(), "exposure": round(exposure, 6),
+                           "white_balance": (appearance.gain / exposure).round(6).tolist()}}

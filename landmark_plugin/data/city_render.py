@@ -8,7 +8,7 @@ sampled point has exactly the colour the images show there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
@@ -30,6 +30,21 @@ GLASS = np.array([0.12, 0.16, 0.24])
 LIT_WINDOW = np.array([0.95, 0.82, 0.52])
 SKY_HORIZON = np.array([0.78, 0.85, 0.93])
 SKY_ZENITH = np.array([0.38, 0.56, 0.84])
+
+
+@dataclass(frozen=True, eq=False)
+class ImageAppearance:
+    """How one image is lit and exposed, where the capture's appearance varies (``CityConfig.
+    vary_appearance``): the scene's albedos stay, the light and the camera's response change."""
+
+    sun_dir: Float[np.ndarray, "3"]
+    """Unit vector towards the sun at this image's time of day."""
+    sun_rgb: Float[np.ndarray, "3"]
+    """Colour and strength of the direct sunlight (scales DIFFUSE)."""
+    sky_rgb: Float[np.ndarray, "3"]
+    """Colour of the skylight (scales AMBIENT and the sky itself)."""
+    gain: Float[np.ndarray, "3"]
+    """Camera response on linear radiance: exposure times white balance, per channel."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,11 +182,18 @@ def wall_albedo(
 
 
 def shade(
-    layout: CityLayout, albedo: Float[np.ndarray, "N 3"], normal: Float[np.ndarray, "N 3"]
+    layout: CityLayout,
+    albedo: Float[np.ndarray, "N 3"],
+    normal: Float[np.ndarray, "N 3"],
+    appearance: Optional[ImageAppearance] = None,
 ) -> Float[np.ndarray, "N 3"]:
-    """Lambertian radiance under the sun plus ambient light, clipped to [0, 1]."""
-    light = AMBIENT + DIFFUSE * np.clip(normal @ layout.sun_dir, 0.0, None)
-    return np.clip(albedo * light[:, None], 0.0, 1.0)
+    """Lambertian radiance under the sun plus ambient light: the layout's fixed light clipped to
+    [0, 1], or an image's light (left unclipped: the camera's gain comes first)."""
+    if appearance is None:
+        light = AMBIENT + DIFFUSE * np.clip(normal @ layout.sun_dir, 0.0, None)
+        return np.clip(albedo * light[:, None], 0.0, 1.0)
+    direct = np.clip(normal @ appearance.sun_dir, 0.0, None)[:, None] * appearance.sun_rgb
+    return albedo * (AMBIENT * appearance.sky_rgb + DIFFUSE * direct)
 
 
 def surface_radiance(
@@ -180,8 +202,10 @@ def surface_radiance(
     building: Int[np.ndarray, " N"],
     face: Int[np.ndarray, " N"],
     points: Float[np.ndarray, "N 3"],
+    appearance: Optional[ImageAppearance] = None,
 ) -> Float[np.ndarray, "N 3"]:
-    """Colour of surface points (GROUND, ROOF or WALL; building/face ignored where unused)."""
+    """Colour of surface points (GROUND, ROOF or WALL; building/face ignored where unused),
+    under the layout's fixed light or one image's (``shade``)."""
     out = np.zeros((len(points), 3))
     up = np.array([[0.0, 0.0, 1.0]])
     for code in (GROUND, ROOF, WALL):
@@ -189,12 +213,12 @@ def surface_radiance(
         if not sel.any():
             continue
         if code == GROUND:
-            out[sel] = shade(layout, ground_albedo(layout, points[sel, :2]), up)
+            out[sel] = shade(layout, ground_albedo(layout, points[sel, :2]), up, appearance)
         elif code == ROOF:
-            out[sel] = shade(layout, roof_albedo(layout, building[sel], points[sel, :2]), up)
+            out[sel] = shade(layout, roof_albedo(layout, building[sel], points[sel, :2]), up, appearance)
         else:
             albedo = wall_albedo(layout, building[sel], face[sel], points[sel])
-            out[sel] = shade(layout, albedo, FACE_NORMALS[face[sel]])
+            out[sel] = shade(layout, albedo, FACE_NORMALS[face[sel]], appearance)
     return out
 
 
@@ -289,9 +313,15 @@ def trace(
 
 
 def render_view(
-    layout: CityLayout, c2w: Float[np.ndarray, "4 4"], K: Float[np.ndarray, "3 3"], width: int, height: int
+    layout: CityLayout,
+    c2w: Float[np.ndarray, "4 4"],
+    K: Float[np.ndarray, "3 3"],
+    width: int,
+    height: int,
+    appearance: Optional[ImageAppearance] = None,
 ) -> Tuple[np.ndarray, Float[np.ndarray, "H W"]]:
-    """Ray cast one pinhole view (OpenGL c2w, pixel-centre rays).
+    """Ray cast one pinhole view (OpenGL c2w, pixel-centre rays), under the layout's fixed
+    light or under ``appearance`` (this image's light and camera gain).
 
     Returns rgb uint8 [H, W, 3] and z-depth float32 [H, W] (distance along the optical axis,
     inf where the ray sees sky).
@@ -300,9 +330,12 @@ def render_view(
     flat = depth.ravel()
     dirs_flat = dirs.reshape(-1, 3)
     points = c2w[:3, 3] + np.where(np.isfinite(flat), flat, 0.0)[:, None] * dirs_flat
-    rgb = surface_radiance(layout, surface.ravel(), building.ravel(), face.ravel(), points)
+    rgb = surface_radiance(layout, surface.ravel(), building.ravel(), face.ravel(), points, appearance)
     sky = surface.ravel() == SKY
     rgb[sky] = sky_radiance(dirs_flat[sky])
+    if appearance is not None:
+        rgb[sky] *= appearance.sky_rgb
+        rgb *= appearance.gain
     return to_uint8(rgb).reshape(height, width, 3), depth.astype(np.float32)
 
 

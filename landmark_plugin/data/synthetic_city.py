@@ -62,7 +62,11 @@ def _warn_if_other_city(transforms: Path, city: CityConfig) -> None:
         recorded = json.loads(transforms.read_text()).get("synthetic_city")
     except (OSError, ValueError, AttributeError):
         return  # the parser's own checks will report a broken file
-    if recorded is not None and recorded != json.loads(json.dumps(asdict(city))):
+    if not isinstance(recorded, dict):
+        return
+    # a city written before an option existed was written with its default
+    recorded = {**json.loads(json.dumps(asdict(CityConfig()))), **recorded}
+    if recorded != json.loads(json.dumps(asdict(city))):
         CONSOLE.log(f"[yellow]{transforms} was generated with other city settings; using it as it is")
 
 
