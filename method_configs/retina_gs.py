@@ -41,6 +41,11 @@ def gaussian_optimizers(max_steps: int) -> dict:
         "opacities": {"optimizer": adam(0.05), "scheduler": None},
         "scales": {"optimizer": adam(0.005), "scheduler": None},
         "quats": {"optimizer": adam(0.001), "scheduler": None},
+        # splatfacto's; used with --pipeline.model.use-bilateral-grid True
+        "bilateral_grid": {
+            "optimizer": AdamOptimizerConfig(lr=2e-3, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
+        },
         "camera_opt": {
             "optimizer": adam(1e-4),
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),

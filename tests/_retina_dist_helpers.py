@@ -14,8 +14,9 @@ NUM_CAMERAS = 6
 LRS = {"means": 1.6e-3, "features_dc": 0.0025, "features_rest": 0.0025 / 20, "opacities": 0.05, "scales": 0.005, "quats": 0.001}
 
 
-def make_model(num_points: int = 300, depth: int = 2, seed: int = 0):
-    """A float64 RetinaGSModel, identical on every process (seeded), densification off."""
+def make_model(num_points: int = 300, depth: int = 2, seed: int = 0, **options):
+    """A float64 RetinaGSModel, identical on every process (seeded), densification off;
+    ``options``: more RetinaGSModelConfig fields."""
     from nerfstudio.data.scene_box import SceneBox
 
     from landmark_plugin.gaussians.model import RetinaGSModelConfig
@@ -24,7 +25,8 @@ def make_model(num_points: int = 300, depth: int = 2, seed: int = 0):
     pts = (torch.rand(num_points, 3, generator=g) - 0.5) * 2
     rgb = (torch.rand(num_points, 3, generator=g) * 255).to(torch.uint8)
     config = RetinaGSModelConfig(
-        tree_depth=depth, sh_degree=1, background_color="white", stop_split_at=0, num_downscales=0, backend="torch"
+        tree_depth=depth, sh_degree=1, background_color="white", stop_split_at=0, num_downscales=0, backend="torch",
+        **options,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -121,10 +123,10 @@ def stress_cameras():
     )
 
 
-def stress_model(depth: int):
+def stress_model(depth: int, **options):
     """The tiny float64 model in clip mode, a fifth of its Gaussians made large or elongated so
     that they straddle the partition's planes (shared by several leaves, hence ranks)."""
-    model = make_model(num_points=240, depth=depth)
+    model = make_model(num_points=240, depth=depth, **options)
     model.config.mode = "clip"
     g = torch.Generator().manual_seed(7)
     n = model.num_points

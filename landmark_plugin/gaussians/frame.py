@@ -57,6 +57,7 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info
 from landmark_plugin.gaussians.rows import split_columns
 from landmark_plugin.gaussians.sharing import join, parts_reached, share_rows
@@ -258,6 +259,7 @@ class RetinaFrame:
             if int(owners[b]) == self.comm.rank:
                 crops = {tasks[i].part: (received[i], tasks[i].rect) for i in received if tasks[i].camera == b}
                 outputs[b] = self._composite(views[b], crops, with_depth)
+                outputs[b]["rgb"] = apply_appearance(self.model, outputs[b]["rgb"], image_index(cameras, b))
         return outputs, anchor
 
     def _render_local(self, views: List[View], visible: Tensor, owners: Tensor, with_depth: bool, anchor: Tensor):
@@ -409,4 +411,8 @@ class RetinaFrame:
             "loss and metrics",
         )
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
-        return {"main_loss": main_loss}, {"psnr": total_psnr, "gaussian_count": count}, outputs
+        losses = {"main_loss": main_loss}
+        tv = tv_loss(model, self.comm.rank)
+        if tv is not None:
+            losses["tv_loss"] = tv
+        return losses, {"psnr": total_psnr, "gaussian_count": count}, outputs

@@ -30,7 +30,9 @@ class RetinaEditLayout:
 
     @property
     def num_images(self) -> int:
-        return 0  # splatfacto's Gaussians have no per-image appearance code
+        """Training images with an appearance (a bilateral grid each, ``use_bilateral_grid``)."""
+        grids = getattr(self.model, "bil_grids", None)
+        return 0 if grids is None else int(grids.grids.shape[0])
 
     def boxes(self) -> Float[Tensor, "L 2 3"]:
         """Leaf boxes cut from the tree's box grown to hold every mean (float64, CPU).
@@ -54,9 +56,20 @@ class RetinaEditLayout:
         return [BlockStats(int(n), int(n) * per_gaussian) for n in counts]
 
     def install(self, edits: LayoutEdits, source: str = "edits") -> None:
+        mix = None
         if edits.appearance is not None:
-            raise EditsError(
-                f"{source}: 'appearance' needs per-image appearance codes, which retina-gs does not have "
-                "(only landmark-grid supports appearance edits); remove it"
-            )
+            a = edits.appearance
+            if self.num_images == 0:
+                raise EditsError(
+                    f"{source}: 'appearance' needs per-image appearance, which this retina-gs model does not have "
+                    "(train with --pipeline.model.use-bilateral-grid True); remove it"
+                )
+            for key, index in (("image", a.image), ("to_image", a.to_image)):
+                if index is not None and index >= self.num_images:
+                    raise EditsError(
+                        f"{source}: appearance.{key} {index} does not exist; the model has appearances for "
+                        f"{self.num_images} training images (0..{self.num_images - 1})"
+                    )
+            mix = (a.image, a.to_image, a.t)
         self.model.layout_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
+        self.model.eval_appearance_mix = mix

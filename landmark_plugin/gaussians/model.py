@@ -32,9 +32,9 @@ from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree, leaf_counts
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.gaussians.appearance import make_grids
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
-from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
@@ -67,6 +67,10 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     most 1.10x splatfacto's (BENCHMARKS.md has the measured ratio)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
+    eval_appearance: Literal["none", "mean"] = "none"
+    """With use_bilateral_grid: the appearance of renders outside training (eval, ns-render, the
+    viewer) when no layout edit picks an image's: none (the scene's own colours, splatfacto's
+    choice) or mean (the mean of all training images' grids)."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
     """Ownership upkeep: re-assigning Gaussians that left their leaf, rebuilding the tree."""
 
@@ -137,8 +141,9 @@ class RetinaGSModel(SplatfactoModel):
             self.background_color = torch.tensor([0.1490, 0.1647, 0.2157])  # viser's background
         else:
             self.background_color = get_color(self.config.background_color)
-        if self.config.use_bilateral_grid:
-            raise ConfigError("retina-gs does not support the bilateral grid yet; leave use_bilateral_grid off")
+        self.bil_grids = make_grids(self.config, self.num_train_data)  # None unless use_bilateral_grid
+        self.eval_appearance_mix: Optional[Tuple[int, Optional[int], float]] = None
+        """A layout edit's appearance for renders outside training (``gaussians/appearance.py``)."""
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.strategy.split_normals = self._split_normals

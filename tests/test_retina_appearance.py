@@ -1,0 +1,168 @@
+"""retina-gs per-image appearance (splatfacto's bilateral grid) through the one frame path.
+
+One process: a camera's composite goes through its own image's grid in training, and renders
+outside training show the appearance a layout edit picks (an image's, a blend) or
+``eval_appearance``.  Two gloo processes: images, loss, every gradient (Gaussians and grids)
+and the parameters after 3 Adam steps equal one process (float64, clip mode, the stress scene).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from _retina_dist_helpers import make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model, target_image
+
+from landmark_plugin.distributed.launch import run_ranks
+
+FAST_START = dict(start_method="forkserver", preload=("landmark_plugin.gaussians.frame", "_retina_dist_helpers"))
+STEPS, BATCH, CAMERAS = 3, 2, 6
+ATOL = 1e-5
+
+
+def _model():
+    torch.set_default_dtype(torch.float64)
+    model = stress_model(2, use_bilateral_grid=True, grid_shape=(4, 4, 2))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # away from identity, so every image's grid changes its render
+        model.bil_grids.grids += 0.1 * torch.randn(model.bil_grids.grids.shape, generator=g, dtype=torch.float64)
+    return model
+
+
+def _render(model, cameras, index: int, image=None):
+    camera = cameras[index : index + 1]
+    if image is not None:
+        camera.metadata = {"cam_idx": image}
+    return model.get_outputs(camera)["rgb"]
+
+
+def test_each_image_renders_through_its_own_grid():
+    try:
+        model, cameras = _model(), stress_cameras()
+        grids = model.bil_grids.grids
+        own = _render(model, cameras, 1, image=1)
+        other = _render(model, cameras, 1, image=4)
+        plain = _render(model, cameras, 1)  # no image index (e.g. a novel view): no grid
+        assert (own - other).abs().max() > 1e-2 and (own - plain).abs().max() > 1e-2
+        own.sum().backward()
+        touched = grids.grad.flatten(1).abs().amax(dim=1) > 0
+        assert touched.tolist() == [i == 1 for i in range(grids.shape[0])], "only image 1's grid gets a gradient"
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _eval(model, cameras, index: int):
+    model.eval()
+    with torch.no_grad():
+        return model.get_outputs(cameras[index : index + 1])["rgb"]
+
+
+def test_eval_appearance_none_mean_and_a_picked_image():
+    from landmark_plugin.edits import Appearance, LayoutEdits, apply_edits
+
+    try:
+        model, cameras = _model(), stress_cameras()
+        with torch.no_grad():
+            trained_1, trained_4, raw = (_render(model, cameras, 2, image) for image in (1, 4, None))
+        assert torch.equal(_eval(model, cameras, 2), raw), "eval_appearance none: the scene's own colours"
+        apply_edits(model, LayoutEdits(appearance=Appearance(image=1)))
+        torch.testing.assert_close(_eval(model, cameras, 2), trained_1, rtol=0, atol=1e-12)
+        apply_edits(model, LayoutEdits(appearance=Appearance(image=1, to_image=4, t=1.0)))
+        torch.testing.assert_close(_eval(model, cameras, 2), trained_4, rtol=0, atol=1e-12)
+        apply_edits(model, LayoutEdits())
+        model.config.eval_appearance = "mean"
+        mean = _eval(model, cameras, 2)
+        assert (mean - raw).abs().max() > 1e-3 and (mean - trained_1).abs().max() > 1e-3
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_an_appearance_edit_needs_per_image_appearance():
+    from landmark_plugin.edits import Appearance, EditsError, LayoutEdits, apply_edits
+
+    try:
+        torch.set_default_dtype(torch.float64)
+        model = stress_model(1)
+        with pytest.raises(EditsError, match="use-bilateral-grid"):
+            apply_edits(model, LayoutEdits(appearance=Appearance(image=0)), source="my-edits.json")
+        grid_model = _model()
+        with pytest.raises(EditsError, match="appearance.image 6 does not exist"):
+            apply_edits(grid_model, LayoutEdits(appearance=Appearance(image=6)))
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------------- several ranks
+
+
+def _worker(comm):
+    from landmark_plugin.core.schedule import Parts
+    from landmark_plugin.distributed.collectives import all_reduce_grads_
+    from landmark_plugin.gaussians.frame import RetinaFrame
+    from landmark_plugin.gaussians.rows import owner_ranks, shard_
+
+    model, cameras = _model(), stress_cameras()
+    parts = Parts.of(2, comm.world_size)
+    ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
+    shard_(comm, model, parts)
+    frame = RetinaFrame(comm, model, no_termination())
+    model.frame = frame
+    optimizers = make_optimizers(model)
+    grids = model.bil_grids.grids
+    grid_optimizer = torch.optim.Adam([grids], lr=2e-3, eps=1e-15)
+    records = []
+    for step in range(STEPS):
+        model.step = step
+        batch = [(step * BATCH + k) % CAMERAS for k in range(BATCH)]
+        batch_cameras = cameras[torch.tensor(batch)]
+        batch_cameras.metadata = {"cam_idx": torch.tensor(batch)[:, None]}
+        size, visible, owners = frame.plan_batch(batch_cameras, BATCH, max_load=16)
+        assert size == BATCH
+        losses, _, outputs = frame.batch_loss(batch_cameras, visible, owners, lambda b: {"image": target_image(batch[b])})
+        assert "tv_loss" in losses
+        sum(losses.values()).backward()
+        all_reduce_grads_(comm, [grids])  # the pipeline's sync_gradients_ for replicated parameters
+        record = {"loss": float(losses["main_loss"]), "tv": float(losses["tv_loss"]),
+                  "images": {batch[b]: o["rgb"].detach() for b, o in outputs.items()}}
+        if step == 0:
+            record["grads"] = {n: p.grad.detach().clone() for n, p in model.gauss_params.items()}
+            record["grid_grad"] = grids.grad.detach().clone()
+        records.append(record)
+        step_optimizers(model, optimizers)
+        grid_optimizer.step()
+        grid_optimizer.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.gauss_params.items()}
+    return {"ids": ids, "records": records, "params": params, "grids": grids.detach().clone()}
+
+
+@functools.lru_cache(maxsize=None)
+def _one_process(tmp_dir):
+    return run_ranks(_worker, 1, tmp_dir / "appearance-1", timeout_s=120, **FAST_START)[0]
+
+
+@pytest.mark.slow
+def test_appearance_on_two_ranks_equals_one_process(tmp_path):
+    results = run_ranks(_worker, 2, tmp_path / "appearance-2", timeout_s=180, **FAST_START)
+    one = _one_process(tmp_path.parent)
+    ids = torch.cat([r["ids"] for r in results])
+    diffs = {}
+    for step, ref in enumerate(one["records"]):
+        diffs[f"step {step} loss"] = max(abs(r["records"][step]["loss"] - ref["loss"]) for r in results)
+        diffs[f"step {step} tv"] = abs(results[0]["records"][step]["tv"] - ref["tv"])
+        assert results[1]["records"][step]["tv"] == 0.0, "the grids' TV loss counts once (rank 0)"
+        images = {i: im for r in results for i, im in r["records"][step]["images"].items()}
+        assert sorted(images) == sorted(ref["images"])
+        for i, image in images.items():
+            diffs[f"step {step} camera {i}"] = float((image - ref["images"][i]).abs().max())
+    for r in results:
+        diffs[f"rank grid grad {len(diffs)}"] = float((r["records"][0]["grid_grad"] - one["records"][0]["grid_grad"]).abs().max())
+        diffs[f"rank grids {len(diffs)}"] = float((r["grids"] - one["grids"]).abs().max())
+    for name, ref in one["params"].items():
+        grads = torch.cat([r["records"][0]["grads"][name] for r in results])
+        diffs[f"grad {name}"] = float((grads - one["records"][0]["grads"][name][ids]).abs().max())
+        diffs[f"final {name}"] = float((torch.cat([r["params"][name] for r in results]) - ref[ids]).abs().max())
+    assert one["records"][0]["grid_grad"].abs().max() > 0
+    off = {k: v for k, v in diffs.items() if not v <= ATOL}
+    assert not off, "\n".join(f"{k}: {v:.3g}" for k, v in diffs.items())
