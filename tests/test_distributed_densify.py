@@ -37,13 +37,14 @@ def _densifying(model):
     return model
 
 
-def _worker(comm, depth: int):
+def _worker(comm, depth: int, max_gaussians: int = 0):
     from landmark_plugin.core.schedule import Parts
     from landmark_plugin.gaussians.frame import RetinaFrame
     from landmark_plugin.gaussians.rows import shard_
 
     torch.set_default_dtype(torch.float64)
     model, cameras = _densifying(stress_model(depth)), stress_cameras()
+    model.strategy.max_gaussians = max_gaussians
     shard_(comm, model, Parts.of(depth, comm.world_size))
     frame = RetinaFrame(comm, model, no_termination())
     model.frame = frame
@@ -80,8 +81,9 @@ def _rows(results):
 
 
 @functools.lru_cache(maxsize=None)
-def _one_process(tmp_dir):
-    return run_ranks(_worker, 1, tmp_dir / "one-process", args=(2,), timeout_s=180, **FAST_START)
+def _one_process(tmp_dir, max_gaussians: int = 0):
+    return run_ranks(_worker, 1, tmp_dir / f"one-process-{max_gaussians}", args=(2, max_gaussians), timeout_s=180,
+                     **FAST_START)
 
 
 @pytest.mark.slow
@@ -96,6 +98,22 @@ def test_densification_on_two_ranks_adds_and_prunes_as_one_process(tmp_path):
     assert sum(sum(d for d, _ in r["grown"]) for r in results) == dupli
     assert sum(sum(s for _, s in r["grown"]) for r in results) == splits
     assert sum(sum(r["pruned"]) for r in results) == pruned
+    for step in range(STEPS):
+        assert sum(r["counts"][step] for r in results) == single["counts"][step], f"count after step {step}"
+    torch.testing.assert_close(_rows(results), _rows([single]), **TOL)
+
+
+@pytest.mark.slow
+def test_a_gaussian_budget_holds_and_grows_the_same_gaussians_on_two_ranks(tmp_path):
+    """max_gaussians: the growth steps keep the whole model within the budget by growing the
+    candidates with the largest screen gradients, ranked over every rank's candidates."""
+    (free,) = _one_process(tmp_path)
+    start, grown = free["counts"][0], sum(d + s for d, s in free["grown"])
+    budget = start + grown // 2
+    (single,) = _one_process(tmp_path, budget)
+    assert max(single["counts"]) <= budget < max(free["counts"]), "the budget must bind, and hold"
+    assert sum(d + s for d, s in single["grown"]) > 0
+    results = run_ranks(_worker, 2, tmp_path / "two-ranks-budget", args=(2, budget), timeout_s=240, **FAST_START)
     for step in range(STEPS):
         assert sum(r["counts"][step] for r in results) == single["counts"][step], f"count after step {step}"
     torch.testing.assert_close(_rows(results), _rows([single]), **TOL)

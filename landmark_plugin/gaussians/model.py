@@ -147,6 +147,7 @@ class RetinaGSModel(SplatfactoModel):
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.strategy.split_normals = self._split_normals
+        self.strategy.gather = self._gather_rows
         self._backend_checked = False
         self._auto_mode: Optional[str] = None
         self.frame = RetinaFrame(Comm.single(), self)
@@ -284,6 +285,12 @@ class RetinaGSModel(SplatfactoModel):
             )
 
     # ---- densification and ownership ------------------------------------------------------
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` (the densification budget ranks all ranks' candidates)."""
+        from landmark_plugin.distributed.collectives import all_gather_rows
+
+        return all_gather_rows(self.frame.comm, rows, "densification budget")
+
     def _split_normals(self, means: torch.Tensor, step: int) -> torch.Tensor:
         """Split offsets drawn the same on every world size (``partition_invariant_normals``)."""
         from landmark_plugin.gaussians.rows import partition_invariant_normals

@@ -27,6 +27,10 @@ class RetinaStrategyConfig:
     rebuild_tree_every: int = 0
     """Rebuild the kd-tree from the current means every this many steps (0: keep the initial
     tree).  Rebuilding rebalances the Gaussian count of every leaf."""
+    max_gaussians: int = 0
+    """A Gaussian budget for the whole model, all ranks together (0: none).  A growth step that
+    would pass it grows only the candidates (duplicates and splits) with the largest screen
+    gradients that fit; the same ones on every world size."""
 
     def make_gsplat_strategy(self, model: SplatfactoModelConfig, num_train_data: int) -> "KeyedSplitStrategy":
         """gsplat's DefaultStrategy with splatfacto's mapping of its config fields (retina-gs
@@ -47,6 +51,7 @@ class RetinaStrategyConfig:
             absgrad=model.use_absgrad,
             revised_opacity=False,
             verbose=False,
+            max_gaussians=self.max_gaussians,
         )
 
     def refreshes_at(self, step: int, model: SplatfactoModelConfig) -> bool:
@@ -59,6 +64,8 @@ class RetinaStrategyConfig:
 
 SplitNormals = Callable[[Tensor, int], Tensor]
 """(means [n, 3] of the Gaussians a step splits, step) -> standard normals [2, n, 3]."""
+Gather = Callable[[Tensor], Tensor]
+"""[n, D] rows of this rank -> every rank's rows, concatenated in rank order (collective)."""
 
 
 @dataclass
@@ -74,6 +81,10 @@ class KeyedSplitStrategy(DefaultStrategy):
 
     split_normals: Optional[SplitNormals] = None
     """The offsets' normals; None keeps gsplat's global-RNG draw."""
+    max_gaussians: int = 0
+    """The whole model's budget (``RetinaStrategyConfig.max_gaussians``); 0: none."""
+    gather: Optional[Gather] = None
+    """Every rank's rows (set by the model); None: this process holds the whole model."""
 
     @torch.no_grad()
     def _grow_gs(self, params, optimizers, state, step: int):
@@ -86,6 +97,8 @@ class KeyedSplitStrategy(DefaultStrategy):
         is_split = is_grad_high & ~is_small
         if step < self.refine_scale2d_stop_iter:
             is_split |= state["radii"] > self.grow_scale2d
+        within = self._within_budget(is_dupli, is_split, grads, params["means"].shape[0])
+        is_dupli, is_split = is_dupli & within, is_split & within
         n_dupli = int(is_dupli.sum())
         if n_dupli > 0:
             duplicate(params=params, optimizers=optimizers, state=state, mask=is_dupli)
@@ -102,3 +115,23 @@ class KeyedSplitStrategy(DefaultStrategy):
             offsets = torch.einsum("nij,nj,bnj->bni", rotmats, scales, normals)
             params["means"].data[-2 * sel.numel() :] = (parents[None] + offsets).reshape(-1, 3)
         return n_dupli, int(sel.numel())
+
+    def _within_budget(self, is_dupli: Tensor, is_split: Tensor, grads: Tensor, count: int) -> Tensor:
+        """Which growth candidates keep the model at ``max_gaussians`` or fewer: every rank's
+        candidates ranked by screen gradient, each costing the Gaussians it adds (a duplicate
+        one, a split one more, a Gaussian that is both two), and the longest ranked prefix that
+        fits is kept -- as a cut on the gradient, so ties at the cut all stay out.  The cut
+        depends only on the multiset of all candidates, so every partition grows the same."""
+        if self.max_gaussians <= 0:
+            return torch.ones_like(is_dupli)
+        gather = self.gather if self.gather is not None else (lambda rows: rows)
+        total = int(gather(torch.tensor([[count]], dtype=torch.float64, device=grads.device)).sum())
+        cost = is_dupli.to(torch.float64) + is_split.to(torch.float64)
+        grow = cost > 0
+        everyone = gather(torch.stack([grads[grow].to(torch.float64), cost[grow]], dim=1))
+        room = max(self.max_gaussians - total, 0)
+        if float(everyone[:, 1].sum()) <= room:
+            return torch.ones_like(is_dupli)
+        order = torch.argsort(everyone[:, 0], descending=True)
+        fits = int((torch.cumsum(everyone[order, 1], 0) <= room).sum())
+        return grads.to(torch.float64) > everyone[order[fits], 0]
