@@ -289,9 +289,9 @@ def test_retina_copied_gaussians_render_as_the_source_seen_from_a_moved_camera(m
     assert empty["accumulation"].max() == 0
 
 
-def test_retina_has_no_appearance_edits_and_checks_leaves(retina):
+def test_retina_without_bilateral_grids_has_no_appearance_edits_and_checks_leaves(retina):
     model, _ = retina
-    with pytest.raises(EditsError, match="retina-gs does not have.*only landmark-grid"):
+    with pytest.raises(EditsError, match="retina-gs model does not have.*use-bilateral-grid"):
         apply_edits(model, LayoutEdits(appearance=Appearance(0)), source="e.json")
     with pytest.raises(EditsError, match="leaf 7 does not exist; this model has 4 leaves"):
         apply_edits(model, LayoutEdits(ops=(CopyBlock(0, to_block=7),)))

@@ -59,6 +59,7 @@ from landmark_plugin.distributed.collectives import (
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info
+from landmark_plugin.gaussians.mcmc import regularisation
 from landmark_plugin.gaussians.rows import split_columns
 from landmark_plugin.gaussians.sharing import join, parts_reached, share_rows
 
@@ -415,4 +416,6 @@ class RetinaFrame:
         tv = tv_loss(model, self.comm.rank)
         if tv is not None:
             losses["tv_loss"] = tv
+        if model.training and model.config.strategy.kind == "mcmc":
+            losses["mcmc_reg"] = regularisation(model, count)
         return losses, {"psnr": total_psnr, "gaussian_count": count}, outputs

@@ -302,10 +302,14 @@ class RetinaGSModel(SplatfactoModel):
         batch), then keep ownership current: at refinement steps (and every
         ``repartition_every`` steps) Gaussians go to the leaf, and with several ranks the rank,
         holding their mean, after a tree rebuild when the strategy says so."""
+        from landmark_plugin.gaussians.mcmc import mcmc_step_
         from landmark_plugin.gaussians.rows import migrate_
 
         info = self.frame.strategy_info()
-        if info is not None:
+        if self.config.strategy.kind == "mcmc":
+            if info is not None:
+                mcmc_step_(self, getattr(self, "optimizers", None), step)
+        elif info is not None:
             self.info = info
             state = self.strategy_state
             # gsplat creates them with the default dtype, but adds float32 counts and screen

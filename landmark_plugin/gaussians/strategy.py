@@ -10,7 +10,7 @@ current means to rebalance leaf counts (what the distributed pipeline migrates a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from gsplat.strategy import DefaultStrategy
@@ -27,10 +27,27 @@ class RetinaStrategyConfig:
     rebuild_tree_every: int = 0
     """Rebuild the kd-tree from the current means every this many steps (0: keep the initial
     tree).  Rebuilding rebalances the Gaussian count of every leaf."""
+    kind: Literal["default", "mcmc"] = "default"
+    """default: gsplat's DefaultStrategy (clone, split, prune on screen gradients, splatfacto's
+    thresholds).  mcmc: 3DGS-MCMC (gsplat's MCMCStrategy; ``gaussians/mcmc.py``): a fixed
+    growth of 5 % per refinement up to cap_max, low-opacity Gaussians relocated, position noise,
+    opacity and scale regularisers."""
     max_gaussians: int = 0
-    """A Gaussian budget for the whole model, all ranks together (0: none).  A growth step that
-    would pass it grows only the candidates (duplicates and splits) with the largest screen
-    gradients that fit; the same ones on every world size."""
+    """default strategy: a Gaussian budget for the whole model, all ranks together (0: none).  A
+    growth step that would pass it grows only the candidates (duplicates and splits) with the
+    largest screen gradients that fit; the same ones on every world size."""
+    cap_max: int = 1_000_000
+    """mcmc: the most Gaussians of the whole model (all ranks together)."""
+    noise_lr: float = 5e5
+    """mcmc: position noise, times the means' current learning rate (gsplat's default)."""
+    min_opacity: float = 0.005
+    """mcmc: Gaussians at or below this opacity are relocated at refinement steps."""
+    opacity_reg: float = 0.01
+    """mcmc: weight of the mean opacity in the loss."""
+    scale_reg: float = 0.01
+    """mcmc: weight of the mean scale in the loss."""
+    seed: int = 0
+    """mcmc: seed of the relocation draws and the noise (per step and rank)."""
 
     def make_gsplat_strategy(self, model: SplatfactoModelConfig, num_train_data: int) -> "KeyedSplitStrategy":
         """gsplat's DefaultStrategy with splatfacto's mapping of its config fields (retina-gs
