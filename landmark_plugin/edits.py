@@ -276,6 +276,24 @@ def _parse_appearance(entry: Any, where: str) -> Appearance:
     )
 
 
+def appearance_mix(edits: LayoutEdits, num_images: int, source: str, missing: str) -> Optional[Tuple[int, Optional[int], float]]:
+    """The edit's appearance as (image, to_image, t), checked against a model with per-image
+    appearance for ``num_images`` training images; ``missing`` says what a model without any
+    lacks.  None when the edit picks no appearance."""
+    a = edits.appearance
+    if a is None:
+        return None
+    if num_images == 0:
+        raise EditsError(f"{source}: 'appearance' needs {missing}; remove it")
+    for key, index in (("image", a.image), ("to_image", a.to_image)):
+        if index is not None and index >= num_images:
+            raise EditsError(
+                f"{source}: appearance.{key} {index} does not exist; the model has per-image appearance for "
+                f"{num_images} training images (0..{num_images - 1})"
+            )
+    return (a.image, a.to_image, a.t)
+
+
 def plural(kind: str) -> str:
     """'leaves' / 'blocks'."""
     return "leaves" if kind == "leaf" else f"{kind}s"

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from landmark_plugin.edits import BlockStats, EditsError, LayoutEdits
+from landmark_plugin.edits import BlockStats, LayoutEdits, appearance_mix
 
 
 class RetinaEditLayout:
@@ -56,20 +56,8 @@ class RetinaEditLayout:
         return [BlockStats(int(n), int(n) * per_gaussian) for n in counts]
 
     def install(self, edits: LayoutEdits, source: str = "edits") -> None:
-        mix = None
-        if edits.appearance is not None:
-            a = edits.appearance
-            if self.num_images == 0:
-                raise EditsError(
-                    f"{source}: 'appearance' needs per-image appearance, which this retina-gs model does not have "
-                    "(train with --pipeline.model.use-bilateral-grid True); remove it"
-                )
-            for key, index in (("image", a.image), ("to_image", a.to_image)):
-                if index is not None and index >= self.num_images:
-                    raise EditsError(
-                        f"{source}: appearance.{key} {index} does not exist; the model has appearances for "
-                        f"{self.num_images} training images (0..{self.num_images - 1})"
-                    )
-            mix = (a.image, a.to_image, a.t)
+        missing = ("per-image appearance, which this retina-gs model does not have "
+                   "(train with --pipeline.model.use-bilateral-grid True)")
+        mix = appearance_mix(edits, self.num_images, source, missing)
         self.model.layout_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
         self.model.eval_appearance_mix = mix

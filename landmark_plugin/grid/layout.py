@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from landmark_plugin.core.edits import grid_block_boxes
-from landmark_plugin.edits import BlockStats, EditsError, LayoutEdits
+from landmark_plugin.edits import BlockStats, LayoutEdits, appearance_mix
 
 
 class GridEditLayout:
@@ -54,18 +54,7 @@ class GridEditLayout:
 
     def install(self, edits: LayoutEdits, source: str = "edits") -> None:
         box_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
-        mix = None
-        if edits.appearance is not None:
-            a = edits.appearance
-            if self.num_images == 0:
-                raise EditsError(f"{source}: 'appearance' needs appearance codes; this model has appearance_embed_dim 0")
-            for key, index in (("image", a.image), ("to_image", a.to_image)):
-                if index is not None and index >= self.num_images:
-                    raise EditsError(
-                        f"{source}: appearance.{key} {index} does not exist; the model has codes for "
-                        f"{self.num_images} training images (0..{self.num_images - 1})"
-                    )
-            mix = (a.image, a.to_image, a.t)
+        mix = appearance_mix(edits, self.num_images, source, "appearance codes; this model has appearance_embed_dim 0")
         for field in (self.model.field, *self.model.proposal_networks):
             field.layout_edits = box_edits
         self.model.field.eval_appearance_mix = mix
