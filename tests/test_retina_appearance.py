@@ -166,3 +166,18 @@ def test_appearance_on_two_ranks_equals_one_process(tmp_path):
     assert one["records"][0]["grid_grad"].abs().max() > 0
     off = {k: v for k, v in diffs.items() if not v <= ATOL}
     assert not off, "\n".join(f"{k}: {v:.3g}" for k, v in diffs.items())
+
+
+def test_colour_corrected_metrics_measure_held_out_views_of_unknown_appearance():
+    """The protocol for captures whose appearance varies (README): held-out views have no grid,
+    so ``color_corrected_metrics`` also reports PSNR after fitting the render's colours to the
+    ground truth (splatfacto's cc_psnr); an exposure / white-balance change costs it nothing."""
+    try:
+        model, cameras = _model(), stress_cameras()
+        model.config.color_corrected_metrics = True
+        out = {"rgb": _eval(model, cameras, 2), "background": torch.ones(3, dtype=torch.float64)}
+        gt = (out["rgb"] * torch.tensor([0.8, 0.7, 0.9], dtype=torch.float64) + 0.05).clamp(0, 1)
+        metrics, _ = model.get_image_metrics_and_images(out, {"image": gt})
+        assert metrics["cc_psnr"] > metrics["psnr"] + 10.0, metrics
+    finally:
+        torch.set_default_dtype(torch.float32)
