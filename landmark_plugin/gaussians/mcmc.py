@@ -28,7 +28,7 @@ from torch import Tensor
 from landmark_plugin.core.mcmc import relocation
 from landmark_plugin.core.projection import quat_scale_to_covar
 from landmark_plugin.distributed.collectives import all_gather_objects
-from landmark_plugin.gaussians.rows import MOMENTS, Layout, gaussian_rows, set_gaussian_rows_
+from landmark_plugin.gaussians.rows import MOMENTS, Layout, gaussian_rows, layout_columns, set_gaussian_rows_
 
 
 def refines_at(step: int, model_config) -> bool:
@@ -82,19 +82,18 @@ def _relocate_and_add_(model, optimizers: Optional[Dict], step: int) -> Tuple[in
     comm = model.frame.comm
     generator = _generator(model, step)
     rows, layout = gaussian_rows(model, optimizers, model.strategy_state)
-    dead = _opacity(model).reshape(-1) <= policy.min_opacity
-    alive = ~dead
-    moved = int(dead.sum()) if bool(alive.any()) else 0  # nothing to move onto: keep them
+    opacity = _opacity(model).reshape(-1)
+    alive = opacity > policy.min_opacity
+    moved = int((~alive).sum()) if bool(alive.any()) else 0  # nothing to move onto: keep them
     if moved:
-        weights = torch.where(alive, _opacity(model).reshape(-1), 0.0)
-        sources = _draw(weights, moved, generator)
+        sources = _draw(torch.where(alive, opacity, 0.0), moved, generator)
         rows = _with_copies(rows, layout, sources, keep=alive, min_opacity=policy.min_opacity)
     counts = [int(c) for c in all_gather_objects(comm, rows.shape[0], "MCMC counts")]
     total = sum(counts)
     target = min(policy.cap_max, int(1.05 * total))
     added = _shares(counts, max(0, target - total))[comm.rank]
     if added:
-        weights = torch.sigmoid(rows[:, _column(layout, "opacities", "param")].reshape(-1))
+        weights = torch.sigmoid(rows[:, layout_columns(layout)[("opacities", "param")]].reshape(-1))
         sources = _draw(weights, added, generator)
         rows = _with_copies(rows, layout, sources, keep=None, min_opacity=policy.min_opacity)
     set_gaussian_rows_(model, optimizers, model.strategy_state, rows, layout)
@@ -114,41 +113,21 @@ def _opacity(model) -> Tensor:
     return torch.sigmoid(model.opacities.detach())
 
 
-def _column(layout: Layout, name: str, kind: str) -> slice:
-    """The columns of (``name``, ``kind``) in the shard's row matrix."""
-    start = 0
-    for group, what, tail in layout:
-        width = int(torch.Size(tail).numel())
-        if (group, what) == (name, kind):
-            return slice(start, start + width)
-        start += width
-    raise KeyError(f"no {kind} of {name} in the Gaussian rows")
-
-
-def _state_columns(layout: Layout) -> List[slice]:
-    """Adam moments and strategy statistics: what a new copy starts from zero."""
-    out, start = [], 0
-    for _, kind, tail in layout:
-        width = int(torch.Size(tail).numel())
-        if kind in MOMENTS or kind == "stat":
-            out.append(slice(start, start + width))
-        start += width
-    return out
-
-
 def _with_copies(rows: Tensor, layout: Layout, sources: Tensor, keep: Optional[Tensor], min_opacity: float) -> Tensor:
     """Rows ``keep`` (all if None) plus one copy per entry of ``sources``: every sampled Gaussian
     and its copies get the relocation rule's opacity and scale, and start with zero moments."""
     picked, hits = torch.unique(sources, return_counts=True)
-    opacity_cols, scale_cols = _column(layout, "opacities", "param"), _column(layout, "scales", "param")
+    columns = layout_columns(layout)
+    opacity_cols, scale_cols = columns[("opacities", "param")], columns[("scales", "param")]
     opacity = torch.sigmoid(rows[picked, opacity_cols].reshape(-1))
     new_opacity, new_scale = relocation(opacity, torch.exp(rows[picked, scale_cols]), hits + 1)
     eps = torch.finfo(torch.float32).eps
     rows = rows.clone()
     rows[picked, opacity_cols] = torch.logit(new_opacity.clamp(min_opacity, 1.0 - eps))[:, None].to(rows)
     rows[picked, scale_cols] = torch.log(new_scale).to(rows)
-    for cols in _state_columns(layout):
-        rows[picked, cols] = 0.0
+    for (_, kind), cols in columns.items():
+        if kind in MOMENTS or kind == "stat":  # Adam moments and strategy statistics start at zero
+            rows[picked, cols] = 0.0
     copies = rows[torch.repeat_interleave(picked, hits)]
     kept = rows if keep is None else rows[keep]
     return torch.cat([kept, copies])

@@ -76,6 +76,16 @@ def gaussian_rows(model, optimizers: Optional[Dict], strategy_state: Optional[Di
     return torch.cat([c.to(dtype) for c in columns], dim=1), layout
 
 
+def layout_columns(layout: Layout) -> Dict[Tuple[str, str], slice]:
+    """(group name, kind) -> its columns in the row matrix of ``gaussian_rows``."""
+    out, col = {}, 0
+    for name, kind, tail in layout:
+        width = math.prod(tail)
+        out[(name, kind)] = slice(col, col + width)
+        col += width
+    return out
+
+
 def split_columns(rows: Tensor, tails: Sequence[Tuple[int, ...]]) -> List[Tensor]:
     """[N, D] rows cut into one [N, *tail] tensor per trailing shape, in order: the inverse of
     concatenating per-row tensors flattened along dim 1."""
