@@ -25,6 +25,7 @@ from landmark_plugin.gaussians.datamanager import RetinaGSDataManagerConfig
 from landmark_plugin.gaussians.distributed_pipeline import DistributedRetinaPipelineConfig
 from landmark_plugin.gaussians.model import RetinaGSModelConfig
 from landmark_plugin.gaussians.trainer import RetinaTrainerConfig
+from landmark_plugin.gaussians.visible_adam import VisibleAdamOptimizerConfig
 
 
 def gaussian_optimizers(max_steps: int) -> dict:
@@ -32,7 +33,7 @@ def gaussian_optimizers(max_steps: int) -> dict:
     them to ``--max-num-iterations``)."""
 
     def adam(lr: float) -> AdamOptimizerConfig:
-        return AdamOptimizerConfig(lr=lr, eps=1e-15)
+        return VisibleAdamOptimizerConfig(lr=lr, eps=1e-15)  # Adam unless --pipeline.model.visible-adam
 
     return {
         "means": {"optimizer": adam(1.6e-4), "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps)},
@@ -47,7 +48,7 @@ def gaussian_optimizers(max_steps: int) -> dict:
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
         },
         "camera_opt": {
-            "optimizer": adam(1e-4),
+            "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
         },
     }

@@ -224,6 +224,7 @@ class DistributedRetinaPipeline(VanillaPipeline):
         batch_size = batch_size or self.batch_size
         pool = self._next_pool(batch_size)
         pool_cameras = cameras[torch.tensor(pool)]  # on the host: the frame reads sizes and poses there
+        self.model.stage_leaves(pool_cameras)  # with offload: the leaves these cameras can draw
         size, visible, _ = self.frame.plan_batch(pool_cameras, batch_size, self.config.max_load)
         batch, self._queue = pool[:size], self._queue[size:]
         self.last_batch = batch

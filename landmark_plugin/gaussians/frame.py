@@ -58,7 +58,7 @@ from landmark_plugin.distributed.collectives import (
 )
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
-from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info
+from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
 from landmark_plugin.gaussians.mcmc import regularisation
 from landmark_plugin.gaussians.rows import split_columns
 from landmark_plugin.gaussians.sharing import join, parts_reached, share_rows
@@ -272,7 +272,8 @@ class RetinaFrame:
         model._note_backend(self.backend)
         clip, backend = self.clip, self.backend
         record = StepRecord(
-            num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views]
+            num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views],
+            training=model.training and torch.is_grad_enabled(),
         )
         drawn = g
         if clip and not self.comm.is_single:
@@ -319,6 +320,10 @@ class RetinaFrame:
     def strategy_info(self) -> Optional[Dict]:
         """The last training batch as gsplat's strategies read it (``frame_stats.strategy_info``)."""
         return strategy_info(self.record, self.model)
+
+    def visible_rows(self) -> Optional[Tensor]:
+        """[N] local Gaussians the last training batch saw (``frame_stats.visible_rows``)."""
+        return visible_rows(self.record, self.model)
 
     def _composite(self, v: View, crops: Dict[int, Tuple[Tensor, tuple]], with_depth: bool) -> Dict[str, Tensor]:
         """Owner side: paste the parts' crops and composite them front to back."""

@@ -29,6 +29,7 @@ class StepRecord:
     height: int = 0
     sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height) of every camera
     shared: Optional[Shared] = None  # clip mode on several ranks: copies drawn elsewhere
+    training: bool = False  # made by a training forward (what densification and visible Adam read)
 
 
 def note_render(record: StepRecord, model, partial, rows: Tensor, b: int, n: int) -> None:
@@ -45,6 +46,28 @@ def note_render(record: StepRecord, model, partial, rows: Tensor, b: int, n: int
     radii[rows] = partial.radii[0, : rows.numel()].to(torch.int32)
 
 
+def camera_radii(record: StepRecord, model) -> Tensor:
+    """[B, N] radii of this rank's Gaussians in every camera of the batch; in clip mode on several
+    ranks those of the projection that decided the sharing, which counts a Gaussian drawn only
+    on another rank too (this rank may have rendered nothing for that camera)."""
+    radii = torch.zeros(record.num_cameras, model.num_points, dtype=torch.int32, device=model.device)
+    if record.shared is not None:
+        for b, r in enumerate(record.shared.radii):
+            radii[b] = r
+    else:
+        for b, r in record.radii.items():
+            radii[b] = r
+    return radii
+
+
+def visible_rows(record: StepRecord, model) -> Optional[Tensor]:
+    """[N] whether any camera of the last training batch saw each of this rank's Gaussians
+    (radius > 0), what visible Adam steps; None when the last forward was not a training batch."""
+    if not record.training or record.num_cameras == 0:
+        return None
+    return (camera_radii(record, model) > 0).any(dim=0)
+
+
 def strategy_info(record: StepRecord, model) -> Optional[Dict]:
     """The last training batch as gsplat's strategies read it: ``rasterization``'s ``info``
     for B cameras over this rank's N Gaussians (unpacked).
@@ -57,7 +80,7 @@ def strategy_info(record: StepRecord, model) -> Optional[Dict]:
     pre-scaled so that it gets its own ``width / 2``.  None when the last forward was not a
     training batch.
     """
-    if record.num_cameras == 0 or not record.radii:
+    if not record.training or record.num_cameras == 0:
         return None
     num, n = record.num_cameras, model.num_points
     grads = model.means.new_zeros(num, n, 2)
@@ -77,9 +100,7 @@ def strategy_info(record: StepRecord, model) -> Optional[Dict]:
             scale = grads.new_tensor([w / record.width, h / record.height])
             grads[b] *= scale
             absgrads[b] *= scale
-    radii = torch.zeros(num, n, dtype=torch.int32, device=model.device)
-    for b, r in record.radii.items():
-        radii[b] = r
+    radii = camera_radii(record, model)
     stand_in = model.means.new_zeros(num, n, 2)
     stand_in.grad = grads
     stand_in.absgrad = absgrads

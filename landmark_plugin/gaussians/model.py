@@ -35,7 +35,9 @@ from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import make_grids
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
+from landmark_plugin.gaussians.offload import OffloadStore, expand_info, offload_store
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
+from landmark_plugin.gaussians.visible_adam import bind_visibility
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
 
@@ -71,6 +73,18 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     """With use_bilateral_grid: the appearance of renders outside training (eval, ns-render, the
     viewer) when no layout edit picks an image's: none (the scene's own colours, splatfacto's
     choice) or mean (the mean of all training images' grids)."""
+    visible_adam: bool = False
+    """Step only the Gaussians the batch saw (gsplat's SelectiveAdam rule, with Adam's bias
+    correction kept): a Gaussian no camera of the batch drew keeps its parameters and Adam
+    moments unchanged, instead of drifting on its momentum.  Needs the Gaussian groups'
+    optimizer to be VisibleAdamOptimizerConfig (the retina-gs method configs' default)."""
+    offload: Literal["none", "host", "auto"] = "none"
+    """host: keep this rank's Gaussians and their Adam moments in host memory and give each
+    training batch only the kd-tree leaves its cameras can draw (exact: a leaf left behind holds
+    no Gaussian the projection keeps); needs visible_adam and the default strategy.  Steps that
+    refine, reset or re-own Gaussians, checkpoints and renders outside training hold every
+    Gaussian on the device again.  auto: host when the predicted training footprint exceeds the
+    GPU's free memory (said once), else none."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
     """Ownership upkeep: re-assigning Gaussians that left their leaf, rebuilding the tree."""
 
@@ -152,6 +166,8 @@ class RetinaGSModel(SplatfactoModel):
         self._auto_mode: Optional[str] = None
         self.frame = RetinaFrame(Comm.single(), self)
         """The frame path; the distributed pipeline replaces it with one over its ranks."""
+        self.offload_store: Optional[OffloadStore] = None
+        """With offload: this rank's Gaussians in host memory (made at the first training batch)."""
 
     # ---- the tree -------------------------------------------------------------------------
     def _set_tree(self, tree: KDTree) -> None:
@@ -209,6 +225,8 @@ class RetinaGSModel(SplatfactoModel):
         # Parameters change size during training: allocate them at the checkpoint's size, and
         # the tree buffers likewise (a rebuilt tree keeps the same shape, a changed depth not).
         self.step = 30000
+        if self.offload_store is not None:
+            self.offload_store.reset()  # the checkpoint's Gaussians replace the host copy
         for name in list(self.gauss_params.keys()):
             shape = dict[f"gauss_params.{name}"].shape
             self.gauss_params[name] = torch.nn.Parameter(torch.zeros(shape, device=self.device))
@@ -284,7 +302,32 @@ class RetinaGSModel(SplatfactoModel):
                 f"plain screen gradient with threshold {PLAIN_GRAD_DENSIFY_THRESH}"
             )
 
-    # ---- densification and ownership ------------------------------------------------------
+    # ---- optimiser and densification -------------------------------------------------------
+    def step_cb(self, optimizers, step) -> None:
+        super().step_cb(optimizers, step)
+        bind_visibility(self, self.optimizers)
+
+    def visible_rows(self) -> Optional[torch.Tensor]:
+        """[N] Gaussians of this rank the last training batch saw (what visible Adam steps)."""
+        return self.frame.visible_rows()
+
+    # ---- out of core (``gaussians/offload.py``) ----------------------------------------------
+    def stage_leaves(self, cameras: Cameras) -> None:
+        """With offload: hold only the leaves these training cameras can draw."""
+        store = offload_store(self)
+        if store is not None:
+            store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
+
+    def hold_every_row(self) -> None:
+        """With offload: hold every Gaussian of this rank again (checkpoints, eval, refinement)."""
+        if self.offload_store is not None:
+            self.offload_store.materialize()
+
+    def train(self, mode: bool = True):
+        if not mode:  # renders outside training see the whole model
+            self.hold_every_row()
+        return super().train(mode)
+
     def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's ``rows`` (the densification budget ranks all ranks' candidates)."""
         from landmark_plugin.distributed.collectives import all_gather_rows
@@ -306,6 +349,15 @@ class RetinaGSModel(SplatfactoModel):
         from landmark_plugin.gaussians.rows import migrate_
 
         info = self.frame.strategy_info()
+        policy = self.config.strategy
+        rebuild = policy.rebuilds_at(step)
+        every = repartition_every > 0 and step > 0 and step % repartition_every == 0
+        refresh = rebuild or policy.refreshes_at(step, self.config) or every
+        store = self.offload_store
+        if refresh and store is not None and store.staged:  # these steps see every Gaussian
+            staged = store.index
+            store.materialize()
+            info = expand_info(info, staged, self.num_points) if info is not None else None
         if self.config.strategy.kind == "mcmc":
             if info is not None:
                 mcmc_step_(self, getattr(self, "optimizers", None), step)
@@ -318,10 +370,7 @@ class RetinaGSModel(SplatfactoModel):
                 if state.get(key) is None:
                     state[key] = torch.zeros(self.num_points, dtype=dtype, device=self.device)
             super().step_post_backward(step)
-        policy = self.config.strategy
-        rebuild = policy.rebuilds_at(step)
-        every = repartition_every > 0 and step > 0 and step % repartition_every == 0
-        if rebuild or policy.refreshes_at(step, self.config) or every:
+        if refresh:
             frame = self.frame
             migrate_(frame.comm, self, getattr(self, "optimizers", None), self.strategy_state, frame.parts, rebuild=rebuild)
 

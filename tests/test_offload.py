@@ -1,0 +1,179 @@
+"""retina-gs out of core (``--pipeline.model.offload host``): the leaf cull is conservative, and a
+streamed run equals the in-memory run (visible Adam, densification on) in every parameter and
+moment; a leaf no camera of a step can draw is untouched by that step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _retina_dist_helpers import stress_cameras, stress_model
+from _trainers import MICRO_CITY, retina_config, setup_trainer
+
+from landmark_plugin.core.frustum import LeafBounds, leaves_in_view
+from landmark_plugin.core.projection import RasterSettings, project_gaussians
+
+STEPS = 20
+
+
+def _look(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """World-to-camera [4, 4] in the OpenCV convention (x right, y down, z forward)."""
+    forward = (target - eye) / (target - eye).norm()
+    right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    right = right / right.norm()
+    down = torch.linalg.cross(forward, right)
+    rot = torch.stack([right, down, forward])
+    view = torch.eye(4, dtype=torch.float64)
+    view[:3, :3], view[:3, 3] = rot, -rot @ eye
+    return view
+
+
+def _scene(kind: str, g: torch.Generator):
+    """(means, quats, scales) of a 20-unit block: small Gaussians, or a third of them long and
+    large (straddling leaves)."""
+    n = 3000
+    means = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor([20.0, 20.0, 4.0], dtype=torch.float64)
+    scales = torch.exp(torch.empty(n, 3, dtype=torch.float64).uniform_(math.log(0.01), math.log(0.2), generator=g))
+    if kind == "stress":
+        scales[::3, 0] = 3.0
+        scales[::7] = 1.5
+    quats = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return means, quats / quats.norm(dim=-1, keepdim=True), scales
+
+
+@pytest.mark.parametrize("scene,rasterize_mode", [("small", "classic"), ("stress", "classic"), ("stress", "antialiased")])
+def test_every_leaf_with_a_kept_gaussian_is_in_view(scene, rasterize_mode):
+    """No leaf holding a Gaussian the projection keeps is let go, for cameras inside and above a
+    block of Gaussians (street level and aerial, some close to large ones); and leaves are let go."""
+    from landmark_plugin.core.partition import assign_leaves, build_kdtree
+
+    g = torch.Generator().manual_seed(3)
+    means, quats, scales = _scene(scene, g)
+    leaf_ids = assign_leaves(build_kdtree(means, 4), means)
+    bounds = LeafBounds.of(means, scales, leaf_ids, 16)
+    settings = RasterSettings(rasterize_mode=rasterize_mode)
+    K = torch.tensor([[40.0, 0, 32], [0, 40.0, 24], [0, 0, 1]], dtype=torch.float64)
+    culled = checked = 0
+    for i in range(24):
+        eye = (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor([20.0, 20.0, 4.0], dtype=torch.float64)
+        if i % 4 == 0:
+            eye[2] = 15.0  # aerial
+        target = eye + torch.randn(3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.3], dtype=torch.float64)
+        if i % 4 == 0:
+            target = eye - torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+        view = _look(eye, target)
+        radii = project_gaussians(means, quats, scales, view, K, 64, 48, settings).radii
+        needed = torch.zeros(16, dtype=torch.bool)
+        needed[leaf_ids[radii > 0]] = True
+        kept = leaves_in_view(bounds, view, K, 64, 48, settings)
+        assert not (needed & ~kept).any(), f"camera {i}: leaves {torch.nonzero(needed & ~kept).flatten().tolist()} let go"
+        culled += int((~kept).sum())
+        checked += 16
+    assert 0 < culled < checked, f"{culled} of {checked} leaves let go"
+
+
+def test_footprint_bound_holds_for_a_huge_gaussian_off_screen():
+    """A Gaussian far outside the view whose projected footprint still reaches into it."""
+    model = stress_model(2)
+    view = model.frame.view(stress_cameras()[0:1])
+    centre = torch.linalg.inv(view.viewmat)[:3, 3]
+    forward = torch.linalg.inv(view.viewmat)[:3, 2]
+    right = torch.linalg.inv(view.viewmat)[:3, 0]
+    means = (centre + 0.5 * forward + 0.9 * right)[None]  # beside the image, close to the camera
+    scales = torch.full((1, 3), 0.3, dtype=torch.float64)
+    quats = torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64)
+    radii = project_gaussians(means, quats, scales, view.viewmat, view.K, view.width, view.height).radii
+    assert int(radii[0]) > 0, "the construction must give a kept Gaussian"
+    bounds = LeafBounds.of(means, scales, torch.zeros(1, dtype=torch.int64), 1)
+    assert bool(leaves_in_view(bounds, view.viewmat, view.K, view.width, view.height)[0])
+    far = LeafBounds.of(centre[None] - 5 * forward, torch.full((1, 3), 1e-3, dtype=torch.float64), torch.zeros(1, dtype=torch.int64), 1)
+    assert not bool(leaves_in_view(far, view.viewmat, view.K, view.width, view.height)[0]), "behind the camera"
+
+
+@pytest.fixture(scope="module")
+def street_city(tmp_path_factory):
+    """The micro city seen from its streets only (each view sees a part of it)."""
+    from landmark_plugin.data.city import CityConfig, write_city
+
+    return write_city(tmp_path_factory.mktemp("street-city") / "city", CityConfig(**{**MICRO_CITY, "street_fraction": 1.0}))
+
+
+def _rows_by_mean(model):
+    """Every Gaussian's parameters and moments as one row, sorted by mean (x, y, z), so runs that
+    hold their rows in different orders compare."""
+    from landmark_plugin.gaussians.rows import gaussian_rows
+
+    rows, _ = gaussian_rows(model, model.optimizers, model.strategy_state)
+    order = torch.arange(rows.shape[0])
+    for axis in (2, 1, 0):
+        order = order[torch.sort(rows[order, axis], stable=True).indices]
+    return rows[order]
+
+
+def _train(data, out, offload: str):
+    config = retina_config(data, out, STEPS, tree_depth=3, visible_adam=True, offload=offload)
+    trainer = setup_trainer(config)
+    model = trainer.pipeline.model
+    untouched = []
+
+    def after(step: int) -> None:
+        store = model.offload_store
+        if store is not None and store.staged:
+            untouched.append((store.staged_rows[-1], store.rows.shape[0]))
+
+    trainer.run_steps(0, STEPS, after)
+    model.hold_every_row()
+    return model, untouched, trainer
+
+
+def test_offload_equals_in_memory_with_densification(street_city, tmp_path):
+    memory, _, _ = _train(street_city, tmp_path / "memory", "none")
+    streamed, staged, trainer = _train(street_city, tmp_path / "host", "host")
+    assert memory.num_points == streamed.num_points
+    assert memory.num_points != MICRO_CITY["num_points"], "densification must have changed the count"
+    total = streamed.num_points
+    assert sum(n < of for n, of in staged) >= 2, f"batches staged almost every Gaussian ({staged}): nothing streamed"
+    a, b = _rows_by_mean(memory), _rows_by_mean(streamed)
+    assert a.shape == b.shape
+    diff = float((a - b).abs().max())
+    assert diff <= 1e-6, f"offload vs in memory after {STEPS} steps: {diff:.3g}"
+    # the checkpoint holds every Gaussian, not the last batch's
+    state = trainer.checkpoint_state(STEPS)
+    assert state["pipeline"]["_model.gauss_params.means"].shape[0] == total
+
+
+def test_offload_needs_visible_adam(street_city, tmp_path):
+    from landmark_plugin.errors import ConfigError
+
+    trainer = setup_trainer(retina_config(street_city, tmp_path / "x", 2, offload="host"))
+    with pytest.raises(ConfigError, match="visible-adam"):
+        trainer.run_steps(0, 1)
+
+
+def test_a_leaf_no_camera_can_draw_keeps_every_byte(street_city, tmp_path):
+    """In memory with visible Adam: the rows of the leaves the cull lets go for a step's camera
+    (parameters and moments) are bit for bit what they were before the step."""
+    config = retina_config(street_city, tmp_path / "leaf", STEPS, tree_depth=3, visible_adam=True)
+    trainer = setup_trainer(config)
+    model, pipeline = trainer.pipeline.model, trainer.pipeline
+    from landmark_plugin.gaussians.rows import gaussian_rows
+
+    checked = 0
+    for step in range(STEPS):
+        before, _ = gaussian_rows(model, getattr(model, "optimizers", None), model.strategy_state)
+        g = model.activated_gaussians()
+        bounds = LeafBounds.of(g.means, g.scales, model.leaf_ids, 8)
+        index = pipeline._next_pool(1)[0]  # the camera of the coming step
+        camera = pipeline.datamanager.train_dataset.cameras[index : index + 1]
+        view = model.frame.view(camera)
+        gone = ~leaves_in_view(bounds, view.viewmat, view.K, view.width, view.height, model.frame.settings)
+        trainer.run_steps(step, 1)
+        after, _ = gaussian_rows(model, model.optimizers, model.strategy_state)
+        if step % model.config.refine_every == 0:
+            continue  # refinement re-orders and adds rows; its densification is per Gaussian
+        rows = gone[model.leaf_ids]
+        assert torch.equal(after[rows], before[rows]), f"step {step}: a leaf no camera could draw changed"
+        checked += int(rows.sum())
+    assert checked > 0 and math.isfinite(float(after.sum()))
