@@ -22,9 +22,12 @@ STEPS, BATCH, CAMERAS = 3, 2, 6
 ATOL = 1e-5
 
 
-def _model():
+def _model(kind: str = "bilateral"):
     torch.set_default_dtype(torch.float64)
-    model = stress_model(2, use_bilateral_grid=True, grid_shape=(4, 4, 2))
+    if kind == "affine":
+        model = stress_model(2, affine_appearance=True)
+    else:
+        model = stress_model(2, use_bilateral_grid=True, grid_shape=(4, 4, 2))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # away from identity, so every image's grid changes its render
         model.bil_grids.grids += 0.1 * torch.randn(model.bil_grids.grids.shape, generator=g, dtype=torch.float64)
@@ -38,9 +41,10 @@ def _render(model, cameras, index: int, image=None):
     return model.get_outputs(camera)["rgb"]
 
 
-def test_each_image_renders_through_its_own_grid():
+@pytest.mark.parametrize("kind", ["bilateral", "affine"])
+def test_each_image_renders_through_its_own_grid(kind):
     try:
-        model, cameras = _model(), stress_cameras()
+        model, cameras = _model(kind), stress_cameras()
         grids = model.bil_grids.grids
         own = _render(model, cameras, 1, image=1)
         other = _render(model, cameras, 1, image=4)
@@ -97,13 +101,13 @@ def test_an_appearance_edit_needs_per_image_appearance():
 # ---------------------------------------------------------------------- several ranks
 
 
-def _worker(comm):
+def _worker(comm, kind: str = "bilateral"):
     from landmark_plugin.core.schedule import Parts
     from landmark_plugin.distributed.collectives import all_reduce_grads_
     from landmark_plugin.gaussians.frame import RetinaFrame
     from landmark_plugin.gaussians.rows import owner_ranks, shard_
 
-    model, cameras = _model(), stress_cameras()
+    model, cameras = _model(kind), stress_cameras()
     parts = Parts.of(2, comm.world_size)
     ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
     shard_(comm, model, parts)
@@ -121,10 +125,10 @@ def _worker(comm):
         size, visible, owners = frame.plan_batch(batch_cameras, BATCH, max_load=16)
         assert size == BATCH
         losses, _, outputs = frame.batch_loss(batch_cameras, visible, owners, lambda b: {"image": target_image(batch[b])})
-        assert "tv_loss" in losses
+        assert ("tv_loss" in losses) == (kind == "bilateral"), "one-cell affine grids have no TV loss"
         sum(losses.values()).backward()
         all_reduce_grads_(comm, [grids])  # the pipeline's sync_gradients_ for replicated parameters
-        record = {"loss": float(losses["main_loss"]), "tv": float(losses["tv_loss"]),
+        record = {"loss": float(losses["main_loss"]), "tv": float(losses.get("tv_loss", 0.0)),
                   "images": {batch[b]: o["rgb"].detach() for b, o in outputs.items()}}
         if step == 0:
             record["grads"] = {n: p.grad.detach().clone() for n, p in model.gauss_params.items()}
@@ -138,14 +142,15 @@ def _worker(comm):
 
 
 @functools.lru_cache(maxsize=None)
-def _one_process(tmp_dir):
-    return run_ranks(_worker, 1, tmp_dir / "appearance-1", timeout_s=120, **FAST_START)[0]
+def _one_process(tmp_dir, kind: str):
+    return run_ranks(_worker, 1, tmp_dir / f"appearance-1-{kind}", args=(kind,), timeout_s=120, **FAST_START)[0]
 
 
 @pytest.mark.slow
-def test_appearance_on_two_ranks_equals_one_process(tmp_path):
-    results = run_ranks(_worker, 2, tmp_path / "appearance-2", timeout_s=180, **FAST_START)
-    one = _one_process(tmp_path.parent)
+@pytest.mark.parametrize("kind", ["bilateral", "affine"])
+def test_appearance_on_two_ranks_equals_one_process(tmp_path, kind):
+    results = run_ranks(_worker, 2, tmp_path / "appearance-2", args=(kind,), timeout_s=180, **FAST_START)
+    one = _one_process(tmp_path.parent, kind)
     ids = torch.cat([r["ids"] for r in results])
     diffs = {}
     for step, ref in enumerate(one["records"]):

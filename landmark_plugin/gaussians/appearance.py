@@ -1,4 +1,5 @@
-"""Per-image appearance of retina-gs: splatfacto's bilateral grid, applied to the composite.
+"""Per-image appearance of retina-gs: splatfacto's bilateral grid, or one affine colour transform
+per image, applied to the composite.
 
 Real captures change exposure, white balance and light from image to image.  With
 ``use_bilateral_grid`` every training image gets a bilateral grid of affine colour transforms
@@ -11,6 +12,10 @@ render.  The frame is the same on every world size:
   (``sync_gradients_``), so every rank steps the same grids, as one process would;
 - the grids' total-variation loss enters once per step (on rank 0: the sum over ranks then
   counts it once), with splatfacto's weight.
+
+``affine_appearance`` is the same machinery with a grid of one cell: a 3x4 colour matrix per image
+(exposure, white balance, a colour cast; what the affine models of large-scene papers fit), with no
+total variation to regularise (one cell has no neighbours).
 
 Outside training (eval, ns-render, the viewer) the render shows the appearance a layout edit
 picks (``edits.Appearance``: one image's grid, or a blend of two), else ``eval_appearance``:
@@ -27,6 +32,8 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.model_components.lib_bilagrid import BilateralGrid, slice, total_variation_loss
 from torch import Tensor
 
+from landmark_plugin.errors import ConfigError
+
 TV_WEIGHT = 10.0
 """splatfacto's weight of the grids' total variation."""
 
@@ -36,7 +43,11 @@ Mix = Tuple[Tuple[int, float], ...]
 
 def make_grids(config, num_images: int) -> Optional[BilateralGrid]:
     """One identity grid per training image (``config``: splatfacto's ``use_bilateral_grid``,
-    ``grid_shape``), or None when the option is off."""
+    ``grid_shape``; or ``affine_appearance``: one cell), or None when both options are off."""
+    if config.use_bilateral_grid and config.affine_appearance:
+        raise ConfigError("choose one per-image appearance: --pipeline.model.use-bilateral-grid or --pipeline.model.affine-appearance")
+    if config.affine_appearance:
+        return BilateralGrid(num=num_images, grid_X=1, grid_Y=1, grid_W=1)
     if not config.use_bilateral_grid:
         return None
     grid_x, grid_y, grid_w = config.grid_shape
@@ -105,9 +116,10 @@ def _sliced(grids: BilateralGrid, rgb: Tensor, index: int) -> Tensor:
 
 
 def tv_loss(model, rank: int) -> Optional[Tensor]:
-    """The grids' weighted total variation on rank 0 (zero elsewhere), or None without grids."""
+    """The grids' weighted total variation on rank 0 (zero elsewhere), or None without grids (or
+    with one-cell affine grids, which have no variation)."""
     grids: Optional[BilateralGrid] = getattr(model, "bil_grids", None)
-    if grids is None or not model.training:
+    if grids is None or not model.training or model.config.affine_appearance:
         return None
     if rank != 0:
         return grids.grids.new_zeros(())

@@ -69,8 +69,12 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     most 1.10x splatfacto's (BENCHMARKS.md has the measured ratio)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
+    affine_appearance: bool = False
+    """Per-image appearance as one affine colour transform per training image (a 3x4 matrix on
+    the composite: exposure, white balance), the bilateral grid's machinery with a single cell;
+    optimised in the bilateral_grid group.  A lighter alternative to use_bilateral_grid."""
     eval_appearance: Literal["none", "mean"] = "none"
-    """With use_bilateral_grid: the appearance of renders outside training (eval, ns-render, the
+    """With use_bilateral_grid or affine_appearance: the appearance of renders outside training (eval, ns-render, the
     viewer) when no layout edit picks an image's: none (the scene's own colours, splatfacto's
     choice) or mean (the mean of all training images' grids)."""
     visible_adam: bool = False
@@ -303,6 +307,12 @@ class RetinaGSModel(SplatfactoModel):
             )
 
     # ---- optimiser and densification -------------------------------------------------------
+    def get_param_groups(self) -> Dict[str, list]:
+        groups = super().get_param_groups()
+        if self.config.affine_appearance:  # splatfacto adds the group for its own option only
+            groups["bilateral_grid"] = list(self.bil_grids.parameters())
+        return groups
+
     def step_cb(self, optimizers, step) -> None:
         super().step_cb(optimizers, step)
         bind_visibility(self, self.optimizers)
