@@ -54,3 +54,20 @@ def test_content_rect_is_the_tight_window():
     color[2, 3, 1] = 0.5
     trans[4, 6, 0] = 0.9
     assert content_rect(color, trans) == (3, 2, 7, 5)  # (x0, y0, x1, y1)
+
+
+def test_locality_order_covers_every_camera_once_and_keeps_neighbours_together():
+    from landmark_plugin.core.schedule import locality_order
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(200, 3, generator=g, dtype=torch.float64) * 10
+    lo, hi = torch.zeros(3, dtype=torch.float64), torch.full((3,), 10.0, dtype=torch.float64)
+    order = locality_order(points, lo, hi, 8, torch.Generator().manual_seed(1))
+    assert sorted(order) == list(range(200))
+    step = lambda o: float((points[o[1:]] - points[o[:-1]]).norm(dim=1).mean())  # noqa: E731
+    shuffled = torch.randperm(200, generator=g).tolist()
+    assert step(order) < 0.6 * step(shuffled), "consecutive cameras look at nearby places"
+    other = locality_order(points, lo, hi, 8, torch.Generator().manual_seed(2))
+    assert other != order and sorted(other) == list(range(200)), "a new run order per epoch"
+    runs = lambda o: sorted(tuple(sorted(o[i : i + 8])) for i in range(0, 200, 8))  # noqa: E731
+    assert runs(other) == runs(order), "the runs themselves stay whole"

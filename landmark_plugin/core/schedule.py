@@ -187,3 +187,20 @@ def content_rect(color: Float[Tensor, "H W D"], transmittance: Float[Tensor, "H 
         return (0, 0, 0, 0)
     cols = torch.nonzero(touched.any(dim=0)).flatten()
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def locality_order(points: Float[Tensor, "N 3"], lo: Float[Tensor, " 3"], hi: Float[Tensor, " 3"], block: int,
+                   generator: torch.Generator) -> List[int]:
+    """A camera order in which consecutive cameras look at nearby places, covering every camera
+    once: the cameras sorted along a Z-order (Morton) curve of ``points`` (what each camera looks
+    at, quantised to 10 bits per axis in the box ``lo``..``hi``), cut into runs of ``block``
+    cameras whose order ``generator`` shuffles (a new order per epoch, runs kept whole)."""
+    unit = ((points.double() - lo.double()) / (hi.double() - lo.double()).clamp_min(1e-12)).clamp(0, 1)
+    cells = (unit * 1023).round().long()
+    code = torch.zeros(points.shape[0], dtype=torch.int64)
+    for bit in range(10):  # interleave the bits: x0 y0 z0 x1 y1 z1 ...
+        for axis in range(3):
+            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    order = torch.argsort(code, stable=True).tolist()
+    runs = [order[i : i + block] for i in range(0, len(order), max(block, 1))]
+    return [index for r in torch.randperm(len(runs), generator=generator).tolist() for index in runs[r]]

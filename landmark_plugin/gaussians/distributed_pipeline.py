@@ -54,7 +54,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.checkpoints import install_eval_checkpoint_filter
-from landmark_plugin.core.schedule import image_owner, interleave_owners, owned_images
+from landmark_plugin.core.schedule import image_owner, interleave_owners, locality_order, owned_images
 from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
 from landmark_plugin.distributed.collectives import (
     all_gather_objects,
@@ -90,6 +90,14 @@ class DistributedRetinaPipelineConfig(VanillaPipelineConfig):
     multi-rank GPU path on a single-GPU machine."""
     init_seed: int = 0
     """Several ranks: seed of the model initialisation and of the camera queue (identical on every rank)."""
+    camera_order: Literal["random", "locality"] = "random"
+    """Order of the training cameras within an epoch (every image once per epoch either way).
+    random: a new permutation per epoch.  locality: sorted along a Z-order curve of what each
+    camera looks at (where its optical axis crosses the scene box), in runs of
+    ``locality_run`` cameras shuffled per epoch, so consecutive batches see the same leaves
+    (with --pipeline.model.offload host they stay on the GPU instead of travelling again)."""
+    locality_run: int = 16
+    """camera_order locality: cameras per run kept together."""
     world_size: tyro.conf.Suppress[int] = 1
     """Recorded by the trainer: the number of ranks the run trained on (loading on another
     number re-assigns subtrees)."""
@@ -191,9 +199,29 @@ class DistributedRetinaPipeline(VanillaPipeline):
         world = self.world_size if world_size is None else world_size
         while len(self._queue) < size:
             g = torch.Generator().manual_seed(self.config.init_seed * 1_000_003 + self._epoch)
-            self._queue += interleave_owners(torch.randperm(num, generator=g).tolist(), world)
+            if self.config.camera_order == "locality":
+                order = locality_order(*self._look_points(), self.config.locality_run, g)
+            else:
+                order = torch.randperm(num, generator=g).tolist()
+            self._queue += interleave_owners(order, world)
             self._epoch += 1
         return self._queue[:size]
+
+    def _look_points(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What each training camera looks at -- the middle of its optical axis' run through the
+        kd-tree's box (its centre when the axis misses the box) -- and the box: the same on every
+        rank (poses and tree only)."""
+        c2w = self.datamanager.train_dataset.cameras.camera_to_worlds.detach().cpu().double()
+        centres, forward = c2w[:, :3, 3], -c2w[:, :3, 2]  # nerfstudio cameras look along -z
+        box = self.model.tree.bounds.detach().cpu().double()
+        lo, hi = box[0], box[1]
+        safe = torch.where(forward.abs() < 1e-12, torch.full_like(forward, 1e-12), forward)
+        t0, t1 = (lo - centres) / safe, (hi - centres) / safe
+        enter = torch.minimum(t0, t1).amax(dim=1).clamp_min(0.0)
+        leave = torch.maximum(t0, t1).amin(dim=1)
+        hits = leave > enter
+        middle = centres + forward * (0.5 * (enter + leave))[:, None]
+        return torch.where(hits[:, None], middle, centres), lo, hi
 
     def resume_state(self) -> Dict:
         """The camera queue (``landmark_plugin.resume`` saves it, so a resumed run takes the

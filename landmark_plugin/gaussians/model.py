@@ -35,7 +35,7 @@ from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import make_grids
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
-from landmark_plugin.gaussians.offload import OffloadStore, expand_info, offload_store
+from landmark_plugin.gaussians.offload import OffloadStore, offload_store
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
 from landmark_plugin.gaussians.visible_adam import bind_visibility
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
@@ -89,6 +89,11 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     refine, reset or re-own Gaussians, checkpoints and renders outside training hold every
     Gaussian on the device again.  auto: host when the predicted training footprint exceeds the
     GPU's free memory (said once), else none."""
+    offload_budget_gb: float = 0.0
+    """With offload host: GPU memory (parameters, moments and statistics of the held rows) up to
+    which leaves the current batch does not need stay held, in case a later batch needs them
+    again (the least recently needed go first).  A leaf consecutive batches both need stays
+    held anyway.  0: hold only each batch's leaves."""
     strategy: RetinaStrategyConfig = field(default_factory=RetinaStrategyConfig)
     """Ownership upkeep: re-assigning Gaussians that left their leaf, rebuilding the tree."""
 
@@ -214,7 +219,8 @@ class RetinaGSModel(SplatfactoModel):
         """Give every Gaussian to the leaf that holds its mean; optionally rebalance the tree first."""
         with torch.no_grad():
             if rebuild:
-                self._set_tree(build_kdtree(self.means.detach(), self.config.tree_depth, axis_rule=self.config.split_axes))
+                tree = build_kdtree(self.means.detach(), self.config.tree_depth, axis_rule=self.config.split_axes)
+                self._set_tree(tree.to(self.tree_split_value.device))  # means may sit in host memory (offload)
             self.leaf_ids = assign_leaves(self.tree, self.means.detach())
 
     def scene_layout(self) -> RetinaEditLayout:
@@ -328,10 +334,11 @@ class RetinaGSModel(SplatfactoModel):
         if store is not None:
             store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
 
-    def hold_every_row(self) -> None:
-        """With offload: hold every Gaussian of this rank again (checkpoints, eval, refinement)."""
+    def hold_every_row(self, on_host: bool = False) -> None:
+        """With offload: hold every Gaussian of this rank again, on the model's device (eval) or
+        in host memory (``on_host``: checkpoints, refinement)."""
         if self.offload_store is not None:
-            self.offload_store.materialize()
+            self.offload_store.materialize(on_host)
 
     def train(self, mode: bool = True):
         if not mode:  # renders outside training see the whole model
@@ -364,10 +371,7 @@ class RetinaGSModel(SplatfactoModel):
         every = repartition_every > 0 and step > 0 and step % repartition_every == 0
         refresh = rebuild or policy.refreshes_at(step, self.config) or every
         store = self.offload_store
-        if refresh and store is not None and store.staged:  # these steps see every Gaussian
-            staged = store.index
-            store.materialize()
-            info = expand_info(info, staged, self.num_points) if info is not None else None
+        staged = store is not None and store.staged
         if self.config.strategy.kind == "mcmc":
             if info is not None:
                 mcmc_step_(self, getattr(self, "optimizers", None), step)
@@ -379,7 +383,16 @@ class RetinaGSModel(SplatfactoModel):
             for key, dtype in (("grad2d", self.means.dtype), ("count", torch.float32)):
                 if state.get(key) is None:
                     state[key] = torch.zeros(self.num_points, dtype=dtype, device=self.device)
-            super().step_post_backward(step)
+            if staged and (refresh or self.strategy.touches_every_row(step)):
+                # Statistics on the staged Gaussians, refinement with all of them in host memory.
+                if step < self.strategy.refine_stop_iter:
+                    self.strategy._update_state(self.gauss_params, state, info, packed=False)
+                store.materialize(on_host=True)
+                self.strategy.refine(self.gauss_params, self.optimizers, state, step)
+            else:
+                self.strategy.step_post_backward(self.gauss_params, self.optimizers, state, step, info, packed=False)
+        if refresh and store is not None:
+            store.materialize(on_host=True)
         if refresh:
             frame = self.frame
             migrate_(frame.comm, self, getattr(self, "optimizers", None), self.strategy_state, frame.parts, rebuild=rebuild)

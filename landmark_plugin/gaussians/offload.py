@@ -9,9 +9,11 @@ left behind holds no Gaussian the projection keeps, so the image, the loss and e
 the in-memory run's; with visible Adam (which offload requires) a Gaussian no camera drew is not
 stepped, so the rows left on the host are exactly what the in-memory run has too.
 
-Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tree rebuild),
-checkpoints and renders outside training (eval, ns-render, the viewer) ``materialize`` the store:
-the model holds every row again, on its device, until the next batch stages.
+Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tree rebuild) and
+checkpoints ``materialize`` the store in host memory: the model holds every row there (gsplat's
+strategy and the row helpers are device-agnostic torch) until the next batch stages; the
+statistics of that step's batch are gathered on the staged rows first.  Renders outside training
+(eval, ns-render, the viewer) hold every row on the model's device.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ class OffloadStore:
         self.layout = None
         self.leaf_ids: Optional[Tensor] = None  # [N] host
         self.bounds: Optional[LeafBounds] = None
-        self.index: Optional[Tensor] = None  # [n] host rows the model holds; None: the model holds all
-        self.staged_rows: list = []  # rows staged per batch (for the benchmark and the tests)
+        self.index: Optional[Tensor] = None  # [n] host rows the model holds, in its order; None: all
+        self.step = 0  # stage calls so far
+        self.last_needed = torch.zeros(2**model.config.tree_depth, dtype=torch.int64)  # per leaf: the last stage that needed it
+        self.staged_rows: list = []  # (rows held, rows in all) per batch (for the benchmark and the tests)
+        self.uploaded_rows: list = []  # rows uploaded per batch
 
     @property
     def staged(self) -> bool:
@@ -56,57 +61,115 @@ class OffloadStore:
         """The model holds every row: copy them all to the host."""
         model = self.model
         rows, self.layout = gaussian_rows(model, self._optimizers(), model.strategy_state)
-        self.rows = _to_host(rows)
+        self.rows = _to_host(rows, pin=model.device.type == "cuda")
         self.leaf_ids = model.leaf_ids.detach().cpu()
         self.bounds = self._bounds_of(self.rows, self.leaf_ids)
 
-    def _write_back(self) -> None:
-        """The model's (staged) rows replace theirs in the host copy; their leaves' bounds follow."""
+    def _held_rows(self) -> Tensor:
+        """[n, D] the rows the model holds (in ``self.index`` order), checked against the store."""
         model = self.model
         rows, layout = gaussian_rows(model, self._optimizers(), model.strategy_state)
         if rows.shape[0] != self.index.numel() or layout != self.layout:
             raise RuntimeError("offload: the staged Gaussians changed outside a materialized step")
-        self.rows[self.index] = rows.to(self.rows.device)
-        leaves = torch.zeros(self.bounds.lo.shape[0], dtype=torch.bool)
-        leaves[self.leaf_ids[self.index]] = True
-        self.bounds.update_(self._bounds_of(self.rows[self.index], self.leaf_ids[self.index]), leaves)
+        return rows
+
+    def _write_back(self) -> None:
+        """Every held row replaces its host copy."""
+        self.rows[self.index] = self._held_rows().to(self.rows.device)
 
     def _bounds_of(self, rows: Tensor, leaf_ids: Tensor) -> LeafBounds:
         columns = layout_columns(self.layout)
         means, scales = rows[:, columns[("means", "param")]], torch.exp(rows[:, columns[("scales", "param")]])
-        return LeafBounds.of(means, scales, leaf_ids, 2**self.model.config.tree_depth)
+        return LeafBounds.of(means, scales, leaf_ids, self.num_leaves)
 
-    def _hold(self, index: Optional[Tensor]) -> None:
-        """The model holds the rows ``index`` of the host copy (None: all of them)."""
-        model = self.model
+    @property
+    def num_leaves(self) -> int:
+        return 2**self.model.config.tree_depth
+
+    def _hold(self, index: Optional[Tensor], device: torch.device) -> None:
+        """The model holds the rows ``index`` of the host copy (None: all of them) on ``device``."""
         rows = self.rows if index is None else self.rows[index]
-        set_gaussian_rows_(model, self._optimizers(), model.strategy_state, rows.to(model.device, non_blocking=True), self.layout)
         leaf_ids = self.leaf_ids if index is None else self.leaf_ids[index]
-        model.leaf_ids = leaf_ids.to(model.device)
+        self._set(rows.to(device, non_blocking=True), leaf_ids.to(device))
         self.index = index
+
+    def _set(self, rows: Tensor, leaf_ids: Tensor) -> None:
+        model = self.model
+        set_gaussian_rows_(model, self._optimizers(), model.strategy_state, rows, self.layout)
+        model.leaf_ids = leaf_ids
 
     # ---- the two operations -----------------------------------------------------------------
     def stage(self, views) -> None:
-        """Hold only the leaves that any of ``views`` (``frame.View``) can draw."""
+        """Hold the leaves that any of ``views`` (``frame.View``) can draw, keeping leaves already
+        held while they fit ``offload_budget_gb`` (most recently needed first): only leaves that
+        were not held are uploaded, only leaves let go are written back."""
+        self.step += 1
         if self.index is None:
             self._capture()
+            held_rows, held = None, torch.zeros(self.num_leaves, dtype=torch.bool)
+        else:
+            held_rows = self._held_rows()
+            held_leaf = self.leaf_ids[self.index]
+            held = torch.zeros(self.num_leaves, dtype=torch.bool)
+            held[held_leaf] = True
+            device_leaf = held_leaf.to(held_rows.device)
+            self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), held)  # they moved on the device
+        needed = torch.zeros(self.num_leaves, dtype=torch.bool)
+        settings = self.model.frame.settings
+        for v in views:
+            needed |= leaves_in_view(self.bounds, v.viewmat, v.K, v.width, v.height, settings).cpu()
+        self.last_needed[needed] = self.step
+        keep = needed | self._cached(held & ~needed, needed)
+        upload = torch.nonzero(keep[self.leaf_ids] & ~held[self.leaf_ids]).flatten()
+        if held_rows is None:
+            self._hold(upload, self.model.device)
+        elif bool((keep != held).any()):
+            stay = keep[held_leaf]
+            gone = ~stay
+            if bool(gone.any()):
+                self.rows[self.index[gone]] = held_rows[gone.to(held_rows.device)].to(self.rows.device)
+            stay_dev = stay.to(held_rows.device)
+            device = held_rows.device
+            index, order = torch.sort(torch.cat([self.index[stay], upload]))
+            # In host order, as the in-memory model holds them: renders then sum in the same order.
+            rows = torch.cat([held_rows[stay_dev], self.rows[upload].to(device, non_blocking=True)])[order.to(device)]
+            self._set(rows, self.leaf_ids[index].to(device))
+            self.index = index
+        self.staged_rows.append((int(self.index.numel()), int(self.rows.shape[0])))
+        self.uploaded_rows.append(int(upload.numel()))
+
+    def _cached(self, candidates, needed) -> Tensor:
+        """[L] leaves among ``candidates`` (held, not needed) that stay held: the most recently
+        needed ones while every held row fits the budget."""
+        keep = torch.zeros_like(candidates)
+        budget = self.model.config.offload_budget_gb * 2**30
+        if budget <= 0 or not bool(candidates.any()):
+            return keep
+        per_leaf = torch.bincount(self.leaf_ids, minlength=self.num_leaves) * self.rows.shape[1] * self.rows.element_size()
+        used = float(per_leaf[needed].sum())
+        for leaf in sorted(torch.nonzero(candidates).flatten().tolist(), key=lambda l: -int(self.last_needed[l])):
+            if used + float(per_leaf[leaf]) > budget:
+                break
+            keep[leaf] = True
+            used += float(per_leaf[leaf])
+        return keep
+
+    def materialize(self, on_host: bool = False) -> None:
+        """Hold every row again, on the model's device or (``on_host``) in host memory, and drop
+        the store's copy (the next batch makes a new one from what the model then holds)."""
+        target = torch.device("cpu") if on_host else self.model.device
+        if self.index is None:
+            if self.model.means.device == target:
+                return
+            self._capture()  # every row is held, on the other side: copy them over
         else:
             self._write_back()
-        frame = self.model.frame
-        needed = torch.zeros(self.bounds.lo.shape[0], dtype=torch.bool)
-        for v in views:
-            needed |= leaves_in_view(self.bounds, v.viewmat, v.K, v.width, v.height, frame.settings).cpu()
-        index = torch.nonzero(needed[self.leaf_ids]).flatten()
-        self._hold(index)
-        self.staged_rows.append(int(index.numel()))
-
-    def materialize(self) -> None:
-        """Hold every row again (and free the host copy)."""
-        if self.index is None:
-            return
-        self._write_back()
-        self._hold(None)
+        self._hold(None, target)
         self.reset()
+
+
+def _cpu_bounds(bounds: LeafBounds) -> LeafBounds:
+    return LeafBounds(bounds.lo.cpu(), bounds.hi.cpu(), bounds.max_scale.cpu())
 
 
 def offload_store(model) -> Optional[OffloadStore]:
@@ -148,23 +211,9 @@ def _auto_choice(model) -> str:
     return "host"
 
 
-def _to_host(rows: Tensor) -> Tensor:
+def _to_host(rows: Tensor, pin: bool) -> Tensor:
+    """A host copy of ``rows``, pinned when it feeds a CUDA device (asynchronous uploads)."""
     host = rows.detach().cpu()
-    return host.pin_memory() if rows.is_cuda else host.clone()
-
-
-def expand_info(info: Dict, index: Tensor, num_rows: int) -> Dict:
-    """gsplat's ``info`` of a batch over staged rows ``index``, as over all ``num_rows`` rows
-    (Gaussians that were not staged were not drawn: radius 0, no gradient)."""
-    index = index.to(info["radii"].device)
-
-    def spread(t: Tensor) -> Tensor:
-        out = t.new_zeros((t.shape[0], num_rows) + tuple(t.shape[2:]))
-        out[:, index] = t
-        return out
-
-    means2d = info["means2d"]
-    stand_in = spread(means2d.detach())
-    stand_in.grad = spread(means2d.grad)
-    stand_in.absgrad = spread(means2d.absgrad)
-    return {**info, "means2d": stand_in, "radii": spread(info["radii"])}
+    if pin:
+        return host.pin_memory()
+    return host.clone() if host is rows else host

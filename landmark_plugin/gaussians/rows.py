@@ -146,9 +146,9 @@ def migrate_(comm: Comm, model, optimizers: Optional[Dict], strategy_state: Opti
         if rebuild:
             all_means = all_gather_rows(comm, model.means.detach(), "gather means for the tree rebuild")
             model._set_tree(build_kdtree(all_means, model.config.tree_depth, axis_rule=model.config.split_axes))
-        dest = owner_ranks(model, parts)
-        leaving = int((dest != comm.rank).sum())
         rows, layout = gaussian_rows(model, optimizers, strategy_state)
+        dest = owner_ranks(model, parts).to(rows.device)  # rows may sit in host memory (offload)
+        leaving = int((dest != comm.rank).sum())
         received, _ = all_to_all_rows(comm, rows, dest)
         set_gaussian_rows_(model, optimizers, strategy_state, received, layout)
         model.refresh_ownership()

@@ -14,7 +14,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 from gsplat.strategy import DefaultStrategy
-from gsplat.strategy.ops import duplicate, split
+from gsplat.strategy.ops import duplicate, reset_opa, split
 from gsplat.utils import normalized_quat_to_rotmat
 from nerfstudio.models.splatfacto import SplatfactoModelConfig
 from torch import Tensor
@@ -102,6 +102,40 @@ class KeyedSplitStrategy(DefaultStrategy):
     """The whole model's budget (``RetinaStrategyConfig.max_gaussians``); 0: none."""
     gather: Optional[Gather] = None
     """Every rank's rows (set by the model); None: this process holds the whole model."""
+
+    def step_post_backward(self, params, optimizers, state, step: int, info, packed: bool = False):
+        """gsplat's: the statistics of this batch, then ``refine``."""
+        if step >= self.refine_stop_iter:
+            return
+        self._update_state(params, state, info, packed=packed)
+        self.refine(params, optimizers, state, step)
+
+    def touches_every_row(self, step: int) -> bool:
+        """Whether ``refine`` at ``step`` reads or edits every Gaussian (growth, pruning, the
+        opacity reset), not only those the batch drew."""
+        if step >= self.refine_stop_iter:
+            return False
+        return self._grows_at(step) or step % self.reset_every == 0
+
+    def _grows_at(self, step: int) -> bool:
+        return step > self.refine_start_iter and step % self.refine_every == 0 and step % self.reset_every >= self.pause_refine_after_reset
+
+    def refine(self, params, optimizers, state, step: int) -> None:
+        """The half of gsplat's ``step_post_backward`` after the statistics: grow and prune at
+        refinement steps (then clear the statistics), reset opacities every ``reset_every``.
+        Apart so that streamed training can gather the statistics on the staged Gaussians and
+        refine with every Gaussian in host memory."""
+        if step >= self.refine_stop_iter:
+            return
+        if self._grows_at(step):
+            self._grow_gs(params, optimizers, state, step)
+            self._prune_gs(params, optimizers, state, step)
+            state["grad2d"].zero_()
+            state["count"].zero_()
+            if self.refine_scale2d_stop_iter > 0:
+                state["radii"].zero_()
+        if step % self.reset_every == 0:
+            reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
 
     @torch.no_grad()
     def _grow_gs(self, params, optimizers, state, step: int):

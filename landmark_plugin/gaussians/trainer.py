@@ -79,7 +79,7 @@ class RetinaTrainer(LandmarkTrainer):
 
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:
-        self.pipeline.model.hold_every_row()  # with offload: the whole shard is saved
+        self.pipeline.model.hold_every_row(on_host=True)  # with offload: the whole shard is saved
         state = super().checkpoint_state(step)
         # Densification statistics as rows beside the Gaussians (merge_shards / select_rows cut
         # them with the parameters); landmark_plugin.resume keeps its own copy under "resume".
