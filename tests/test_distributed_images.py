@@ -54,6 +54,10 @@ def _train_and_evaluate(comm, data: str, cache: str, budget_gb: float):
         image_metrics, images = pipeline.get_eval_image_metrics_and_images(STEPS)
         _, eval_losses, _ = pipeline.get_eval_loss_dict(STEPS)
         shown.append((index, sorted(images), image_metrics["psnr"], float(eval_losses["main_loss"])))
+    loaded = {"train": dm.loaded_indices("train"), "eval": dm.loaded_indices("eval")}
+    # nerfstudio's data-loader average (every rank iterates the same loader; rank 0 scores)
+    loader = [(dm.eval_dataset.cameras[i : i + 1], {"image": dm.eval_dataset[i]["image"]}) for i in range(len(dm.eval_dataset))]
+    loader_psnr = pipeline.get_average_image_metrics(loader, "eval")["psnr"]
     foreign = next(i for i in range(len(dm.train_dataset)) if image_owner(i, comm.world_size) != comm.rank)
     try:
         dm.cached_train[foreign]
@@ -61,7 +65,7 @@ def _train_and_evaluate(comm, data: str, cache: str, budget_gb: float):
     except KeyError:
         refused = True
     return {
-        "before": before, "train": dm.loaded_indices("train"), "eval": dm.loaded_indices("eval"),
+        "before": before, "train": loaded["train"], "eval": loaded["eval"], "loader_psnr": loader_psnr,
         "num_train": len(dm.train_dataset), "num_eval": len(dm.eval_dataset), "mode": dm.cache_mode,
         "losses": losses, "batches": batches, "cached_bytes": cached, "psnr": metrics["psnr"], "refused": refused, "shown": shown,
     }
@@ -117,6 +121,8 @@ def test_each_rank_loads_only_its_own_images(two_ranks, cache, budget_gb):
         assert results[0]["losses"][step] == results[1]["losses"][step], "the loss is reduced over ranks"
         assert torch.isfinite(torch.tensor(results[0]["losses"][step]))
     assert results[0]["psnr"] == results[1]["psnr"] and 0 < results[0]["psnr"] < 60
+    for r in results:  # get_average_image_metrics works on several ranks too, with the same renders
+        assert r["loader_psnr"] == pytest.approx(results[0]["psnr"], abs=1e-4)
     for (index, images, psnr, loss), (_, others, psnr_1, loss_1) in zip(results[0]["shown"], results[1]["shown"]):
         assert images and not others, f"eval image {index} (owner {image_owner(index, 2)}): logged by rank 0 only"
         assert psnr == psnr_1 and loss == loss_1 and 0 < psnr < 60, "the owner's metrics reach every rank"

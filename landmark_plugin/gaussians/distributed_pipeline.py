@@ -42,11 +42,9 @@ import datetime
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from time import time
 from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type
 
 import torch
-import torchvision.utils as vutils
 import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -57,7 +55,6 @@ from landmark_plugin.checkpoints import install_eval_checkpoint_filter
 from landmark_plugin.core.schedule import image_owner, interleave_owners, locality_order, owned_images
 from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
 from landmark_plugin.distributed.collectives import (
-    all_gather_objects,
     all_gather_rows,
     all_reduce_grads_,
     broadcast_object,
@@ -65,6 +62,7 @@ from landmark_plugin.distributed.collectives import (
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.gaussians.rows import migrate_, shard_
 from landmark_plugin.edits import LayoutEdits
+from landmark_plugin.gaussians.evaluation import average_eval_metrics, average_loader_metrics
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
 
@@ -390,47 +388,18 @@ class DistributedRetinaPipeline(VanillaPipeline):
     def get_average_eval_image_metrics(
         self, step: Optional[int] = None, output_path: Optional[Path] = None, get_std: bool = False
     ):
-        """Every eval image once: owners round robin over ranks, ``max_batch_size`` cameras per
-        collective render; per-image metrics are gathered on every rank, then averaged."""
+        """Every eval image once, on one rank or several (``evaluation.average_eval_metrics``)."""
         self.eval()
-        if output_path is not None:
-            output_path.mkdir(exist_ok=True, parents=True)
-        num, chunk = len(self.datamanager.eval_dataset), self.batch_size
-        mine: List[Tuple[int, Dict[str, float]]] = []
-        for first in range(0, num, chunk):
-            indices = list(range(first, min(first + chunk, num)))
-            cameras = self._eval_cameras(indices)
-            owners = torch.tensor([image_owner(i, self.world_size) for i in indices], dtype=torch.int64)
-            start = time()
-            outputs = self._render_for_owners(cameras, owners)
-            seconds = (time() - start) / len(indices)
-            for b, out in outputs.items():
-                index = indices[b]
-                metrics, images = self.model.get_image_metrics_and_images(out, self._eval_data(index))
-                if output_path is not None:
-                    for key, image in images.items():
-                        vutils.save_image(image.permute(2, 0, 1).cpu(), output_path / f"eval_{key}_{index:04d}.png")
-                metrics = {k: float(v) for k, v in metrics.items()}
-                rays = float(cameras.height[b].item() * cameras.width[b].item())
-                metrics["num_rays_per_sec"] = rays / max(seconds, 1e-9)
-                metrics["fps"] = 1.0 / max(seconds, 1e-9)
-                mine.append((index, metrics))
-        rows = sorted(row for part in all_gather_objects(self.comm, mine, "eval metrics") for row in part)
-        self.train()
-        result: Dict[str, float] = {}
-        for key in rows[0][1]:
-            values = torch.tensor([m[key] for _, m in rows], dtype=torch.float64)
-            if get_std:
-                std, mean = torch.std_mean(values)
-                result[key], result[f"{key}_std"] = float(mean), float(std)
-            else:
-                result[key] = float(values.mean())
-        return result
+        try:
+            return average_eval_metrics(self, output_path, get_std)
+        finally:
+            self.train()
 
-    def get_average_image_metrics(self, *args, **kwargs):
-        if self.distributed:
-            raise NotImplementedError(
-                "with several ranks use get_average_eval_image_metrics (collective), or merge the shards "
-                "(landmark-merge CONFIG) and run ns-eval in one process"
-            )
-        return super().get_average_image_metrics(*args, **kwargs)
+    def get_average_image_metrics(self, data_loader, image_prefix: str, step: Optional[int] = None,
+                                  output_path: Optional[Path] = None, get_std: bool = False):
+        """nerfstudio's, on one rank or several (``evaluation.average_loader_metrics``)."""
+        self.eval()
+        try:
+            return average_loader_metrics(self, data_loader, image_prefix, output_path, get_std)
+        finally:
+            self.train()
