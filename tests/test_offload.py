@@ -158,6 +158,15 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     assert diff <= tol, f"offload vs in memory: {diff:.3g}"
     if budget_gb > 0:
         assert sum(trainer.uploaded) < sum(n for n, _ in staged), "held leaves were uploaded again"
+    # renders outside training stage each camera's leaves too, and equal the in-memory model's
+    memory.eval(), streamed.eval()
+    cameras, held = trainer.pipeline.datamanager.train_dataset.cameras, []
+    with torch.no_grad():
+        for i in range(len(cameras)):
+            want, got = memory.get_outputs(cameras[i : i + 1])["rgb"], streamed.get_outputs(cameras[i : i + 1])["rgb"]
+            assert float((want - got).abs().max()) <= tol, f"eval render of camera {i}"
+            held.append(streamed.num_points)
+    assert min(held) < total, f"every eval render held every Gaussian ({held} of {total})"
     # the checkpoint holds every Gaussian, not the last batch's
     state = trainer.checkpoint_state(STEPS)
     assert state["pipeline"]["_model.gauss_params.means"].shape[0] == total

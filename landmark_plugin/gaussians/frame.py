@@ -240,6 +240,8 @@ class RetinaFrame:
             camera -> splatfacto-style outputs for every camera this rank owns, and the
             exchange anchor (a scalar that must enter the loss, see ``exchange_partials``).
         """
+        if not self.model.training:  # training batches are staged by the pipeline, before planning
+            self.model.stage_for_render(cameras)
         views = [self.view(cameras if len(cameras) == 1 else cameras[b : b + 1]) for b in range(len(cameras))]
         anchor = self.model.means.new_zeros((), requires_grad=True)
         local, rects, anchor = self._render_local(views, visible, owners, with_depth, anchor)

@@ -237,16 +237,18 @@ class RetinaGSModel(SplatfactoModel):
         self.step = 30000
         if self.offload_store is not None:
             self.offload_store.reset()  # the checkpoint's Gaussians replace the host copy
+        # With offload the Gaussians load into host memory; batches and renders stage what they need.
+        where = torch.device("cpu") if self.config.offload == "host" else self.device
         for name in list(self.gauss_params.keys()):
             shape = dict[f"gauss_params.{name}"].shape
-            self.gauss_params[name] = torch.nn.Parameter(torch.zeros(shape, device=self.device))
+            self.gauss_params[name] = torch.nn.Parameter(torch.zeros(shape, device=where))
         for name in ("tree_bounds", "tree_split_axis", "tree_split_value"):
             if name in dict:
                 self.register_buffer(name, torch.zeros_like(dict[name], device=self.device))
         num_points = dict["gauss_params.means"].shape[0]
         saved_leaves = dict.get("leaf_ids")
         has_leaves = saved_leaves is not None and saved_leaves.shape == (num_points,)
-        placeholder = torch.zeros(num_points, dtype=torch.int64, device=self.device)
+        placeholder = torch.zeros(num_points, dtype=torch.int64, device=where)
         self.register_buffer("leaf_ids", placeholder.clone())
         result = torch.nn.Module.load_state_dict(self, {**dict, "leaf_ids": saved_leaves if has_leaves else placeholder}, **kwargs)
         if not has_leaves:  # a checkpoint written before leaf ids were saved: the leaf of every mean
@@ -329,7 +331,7 @@ class RetinaGSModel(SplatfactoModel):
 
     # ---- out of core (``gaussians/offload.py``) ----------------------------------------------
     def stage_leaves(self, cameras: Cameras) -> None:
-        """With offload: hold only the leaves these training cameras can draw."""
+        """With offload: hold only the leaves these cameras can draw."""
         store = offload_store(self)
         if store is not None:
             store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
@@ -340,10 +342,16 @@ class RetinaGSModel(SplatfactoModel):
         if self.offload_store is not None:
             self.offload_store.materialize(on_host)
 
-    def train(self, mode: bool = True):
-        if not mode:  # renders outside training see the whole model
+    def stage_for_render(self, cameras: Cameras) -> None:
+        """With offload, outside training: hold the leaves these cameras can draw, or every
+        Gaussian when layout edits or a crop box decide what is drawn (an edit can move a
+        Gaussian into view from a leaf the cull would leave behind)."""
+        if self.offload_store is None and self.config.offload == "none":
+            return
+        if self.layout_edits or self.crop_box is not None:
             self.hold_every_row()
-        return super().train(mode)
+        else:
+            self.stage_leaves(cameras)
 
     def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's ``rows`` (the densification budget ranks all ranks' candidates)."""
