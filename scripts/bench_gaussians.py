@@ -8,6 +8,15 @@ memory, then evaluate PSNR / SSIM / LPIPS on the held-out images.  Prints a tabl
 
     python scripts/bench_gaussians.py --scenes cup city --steps 5000 --json bench.json
     python scripts/bench_gaussians.py --smoke          # CPU: a few steps of retina-gs only
+    python scripts/bench_gaussians.py --scenes city-appearance --methods splatfacto splatfacto-bilateral retina-gs retina-gs-bilateral
+    python scripts/bench_gaussians.py --scenes city --methods splatfacto splatfacto-mcmc retina-gs-mcmc retina-gs-capped --cap 100000
+
+Methods: ``splatfacto``, ``retina-gs`` and the variants in ``VARIANTS`` (a base method plus one
+config change): ``*-bilateral`` (per-image bilateral grids), ``retina-gs-mcmc`` (our MCMC
+strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``--cap`` Gaussian
+budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
+``splatfacto_mcmc_model_config``).  On ``city-appearance`` every method also reports the
+colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own).
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -61,10 +73,28 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     raise SystemExit(f"unknown scene {scene}")
 
 
-def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: str = "clip"):
+VARIANTS = {
+    # name: (base method, what changes); see apply_variant
+    "retina-gs-bilateral": ("retina-gs", "bilateral"),
+    "splatfacto-bilateral": ("splatfacto", "bilateral"),
+    "retina-gs-mcmc": ("retina-gs", "mcmc"),
+    "retina-gs-capped": ("retina-gs", "capped"),
+    "splatfacto-mcmc": ("splatfacto", "mcmc"),
+}
+
+
+def base_method(method: str) -> str:
+    return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: str = "clip", scene: str = "",
+                  cap: int = 100_000):
     from nerfstudio.configs.method_configs import all_methods
 
-    config = copy.deepcopy(all_methods[method])
+    config = copy.deepcopy(all_methods[base_method(method)])
+    config.method_name = method  # its own output folder
+    if method in VARIANTS:
+        apply_variant(config, VARIANTS[method][1], cap)
     config.max_num_iterations = steps
     for group in config.optimizers.values():  # the same schedule shape for every method
         if group.get("scheduler") is not None and hasattr(group["scheduler"], "max_steps"):
@@ -84,15 +114,110 @@ def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: s
     config.pipeline.model.num_downscales = 0
     if method.startswith("retina-gs"):
         config.pipeline.model.mode = retina_mode
+    if scene == "city-appearance":
+        # Held-out views have no bilateral grid of their own (README): score every method also
+        # with its colours fitted to the ground truth (splatfacto's cc_psnr / cc_ssim).
+        config.pipeline.model.color_corrected_metrics = True
     config.set_timestamp()
     return config
 
 
+def apply_variant(config, change: str, cap: int) -> None:
+    """One variant's config change on a copy of its base method's config."""
+    from nerfstudio.engine.optimizers import AdamOptimizerConfig
+    from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+
+    model = config.pipeline.model
+    if change == "bilateral":
+        model.use_bilateral_grid = True
+        # retina-gs's config has the group; splatfacto's in nerfstudio 1.1.5 too.  Should it be
+        # missing, splatfacto's own defaults (nerfstudio/configs/method_configs.py).
+        config.optimizers.setdefault("bilateral_grid", {
+            "optimizer": AdamOptimizerConfig(lr=2e-3, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=30000, warmup_steps=1000, lr_pre_warmup=0),
+        })
+    elif change == "mcmc" and config.method_name.startswith("retina-gs"):
+        model.strategy.kind = "mcmc"
+        model.strategy.cap_max = cap
+    elif change == "capped":
+        model.strategy.max_gaussians = cap
+    elif change == "mcmc":
+        config.pipeline.model = splatfacto_mcmc_model_config(model, cap)
+    else:
+        raise ValueError(change)
+
+
+_SPLATFACTO_MCMC = None
+
+
+def splatfacto_mcmc_model_config(splatfacto_config, cap: int):
+    """BENCH ONLY: splatfacto with gsplat 1.4.0's MCMCStrategy in place of its DefaultStrategy,
+    so retina-gs-mcmc has a splatfacto reference on the same recipe.  Not a product feature.
+
+    nerfstudio 1.1.5's splatfacto calls ``strategy.step_post_backward(..., packed=False)`` and
+    reads ``strategy.absgrad``; gsplat's MCMC wants ``lr`` (the means' current learning rate,
+    as in gsplat's simple_trainer) and its state from ``initialize_state()``.  gsplat's
+    simple_trainer adds ``0.01 * mean(sigmoid(opacities))`` and ``0.01 * mean(exp(scales))`` to
+    the loss with MCMC; the adapter does too.  Refinement schedule: splatfacto's warmup_length /
+    stop_split_at / refine_every, as retina-gs's MCMC (gaussians/mcmc.py refines_at).
+    """
+    global _SPLATFACTO_MCMC
+    if _SPLATFACTO_MCMC is None:
+        from dataclasses import dataclass, field
+        from typing import Type
+
+        from gsplat.strategy import MCMCStrategy
+        from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
+
+        @dataclass
+        class NerfstudioMCMCStrategy(MCMCStrategy):
+            absgrad: bool = False  # splatfacto passes strategy.absgrad to rasterization()
+
+        class SplatfactoMCMCModel(SplatfactoModel):
+            config: "SplatfactoMCMCModelConfig"
+
+            def populate_modules(self):
+                super().populate_modules()
+                c = self.config
+                self.strategy = NerfstudioMCMCStrategy(
+                    cap_max=c.mcmc_cap_max, noise_lr=5e5, refine_start_iter=c.warmup_length,
+                    refine_stop_iter=c.stop_split_at, refine_every=c.refine_every, min_opacity=0.005)
+                self.strategy_state = self.strategy.initialize_state()
+
+            def step_post_backward(self, step):
+                assert step == self.step
+                self.strategy.step_post_backward(
+                    params=self.gauss_params, optimizers=self.optimizers, state=self.strategy_state,
+                    step=self.step, info=self.info, lr=self.optimizers["means"].param_groups[0]["lr"])
+
+            def get_loss_dict(self, outputs, batch, metrics_dict=None):
+                loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+                if self.training:
+                    loss_dict["mcmc_opacity_reg"] = 0.01 * torch.sigmoid(self.opacities).mean()
+                    loss_dict["mcmc_scale_reg"] = 0.01 * torch.exp(self.scales).mean()
+                return loss_dict
+
+        @dataclass
+        class SplatfactoMCMCModelConfig(SplatfactoModelConfig):
+            _target: Type = field(default_factory=lambda: SplatfactoMCMCModel)
+            mcmc_cap_max: int = 1_000_000
+
+        _SPLATFACTO_MCMC = SplatfactoModelConfig, SplatfactoMCMCModelConfig
+    base_cls, mcmc_cls = _SPLATFACTO_MCMC
+    from dataclasses import fields
+
+    mcmc = mcmc_cls(mcmc_cap_max=cap)
+    for f in fields(base_cls):
+        if f.name != "_target":
+            setattr(mcmc, f.name, copy.deepcopy(getattr(splatfacto_config, f.name)))
+    return mcmc
+
+
 def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_mode: str = "clip",
-            profile: int = 0, sync_audit: int = 0, host_profile: int = 0) -> Dict:
+            profile: int = 0, sync_audit: int = 0, host_profile: int = 0, scene: str = "", cap: int = 100_000) -> Dict:
     from nerfstudio.utils import writer
 
-    config = method_config(method, dataparser, steps, out, retina_mode)
+    config = method_config(method, dataparser, steps, out, retina_mode, scene, cap)
     config.machine.device_type = "cuda" if device == "cuda" else "cpu"
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
@@ -200,11 +325,13 @@ def run_steps(trainer, steps: int, after_step) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", nargs="+", default=["cup", "city"])
-    parser.add_argument("--methods", nargs="+", default=["splatfacto", "retina-gs"])
+    parser.add_argument("--methods", nargs="+", default=["splatfacto", "retina-gs"],
+                        help=f"splatfacto, retina-gs or a variant: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench"))
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="results as JSON (rewritten after every run)")
+    parser.add_argument("--cap", type=int, default=100_000, help="Gaussian cap of the *-mcmc (cap_max) and retina-gs-capped (max_gaussians) variants")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
     parser.add_argument("--retina-mode", choices=["clip", "plain", "auto"], default="clip", help="retina-gs's render mode")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more steps per run (torch.profiler)")
@@ -213,6 +340,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.scenes, args.methods, args.steps = ["tiny-city"], ["retina-gs"], 3
+    unknown = [m for m in args.methods if m not in ("splatfacto", "retina-gs") and m not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}: splatfacto, retina-gs, {', '.join(VARIANTS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     results = []
@@ -220,36 +350,80 @@ def main() -> None:
         dataparser, description = scene_dataparser(scene, args.data_root, args.work)
         for method in args.methods:
             torch.manual_seed(42)
-            row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile, args.sync_audit,
-                          args.host_profile)
+            try:
+                row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile,
+                              args.sync_audit, args.host_profile, scene, args.cap)
+            except Exception as err:  # one broken method must not cost the others' results
+                import traceback
+
+                traceback.print_exc()
+                row = {"method": method, "steps": args.steps, "error": f"{type(err).__name__}: {err}"}
             if row.get("profile"):
                 print(row["profile"], flush=True)
             row.update(scene=scene, scene_description=description, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+            if args.json:  # after every run, so a later failure or hang keeps the earlier rows
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2))
     print_table(results)
+    exit_now()
+
+
+def exit_now() -> None:
+    """Leave without waiting for threads: the process has been seen to hang at exit after the
+    results were out (BENCHMARKS.md, issue 17).  Names the non-daemon threads still alive, so
+    the cause can be found, then exits."""
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if alive:
+        print(f"exiting past non-daemon threads still alive: {alive}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def print_table(results: List[Dict]) -> None:
-    print(f"\n{'scene':10} {'method':12} {'steps':>6} {'ms/step':>8} {'mem GB':>7} {'#gauss':>9} {'PSNR':>7} {'SSIM':>6}")
+    cc = any("cc_psnr" in r for r in results)
+    print(f"\n{'scene':16} {'method':20} {'steps':>6} {'ms/step':>8} {'mem GB':>7} {'#gauss':>9} {'PSNR':>7}"
+          + (f" {'ccPSNR':>7}" if cc else "") + f" {'SSIM':>6}" + (f" {'ccSSIM':>6}" if cc else ""))
     for r in results:
+        if "error" in r:
+            print(f"{r['scene']:16} {r['method']:20} FAILED: {r['error']}")
+            continue
         print(
-            f"{r['scene']:10} {r['method']:12} {r['steps']:6d} {r['step_ms_median']:8.2f} {r['peak_mem_gb']:7.2f} "
-            f"{r['num_gaussians']:9d} {r.get('psnr', math.nan):7.2f} {r.get('ssim', math.nan):6.3f}"
+            f"{r['scene']:16} {r['method']:20} {r['steps']:6d} {r['step_ms_median']:8.2f} {r['peak_mem_gb']:7.2f} "
+            f"{r['num_gaussians']:9d} {r.get('psnr', math.nan):7.2f}" + (f" {r.get('cc_psnr', math.nan):7.2f}" if cc else "")
+            + f" {r.get('ssim', math.nan):6.3f}" + (f" {r.get('cc_ssim', math.nan):6.3f}" if cc else "")
         )
     by_scene: Dict[str, Dict[str, Dict]] = {}
     for r in results:
-        by_scene.setdefault(r["scene"], {})[r["method"]] = r
+        if "error" not in r:
+            by_scene.setdefault(r["scene"], {})[r["method"]] = r
     for scene, rows in by_scene.items():
-        if "retina-gs" in rows and "splatfacto" in rows:
-            ours, ref = rows["retina-gs"], rows["splatfacto"]
-            print(
-                f"{scene}: retina-gs/splatfacto step time {ours['step_ms_median'] / ref['step_ms_median']:.3f}x, "
-                f"PSNR {ours.get('psnr', math.nan) - ref.get('psnr', math.nan):+.2f} dB"
-            )
+        for name, ours in rows.items():
+            if not name.startswith("retina-gs"):
+                continue
+            refs = ["splatfacto"] + ([name.replace("retina-gs", "splatfacto")] if name != "retina-gs" else [])
+            for ref_name in refs:
+                if ref_name in rows:
+                    print(f"{scene}: {name}/{ref_name} " + compare(ours, rows[ref_name], ratios=True))
+        for base in ("splatfacto", "retina-gs"):
+            if base in rows and f"{base}-bilateral" in rows:
+                print(f"{scene}: {base}-bilateral minus {base} " + compare(rows[f"{base}-bilateral"], rows[base], ratios=False))
+
+
+def compare(ours: Dict, ref: Dict, ratios: bool) -> str:
+    """Step-time / memory / count ratios (``ratios``) and PSNR (and cc_psnr) differences."""
+    parts = []
+    if ratios:
+        parts.append(f"step time {ours['step_ms_median'] / ref['step_ms_median']:.3f}x")
+        if ref["peak_mem_gb"] > 0 and math.isfinite(ours["peak_mem_gb"]):
+            parts.append(f"peak mem {ours['peak_mem_gb'] / ref['peak_mem_gb']:.2f}x")
+        parts.append(f"Gaussians {ours['num_gaussians'] / max(ref['num_gaussians'], 1):.2f}x")
+    parts.append(f"PSNR {ours.get('psnr', math.nan) - ref.get('psnr', math.nan):+.2f} dB")
+    if "cc_psnr" in ours or "cc_psnr" in ref:
+        parts.append(f"cc_psnr {ours.get('cc_psnr', math.nan) - ref.get('cc_psnr', math.nan):+.2f} dB")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":
