@@ -15,7 +15,8 @@ Methods: ``splatfacto``, ``retina-gs`` and the variants in ``VARIANTS`` (a base 
 config change): ``*-bilateral`` (per-image bilateral grids), ``retina-gs-mcmc`` (our MCMC
 strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``--cap`` Gaussian
 budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
-``splatfacto_mcmc_model_config``).  On ``city-appearance`` every method also reports the
+``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-visible``
+(visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order).  On ``city-appearance`` every method also reports the
 colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own).
 """
 
@@ -80,6 +81,9 @@ VARIANTS = {
     "retina-gs-mcmc": ("retina-gs", "mcmc"),
     "retina-gs-capped": ("retina-gs", "capped"),
     "splatfacto-mcmc": ("splatfacto", "mcmc"),
+    "retina-gs-affine": ("retina-gs", "affine"),
+    "retina-gs-visible": ("retina-gs", "visible"),
+    "retina-gs-offload": ("retina-gs", "offload"),
 }
 
 
@@ -139,6 +143,13 @@ def apply_variant(config, change: str, cap: int) -> None:
     elif change == "mcmc" and config.method_name.startswith("retina-gs"):
         model.strategy.kind = "mcmc"
         model.strategy.cap_max = cap
+    elif change == "affine":
+        model.affine_appearance = True
+    elif change == "visible":
+        model.visible_adam = True
+    elif change == "offload":  # streamed from host memory by leaf, locality order, 1 GB of held leaves
+        model.visible_adam, model.offload, model.offload_budget_gb = True, "host", 1.0
+        config.pipeline.camera_order = "locality"
     elif change == "capped":
         model.strategy.max_gaussians = cap
     elif change == "mcmc":
@@ -251,10 +262,29 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
         "step_ms_median": 1000 * statistics.median(times) if times else math.nan,
         "step_ms_mean": 1000 * statistics.fmean(times) if times else math.nan,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan,
-        "num_gaussians": int(pipeline.model.num_points),
+        "num_gaussians": total_gaussians(pipeline.model),
+        **offload_figures(pipeline.model),
         **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         **({"profile": table} if table else {}),
     }
+
+
+def total_gaussians(model) -> int:
+    """The model's Gaussians, also those an offload store keeps in host memory."""
+    store = getattr(model, "offload_store", None)
+    if store is not None and store.staged:
+        return int(store.rows.shape[0])
+    return int(model.num_points)
+
+
+def offload_figures(model) -> Dict:
+    """With offload: the mean share of the rank's Gaussians held and uploaded per batch."""
+    store = getattr(model, "offload_store", None)
+    if store is None or not store.staged_rows:
+        return {}
+    held = [n / max(total, 1) for n, total in store.staged_rows]
+    uploaded = [u / max(total, 1) for u, (_, total) in zip(store.uploaded_rows, store.staged_rows)]
+    return {"held_fraction": statistics.fmean(held), "uploaded_fraction": statistics.fmean(uploaded)}
 
 
 def profile_steps(trainer, start: int, count: int, device: str) -> str:

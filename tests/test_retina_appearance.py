@@ -57,6 +57,30 @@ def test_each_image_renders_through_its_own_grid(kind):
         torch.set_default_dtype(torch.float32)
 
 
+def test_grid_gradient_sync_is_splatfacto_tv_term_on_one_process():
+    """sync_grid_gradients_ (the batch's rows summed over ranks, the TV gradient added on every
+    rank) gives one process exactly the gradient of loss + splatfacto's TV term."""
+    from nerfstudio.model_components.lib_bilagrid import total_variation_loss
+
+    from landmark_plugin.distributed.groups import Comm
+    from landmark_plugin.gaussians.appearance import TV_WEIGHT, sync_grid_gradients_
+
+    try:
+        model, cameras = _model(), stress_cameras()
+        grids = model.bil_grids.grids
+        loss = (_render(model, cameras, 1, image=1) - target_image(1)).abs().mean()
+        (loss + TV_WEIGHT * total_variation_loss(grids)).backward()
+        want = grids.grad.clone()
+        grids.grad = None
+        loss = (_render(model, cameras, 1, image=1) - target_image(1)).abs().mean()
+        loss.backward()
+        sync_grid_gradients_(model, Comm.single(), [1])
+        torch.testing.assert_close(grids.grad, want, rtol=1e-12, atol=1e-15)
+        assert (want.flatten(1).abs().amax(dim=1) > 0).all(), "the TV term reaches every image's grid"
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def _eval(model, cameras, index: int):
     model.eval()
     with torch.no_grad():
@@ -103,7 +127,7 @@ def test_an_appearance_edit_needs_per_image_appearance():
 
 def _worker(comm, kind: str = "bilateral"):
     from landmark_plugin.core.schedule import Parts
-    from landmark_plugin.distributed.collectives import all_reduce_grads_
+    from landmark_plugin.gaussians.appearance import sync_grid_gradients_
     from landmark_plugin.gaussians.frame import RetinaFrame
     from landmark_plugin.gaussians.rows import owner_ranks, shard_
 
@@ -127,7 +151,7 @@ def _worker(comm, kind: str = "bilateral"):
         losses, _, outputs = frame.batch_loss(batch_cameras, visible, owners, lambda b: {"image": target_image(batch[b])})
         assert ("tv_loss" in losses) == (kind == "bilateral"), "one-cell affine grids have no TV loss"
         sum(losses.values()).backward()
-        all_reduce_grads_(comm, [grids])  # the pipeline's sync_gradients_ for replicated parameters
+        sync_grid_gradients_(model, comm, batch)  # what the pipeline's sync_gradients_ does for the grids
         record = {"loss": float(losses["main_loss"]), "tv": float(losses.get("tv_loss", 0.0)),
                   "images": {batch[b]: o["rgb"].detach() for b, o in outputs.items()}}
         if step == 0:
@@ -156,7 +180,7 @@ def test_appearance_on_two_ranks_equals_one_process(tmp_path, kind):
     for step, ref in enumerate(one["records"]):
         diffs[f"step {step} loss"] = max(abs(r["records"][step]["loss"] - ref["loss"]) for r in results)
         diffs[f"step {step} tv"] = abs(results[0]["records"][step]["tv"] - ref["tv"])
-        assert results[1]["records"][step]["tv"] == 0.0, "the grids' TV loss counts once (rank 0)"
+        assert results[1]["records"][step]["tv"] == results[0]["records"][step]["tv"], "every rank logs the same TV"
         images = {i: im for r in results for i, im in r["records"][step]["images"].items()}
         assert sorted(images) == sorted(ref["images"])
         for i, image in images.items():

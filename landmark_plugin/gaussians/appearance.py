@@ -8,10 +8,10 @@ grey level and applied to the camera's composited image, where splatfacto applie
 render.  The frame is the same on every world size:
 
 - the rank that composites a camera applies that image's grid, so only it puts a gradient on
-  that grid; the pipeline sums the replicated grids' gradients over ranks before the step
-  (``sync_gradients_``), so every rank steps the same grids, as one process would;
-- the grids' total-variation loss enters once per step (on rank 0: the sum over ranks then
-  counts it once), with splatfacto's weight.
+  that grid; before the step (``sync_grid_gradients_``, from the pipeline's ``sync_gradients_``)
+  the batch's grids' gradients are summed over ranks -- B grids travel, not one per training
+  image -- and the total variation's gradient (splatfacto's weight) is added on every rank alike,
+  so every rank steps the same grids, as one process would.
 
 ``affine_appearance`` is the same machinery with a grid of one cell: a 3x4 colour matrix per image
 (exposure, white balance, a colour cast; what the affine models of large-scene papers fit), with no
@@ -24,7 +24,7 @@ picks (``edits.Appearance``: one image's grid, or a blend of two), else ``eval_a
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float
@@ -32,6 +32,7 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.model_components.lib_bilagrid import BilateralGrid, slice, total_variation_loss
 from torch import Tensor
 
+from landmark_plugin.distributed.collectives import all_reduce_sum
 from landmark_plugin.errors import ConfigError
 
 TV_WEIGHT = 10.0
@@ -115,12 +116,37 @@ def _sliced(grids: BilateralGrid, rgb: Tensor, index: int) -> Tensor:
     return out["rgb"][0]
 
 
-def tv_loss(model, rank: int) -> Optional[Tensor]:
-    """The grids' weighted total variation on rank 0 (zero elsewhere), or None without grids (or
-    with one-cell affine grids, which have no variation)."""
+def tv_loss(model) -> Optional[Tensor]:
+    """The grids' weighted total variation, for the log: detached, since its gradient is added by
+    ``sync_grid_gradients_`` (None without grids, or with one-cell affine grids, which have no
+    variation)."""
     grids: Optional[BilateralGrid] = getattr(model, "bil_grids", None)
     if grids is None or not model.training or model.config.affine_appearance:
         return None
-    if rank != 0:
-        return grids.grids.new_zeros(())
-    return TV_WEIGHT * total_variation_loss(grids.grids)
+    with torch.no_grad():
+        return TV_WEIGHT * total_variation_loss(grids.grids)
+
+
+def sync_grid_gradients_(model, comm, images: Sequence[int]) -> None:
+    """Before the optimiser step, on every rank: the grids' gradients become one process's.
+
+    Only the batch's images' grids have a photometric gradient, each on the rank that composited
+    that image: those rows alone are summed over ranks (B grids, not one per training image).
+    Then the total variation's gradient, the same on every rank, is added to every grid (what
+    splatfacto's TV term gives), so the replicated grids take identical steps everywhere.
+    """
+    grids: Optional[BilateralGrid] = getattr(model, "bil_grids", None)
+    if grids is None:
+        return
+    weights = grids.grids
+    if weights.grad is None:
+        weights.grad = torch.zeros_like(weights)
+    rows = torch.tensor(sorted(set(images)), dtype=torch.int64, device=weights.device)
+    if rows.numel():
+        (summed,) = all_reduce_sum(comm, [weights.grad[rows]], "bilateral grid gradients of the batch")
+        weights.grad[rows] = summed
+    if not model.config.affine_appearance:
+        with torch.enable_grad():
+            probe = weights.detach().requires_grad_(True)
+            (tv_grad,) = torch.autograd.grad(TV_WEIGHT * total_variation_loss(probe), probe)
+        weights.grad += tv_grad

@@ -62,6 +62,7 @@ from landmark_plugin.distributed.collectives import (
 from landmark_plugin.distributed.groups import init_comm, launched_world_size
 from landmark_plugin.gaussians.rows import migrate_, shard_
 from landmark_plugin.edits import LayoutEdits
+from landmark_plugin.gaussians.appearance import sync_grid_gradients_
 from landmark_plugin.gaussians.evaluation import average_eval_metrics, average_loader_metrics
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
@@ -280,10 +281,11 @@ class DistributedRetinaPipeline(VanillaPipeline):
         for param in self.model.gauss_params.values():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        names = set(self.model.gauss_params.keys())
+        names = set(self.model.gauss_params.keys()) | {"bilateral_grid"}  # the grids: sync_grid_gradients_
         groups = self.get_param_groups()
         replicated = [p for name in sorted(groups) if name not in names for p in groups[name]]
         all_reduce_grads_(self.comm, replicated)
+        sync_grid_gradients_(self.model, self.comm, self.last_batch)
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)

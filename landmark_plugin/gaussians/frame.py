@@ -420,7 +420,7 @@ class RetinaFrame:
         )
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
         losses = {"main_loss": main_loss}
-        tv = tv_loss(model, self.comm.rank)
+        tv = tv_loss(model)
         if tv is not None:
             losses["tv_loss"] = tv
         if model.training and model.config.strategy.kind == "mcmc":
