@@ -262,19 +262,11 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
         "step_ms_median": 1000 * statistics.median(times) if times else math.nan,
         "step_ms_mean": 1000 * statistics.fmean(times) if times else math.nan,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan,
-        "num_gaussians": total_gaussians(pipeline.model),
+        "num_gaussians": int(getattr(pipeline.model, "total_points", pipeline.model.num_points)),
         **offload_figures(pipeline.model),
         **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         **({"profile": table} if table else {}),
     }
-
-
-def total_gaussians(model) -> int:
-    """The model's Gaussians, also those an offload store keeps in host memory."""
-    store = getattr(model, "offload_store", None)
-    if store is not None and store.staged:
-        return int(store.rows.shape[0])
-    return int(model.num_points)
 
 
 def offload_figures(model) -> Dict:

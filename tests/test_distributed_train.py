@@ -191,3 +191,27 @@ def test_resume_on_one_and_on_two_ranks(run, city):
     assert sum(s["pipeline"]["_model.gauss_params.means"].shape[0] for s in shards) == count
     logged = _scalars(two_dir)["Train Loss"][STEPS]
     assert logged == pytest.approx(_single_process_loss(run_dir / "config.yml", STEPS, merged), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_leaves_from_host_memory(city, tmp_path):
+    """--pipeline.model.offload host on 2 ranks as a user runs it: training through a refinement
+    and an eval pass, sharded checkpoint; the first batch's loss is the one-process loss."""
+    from landmark_plugin.distributed.checkpoint import latest_complete_step, load_shards
+
+    _finish(_start(_torchrun(
+        2, "--data", str(city), "--output-dir", str(tmp_path / "out"), "--timestamp", "offload",
+        "--max-num-iterations", str(STEPS), "--steps-per-save", "6", "--steps-per-eval-all-images", str(STEPS - 1), *TRAIN,
+        "--pipeline.model.visible-adam", "True", "--pipeline.model.offload", "host", "--pipeline.model.tree-depth", "3",
+        "--pipeline.camera-order", "locality", "synthetic-city"), tmp_path))
+    run_dir = tmp_path / "out" / "city" / "retina-gs-small" / "offload"
+    scalars = _scalars(run_dir)
+    losses = scalars["Train Loss"]
+    assert sorted(losses) == list(range(STEPS)) and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert losses[0] == pytest.approx(_single_process_loss(run_dir / "config.yml", 0), abs=1e-5)
+    assert latest_complete_step(run_dir) == STEPS - 1
+    total = sum(s["pipeline"]["_model.gauss_params.means"].shape[0] for s in load_shards(run_dir, STEPS - 1))
+    assert total != SEED_POINTS, "step 6 refined: the shards hold the refined Gaussians"
+    counts = scalars["Train Metrics Dict/gaussian_count"]
+    assert all(counts[s] == SEED_POINTS for s in range(STEPS)), f"the count is every Gaussian, not the staged ones: {counts}"
+    assert torch.isfinite(torch.tensor(scalars["Eval Images Metrics Dict (all images)/psnr"][STEPS - 1]))

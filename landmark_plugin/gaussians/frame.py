@@ -415,7 +415,7 @@ class RetinaFrame:
             psnr = psnr + model.get_metrics_dict(out, data)["psnr"].detach().to(psnr) / size
         total_loss, total_psnr, count = all_reduce_sum(
             self.comm,
-            [local.detach(), psnr, psnr.new_full((), float(model.num_points))],
+            [local.detach(), psnr, psnr.new_full((), float(model.total_points))],
             "loss and metrics",
         )
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local

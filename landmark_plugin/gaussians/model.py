@@ -336,6 +336,13 @@ class RetinaGSModel(SplatfactoModel):
         if store is not None:
             store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
 
+    @property
+    def total_points(self) -> int:
+        """This rank's Gaussians, those an offload store keeps in host memory included
+        (``num_points`` counts the ones the model holds)."""
+        store = self.offload_store
+        return int(store.rows.shape[0]) if store is not None and store.staged else self.num_points
+
     def hold_every_row(self, on_host: bool = False) -> None:
         """With offload: hold every Gaussian of this rank again, on the model's device (eval) or
         in host memory (``on_host``: checkpoints, refinement)."""
