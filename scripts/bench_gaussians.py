@@ -247,6 +247,9 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
         if step >= warmup:
             times.append(now - clock[0])
         clock[0] = now
+        if times and (step + 1) % 250 == 0:  # a run cut short by a time limit still leaves its step time
+            print(f"[{method}] step {step + 1}/{steps}: median {1000 * statistics.median(times):.2f} ms/step, "
+                  f"{int(getattr(pipeline.model, 'total_points', pipeline.model.num_points))} Gaussians", flush=True)
 
     run_steps(trainer, steps, tick)
     table = profile_steps(trainer, steps, profile, device) if profile else None
