@@ -412,6 +412,17 @@ class RetinaGSModel(SplatfactoModel):
             frame = self.frame
             migrate_(frame.comm, self, getattr(self, "optimizers", None), self.strategy_state, frame.parts, rebuild=rebuild)
 
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        """splatfacto's, without its bilateral grids' total variation: splatfacto adds it per call,
+        i.e. per camera here, over every image's grid; the frame accounts for it once per step
+        (``appearance.tv_loss`` and ``sync_grid_gradients_``)."""
+        grids_on = self.config.use_bilateral_grid
+        self.config.use_bilateral_grid = False
+        try:
+            return super().get_loss_dict(outputs, batch, metrics_dict)
+        finally:
+            self.config.use_bilateral_grid = grids_on
+
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         metrics = super().get_metrics_dict(outputs, batch)
         if self.training:
