@@ -133,6 +133,7 @@ def _train(data, out, offload: str, device: str = "cpu", budget_gb: float = 0.0,
     model.hold_every_row()
     store = model.offload_store
     trainer.uploaded = store.uploaded_rows if store is not None else []
+    trainer.prefetched = store.prefetched_rows if store is not None else []
     return model, store.staged_rows if store is not None else [], trainer
 
 
@@ -158,6 +159,7 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     assert diff <= tol, f"offload vs in memory: {diff:.3g}"
     if budget_gb > 0:
         assert sum(trainer.uploaded) < sum(n for n, _ in staged), "held leaves were uploaded again"
+    assert sum(trainer.prefetched) > 0, "the next batch's leaves were sent ahead (during the previous batch)"
     # renders outside training stage each camera's leaves too, and equal the in-memory model's
     memory.eval(), streamed.eval()
     cameras, held = trainer.pipeline.datamanager.train_dataset.cameras, []

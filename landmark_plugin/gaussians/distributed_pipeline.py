@@ -255,6 +255,8 @@ class DistributedRetinaPipeline(VanillaPipeline):
         size, visible, _ = self.frame.plan_batch(pool_cameras, batch_size, self.config.max_load)
         batch, self._queue = pool[:size], self._queue[size:]
         self.last_batch = batch
+        if self.model.offload_store is not None:  # the next batch's leaves travel while this one renders
+            self.model.prefetch_leaves(cameras[torch.tensor(self._next_pool(batch_size))])
         owners = torch.tensor([image_owner(i, self.world_size) for i in batch], dtype=torch.int64)
         if hasattr(dm, "prefetch_train"):
             # Streamed captures: start reading this rank's next images while this batch renders.

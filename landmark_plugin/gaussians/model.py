@@ -336,6 +336,12 @@ class RetinaGSModel(SplatfactoModel):
         if store is not None:
             store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
 
+    def prefetch_leaves(self, cameras: Cameras) -> None:
+        """With offload: start uploading the leaves the next batch's cameras need (``OffloadStore.prefetch``)."""
+        store = self.offload_store
+        if store is not None and store.staged:
+            store.prefetch([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
+
     @property
     def total_points(self) -> int:
         """This rank's Gaussians, those an offload store keeps in host memory included

@@ -9,6 +9,9 @@ left behind holds no Gaussian the projection keeps, so the image, the loss and e
 the in-memory run's; with visible Adam (which offload requires) a Gaussian no camera drew is not
 stepped, so the rows left on the host are exactly what the in-memory run has too.
 
+While a batch renders, ``prefetch`` copies the next batch's leaves that are not held to the GPU on
+a second CUDA stream (from pinned memory); ``stage`` then takes them from there.
+
 Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tree rebuild) and
 checkpoints ``materialize`` the store in host memory: the model holds every row there (gsplat's
 strategy and the row helpers are device-agnostic torch) until the next batch stages; the
@@ -44,6 +47,9 @@ class OffloadStore:
         self.last_needed = torch.zeros(2**model.config.tree_depth, dtype=torch.int64)  # per leaf: the last stage that needed it
         self.staged_rows: list = []  # (rows held, rows in all) per batch (for the benchmark and the tests)
         self.uploaded_rows: list = []  # rows uploaded per batch
+        self.prefetched_rows: list = []  # of those, rows a prefetch had already sent
+        self._prefetched: Optional[tuple] = None  # (host rows, their copy on the device, copy done event)
+        self._stream = None  # CUDA: the prefetch's copy stream
 
     @property
     def staged(self) -> bool:
@@ -51,7 +57,7 @@ class OffloadStore:
 
     def reset(self) -> None:
         """Forget the host copy (the model's rows were replaced, e.g. by loading a checkpoint)."""
-        self.rows = self.layout = self.leaf_ids = self.bounds = self.index = None
+        self.rows = self.layout = self.leaf_ids = self.bounds = self.index = self._prefetched = None
 
     # ---- moving rows ------------------------------------------------------------------------
     def _optimizers(self) -> Optional[Dict]:
@@ -114,14 +120,12 @@ class OffloadStore:
             held[held_leaf] = True
             device_leaf = held_leaf.to(held_rows.device)
             self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), held)  # they moved on the device
-        needed = torch.zeros(self.num_leaves, dtype=torch.bool)
-        settings = self.model.frame.settings
-        for v in views:
-            needed |= leaves_in_view(self.bounds, v.viewmat, v.K, v.width, v.height, settings).cpu()
+        needed = self._needed(views)
         self.last_needed[needed] = self.step
         keep = needed | self._cached(held & ~needed, needed)
         upload = torch.nonzero(keep[self.leaf_ids] & ~held[self.leaf_ids]).flatten()
         if held_rows is None:
+            self._prefetched = None
             self._hold(upload, self.model.device)
         elif bool((keep != held).any()):
             stay = keep[held_leaf]
@@ -132,11 +136,68 @@ class OffloadStore:
             device = held_rows.device
             index, order = torch.sort(torch.cat([self.index[stay], upload]))
             # In host order, as the in-memory model holds them: renders then sum in the same order.
-            rows = torch.cat([held_rows[stay_dev], self.rows[upload].to(device, non_blocking=True)])[order.to(device)]
+            rows = torch.cat([held_rows[stay_dev], self._upload(upload, device)])[order.to(device)]
             self._set(rows, self.leaf_ids[index].to(device))
             self.index = index
         self.staged_rows.append((int(self.index.numel()), int(self.rows.shape[0])))
         self.uploaded_rows.append(int(upload.numel()))
+
+    def _needed(self, views) -> Tensor:
+        """[L] leaves any of ``views`` can draw."""
+        needed = torch.zeros(self.num_leaves, dtype=torch.bool)
+        settings = self.model.frame.settings
+        for v in views:
+            needed |= leaves_in_view(self.bounds, v.viewmat, v.K, v.width, v.height, settings).cpu()
+        return needed
+
+    def prefetch(self, views) -> None:
+        """Start uploading the rows of the leaves the next batch's ``views`` need that the model
+        does not hold: on CUDA from a pinned buffer on a second stream, so the copy runs while
+        the current batch renders.  Their host rows stay as they are until the next ``stage``
+        (only held rows train; a refinement drops the prefetch)."""
+        self._prefetched = None
+        if self.index is None:
+            return
+        held = torch.zeros(self.num_leaves, dtype=torch.bool)
+        held[self.leaf_ids[self.index]] = True
+        index = torch.nonzero((self._needed(views) & ~held)[self.leaf_ids]).flatten()
+        device = self.model.device
+        if index.numel() == 0:
+            return
+        if device.type != "cuda":
+            self._prefetched = (index, self.rows[index], None)
+            return
+        buffer = torch.empty((index.numel(), self.rows.shape[1]), dtype=self.rows.dtype, pin_memory=True)
+        torch.index_select(self.rows, 0, index, out=buffer)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            rows = buffer.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        rows.record_stream(torch.cuda.current_stream(device))  # read on the main stream at the next stage
+        self._prefetched = (index, rows, done)
+
+    def _upload(self, upload: Tensor, device: torch.device) -> Tensor:
+        """[len(upload), D] the host rows ``upload`` on ``device``: from the prefetch where it has
+        them, the rest copied now."""
+        pre, self._prefetched = self._prefetched, None
+        if pre is None:
+            return self.rows[upload].to(device, non_blocking=True)
+        index, rows, done = pre
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
+        where = torch.full((self.rows.shape[0],), -1, dtype=torch.int64)
+        where[index] = torch.arange(index.numel())
+        at = where[upload]
+        have = at >= 0
+        out = torch.empty((upload.numel(), self.rows.shape[1]), dtype=self.rows.dtype, device=device)
+        out[have.to(device)] = rows[at[have].to(rows.device)].to(device)
+        if not bool(have.all()):
+            out[(~have).to(device)] = self.rows[upload[~have]].to(device)
+        self.prefetched_rows.append(int(have.sum()))
+        return out
 
     def _cached(self, candidates, needed) -> Tensor:
         """[L] leaves among ``candidates`` (held, not needed) that stay held: the most recently
