@@ -53,10 +53,26 @@ def check_tree_fits_points(depth: int, num_points: int) -> None:
         )
 
 
+def check_offload(model: Any) -> None:
+    """retina-gs's ``offload host`` keeps streamed training exact only with visible Adam and the
+    default strategy."""
+    if getattr(model, "offload", "none") != "host":
+        return
+    if not model.visible_adam:
+        raise ConfigError(
+            "--pipeline.model.offload host needs --pipeline.model.visible-adam True: a Gaussian left "
+            "in host memory cannot take Adam's momentum step that standard Adam gives every Gaussian"
+        )
+    if model.strategy.kind != "default":
+        raise ConfigError("--pipeline.model.offload host works with the default strategy only (MCMC moves every "
+                          "Gaussian at every step)")
+
+
 def check_before_start(config: Any, world_size: int) -> None:
     """Everything about ``config`` on ``world_size`` ranks that can be refused without data."""
     check_world_size_fits_tree(config, world_size)
     model = config.pipeline.model
+    check_offload(model)
     if hasattr(model, "parallel") and hasattr(model, "model_parallel_size"):  # landmark-grid
         from landmark_plugin.grid.parallel import check_parallel_config
 

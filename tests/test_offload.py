@@ -174,12 +174,16 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     assert state["pipeline"]["_model.gauss_params.means"].shape[0] == total
 
 
-def test_offload_needs_visible_adam(street_city, tmp_path):
+def test_offload_needs_visible_adam_and_the_default_strategy(street_city, tmp_path):
+    """Refused before any data is read, with the option to change named."""
     from landmark_plugin.errors import ConfigError
 
-    trainer = setup_trainer(retina_config(street_city, tmp_path / "x", 2, offload="host"))
     with pytest.raises(ConfigError, match="visible-adam"):
-        trainer.run_steps(0, 1)
+        setup_trainer(retina_config(street_city, tmp_path / "x", 2, offload="host"))
+    config = retina_config(street_city, tmp_path / "y", 2, offload="host", visible_adam=True)
+    config.pipeline.model.strategy.kind = "mcmc"
+    with pytest.raises(ConfigError, match="default strategy"):
+        setup_trainer(config)
 
 
 def test_a_leaf_no_camera_can_draw_keeps_every_byte(street_city, tmp_path):

@@ -29,7 +29,7 @@ from torch import Tensor
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.core.frustum import LeafBounds, leaves_in_view
-from landmark_plugin.errors import ConfigError
+from landmark_plugin.config_checks import check_offload
 from landmark_plugin.gaussians.rows import gaussian_rows, layout_columns, set_gaussian_rows_
 
 
@@ -243,14 +243,7 @@ def offload_store(model) -> Optional[OffloadStore]:
         choice = _auto_choice(model)
     if choice == "none":
         return None
-    if not model.config.visible_adam:
-        raise ConfigError(
-            "--pipeline.model.offload host needs --pipeline.model.visible-adam True: a Gaussian left "
-            "in host memory cannot take Adam's momentum step that standard Adam gives every Gaussian"
-        )
-    if model.config.strategy.kind != "default":
-        raise ConfigError("--pipeline.model.offload host works with the default strategy only (MCMC moves every "
-                          "Gaussian at every step)")
+    check_offload(model.config)  # auto decided host: the same conditions as asking for it
     model.offload_store = OffloadStore(model)
     return model.offload_store
 
