@@ -406,8 +406,7 @@ class RetinaGSModel(SplatfactoModel):
                     state[key] = torch.zeros(self.num_points, dtype=dtype, device=self.device)
             if staged and (refresh or self.strategy.touches_every_row(step)):
                 # Statistics on the staged Gaussians, refinement with all of them in host memory.
-                if step < self.strategy.refine_stop_iter:
-                    self.strategy._update_state(self.gauss_params, state, info, packed=False)
+                self.strategy.gather_statistics(self.gauss_params, state, step, info)
                 store.materialize(on_host=True)
                 self.strategy.refine(self.gauss_params, self.optimizers, state, step)
             else:

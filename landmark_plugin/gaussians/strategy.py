@@ -105,10 +105,14 @@ class KeyedSplitStrategy(DefaultStrategy):
 
     def step_post_backward(self, params, optimizers, state, step: int, info, packed: bool = False):
         """gsplat's: the statistics of this batch, then ``refine``."""
-        if step >= self.refine_stop_iter:
-            return
-        self._update_state(params, state, info, packed=packed)
+        self.gather_statistics(params, state, step, info, packed)
         self.refine(params, optimizers, state, step)
+
+    def gather_statistics(self, params, state, step: int, info, packed: bool = False) -> None:
+        """The first half of gsplat's ``step_post_backward``: this batch's screen gradients,
+        counts and radii added to ``state`` (until ``refine_stop_iter``)."""
+        if step < self.refine_stop_iter:
+            self._update_state(params, state, info, packed=packed)
 
     def touches_every_row(self, step: int) -> bool:
         """Whether ``refine`` at ``step`` reads or edits every Gaussian (growth, pruning, the
