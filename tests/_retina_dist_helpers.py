@@ -82,6 +82,16 @@ def step_optimizers(model, optimizers) -> None:
         opt.zero_grad(set_to_none=False)
 
 
+def batch_losses(frame, cameras, step: int, batch_size: int, num_cameras: int) -> Dict:
+    """The loss dict of training batch ``step`` (cameras ``step * B`` onwards, modulo the count),
+    planned and rendered through ``frame`` against ``target_image``."""
+    batch = [(step * batch_size + k) % num_cameras for k in range(batch_size)]
+    chosen = cameras[torch.tensor(batch)]
+    _, visible, owners = frame.plan_batch(chosen, batch_size, max_load=16)
+    losses, _, _ = frame.batch_loss(chosen, visible, owners, lambda b: {"image": target_image(batch[b])})
+    return losses
+
+
 def reference_step(model, cameras, indices: List[int]):
     """Single-process: mean of splatfacto's loss over the cameras, with the whole model."""
     loss, images = 0.0, []

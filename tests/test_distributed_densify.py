@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from _retina_dist_helpers import make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model, target_image
+from _retina_dist_helpers import batch_losses, make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model
 
 from landmark_plugin.distributed.launch import run_ranks
 
@@ -59,10 +59,7 @@ def _worker(comm, depth: int, max_gaussians: int = 0):
         setattr(model.strategy, name, recorded)
     for step in range(STEPS):
         model.step = step
-        batch = [(step * BATCH + k) % CAMERAS for k in range(BATCH)]
-        chosen = cameras[torch.tensor(batch)]
-        _, visible, owners = frame.plan_batch(chosen, BATCH, max_load=16)
-        losses, _, _ = frame.batch_loss(chosen, visible, owners, lambda b: {"image": target_image(batch[b])})
+        losses = batch_losses(frame, cameras, step, BATCH, CAMERAS)
         losses["main_loss"].backward()
         step_optimizers(model, model.optimizers)
         model.step_post_backward(step)

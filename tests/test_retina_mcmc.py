@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from _retina_dist_helpers import make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model, target_image
+from _retina_dist_helpers import batch_losses, make_optimizers, no_termination, step_optimizers, stress_cameras, stress_model
 
 from landmark_plugin.core.mcmc import relocation
 from landmark_plugin.distributed.launch import run_ranks
@@ -71,10 +71,7 @@ def _worker(comm):
     counts, dead_after_refine, regs, moments_ok = [], [], [], True
     for step in range(STEPS):
         model.step = step
-        batch = [(step * BATCH + k) % CAMERAS for k in range(BATCH)]
-        chosen = cameras[torch.tensor(batch)]
-        _, visible, owners = frame.plan_batch(chosen, BATCH, max_load=16)
-        losses, _, _ = frame.batch_loss(chosen, visible, owners, lambda b: {"image": target_image(batch[b])})
+        losses = batch_losses(frame, cameras, step, BATCH, CAMERAS)
         regs.append(float(losses["mcmc_reg"]))
         sum(losses.values()).backward()
         step_optimizers(model, model.optimizers)

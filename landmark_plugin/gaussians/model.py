@@ -85,10 +85,10 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     offload: Literal["none", "host", "auto"] = "none"
     """host: keep this rank's Gaussians and their Adam moments in host memory and give each
     training batch only the kd-tree leaves its cameras can draw (exact: a leaf left behind holds
-    no Gaussian the projection keeps); needs visible_adam and the default strategy.  Steps that
-    refine, reset or re-own Gaussians, checkpoints and renders outside training hold every
-    Gaussian on the device again.  auto: host when the predicted training footprint exceeds the
-    GPU's free memory (said once), else none."""
+    no Gaussian the projection keeps); needs visible_adam and the default strategy.  Refinement
+    and checkpoints work on every Gaussian in host memory; renders outside training stage each
+    camera's leaves (every Gaussian under layout edits or a crop box).  auto: host when the
+    predicted training footprint exceeds the GPU's free memory (said once), else none."""
     offload_budget_gb: float = 0.0
     """With offload host: GPU memory (parameters, moments and statistics of the held rows) up to
     which leaves the current batch does not need stay held, in case a later batch needs them
@@ -334,13 +334,16 @@ class RetinaGSModel(SplatfactoModel):
         """With offload: hold only the leaves these cameras can draw."""
         store = offload_store(self)
         if store is not None:
-            store.stage([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
+            store.stage(self._views(cameras))
 
     def prefetch_leaves(self, cameras: Cameras) -> None:
         """With offload: start uploading the leaves the next batch's cameras need (``OffloadStore.prefetch``)."""
         store = self.offload_store
         if store is not None and store.staged:
-            store.prefetch([self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))])
+            store.prefetch(self._views(cameras))
+
+    def _views(self, cameras: Cameras) -> list:
+        return [self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))]
 
     @property
     def total_points(self) -> int:

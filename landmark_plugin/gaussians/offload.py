@@ -16,7 +16,7 @@ Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tr
 checkpoints ``materialize`` the store in host memory: the model holds every row there (gsplat's
 strategy and the row helpers are device-agnostic torch) until the next batch stages; the
 statistics of that step's batch are gathered on the staged rows first.  Renders outside training
-(eval, ns-render, the viewer) hold every row on the model's device.
+(eval, ns-render, the viewer) stage their camera's leaves the same way.
 """
 
 from __future__ import annotations
@@ -115,9 +115,7 @@ class OffloadStore:
             held_rows, held = None, torch.zeros(self.num_leaves, dtype=torch.bool)
         else:
             held_rows = self._held_rows()
-            held_leaf = self.leaf_ids[self.index]
-            held = torch.zeros(self.num_leaves, dtype=torch.bool)
-            held[held_leaf] = True
+            held_leaf, held = self.leaf_ids[self.index], self._held_leaves()
             device_leaf = held_leaf.to(held_rows.device)
             self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), held)  # they moved on the device
         needed = self._needed(views)
@@ -142,6 +140,12 @@ class OffloadStore:
         self.staged_rows.append((int(self.index.numel()), int(self.rows.shape[0])))
         self.uploaded_rows.append(int(upload.numel()))
 
+    def _held_leaves(self) -> Tensor:
+        """[L] leaves whose rows the model holds."""
+        held = torch.zeros(self.num_leaves, dtype=torch.bool)
+        held[self.leaf_ids[self.index]] = True
+        return held
+
     def _needed(self, views) -> Tensor:
         """[L] leaves any of ``views`` can draw."""
         needed = torch.zeros(self.num_leaves, dtype=torch.bool)
@@ -158,9 +162,7 @@ class OffloadStore:
         self._prefetched = None
         if self.index is None:
             return
-        held = torch.zeros(self.num_leaves, dtype=torch.bool)
-        held[self.leaf_ids[self.index]] = True
-        index = torch.nonzero((self._needed(views) & ~held)[self.leaf_ids]).flatten()
+        index = torch.nonzero((self._needed(views) & ~self._held_leaves())[self.leaf_ids]).flatten()
         device = self.model.device
         if index.numel() == 0:
             return
@@ -254,8 +256,9 @@ def _auto_choice(model) -> str:
     model.config.offload = "none"  # decided once
     if model.device.type != "cuda":
         return "none"
-    rows, _ = gaussian_rows(model, None, None)
-    predicted = rows.shape[0] * rows.shape[1] * rows.element_size() * 4 * 2
+    # Per Gaussian: each parameter's values, its gradient and two moments; twice that with the render's.
+    per_row = sum(p[0].numel() * p.element_size() for p in model.gauss_params.values()) * 4 * 2
+    predicted = model.num_points * per_row
     free, _ = torch.cuda.mem_get_info(model.device)
     if predicted <= free:
         return "none"
