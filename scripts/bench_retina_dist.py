@@ -71,8 +71,9 @@ PHASE_CAP_S = {"gen": 300, "train": 130, "gsplat": 90, "verify": 80}
 and probes to end by then and is ended 15 s later."""
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options (scripts/bench_offload.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-retina-dist"), help="JSON, PNG and phase records")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-retina-dist"), help="the generated city")
     p.add_argument("--gpus", type=int, default=2, help="ranks of the multi-GPU runs")
@@ -104,7 +105,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--count", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-csrc", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    return smoke_sizes(parser().parse_args(argv))
+
+
+def smoke_sizes(args: argparse.Namespace) -> argparse.Namespace:
+    """With --smoke: the sizes at which the CPU runs every phase in seconds."""
     if args.smoke:
         # sizes at which the torch rasteriser takes a fraction of a second per step
         args.num_images, args.width, args.height, args.blocks = 16, 32, 24, 2
@@ -234,6 +243,7 @@ class Bench:
         model.refine_every = 10**9  # statistics are collected, nothing is split or pruned
         model.background_color = "white"
         model.backend = "auto" if self.cuda else "torch"
+        self.configure(config)
         self.pipeline = pc.setup(device=str(self.device), test_mode="val")
         self.comm = self.pipeline.comm
         outputs = self.pipeline.datamanager.train_dataparser_outputs
@@ -251,6 +261,13 @@ class Bench:
         self.optimizers = None
         self.count = 0
 
+    def configure(self, config) -> None:
+        """A variant's changes to the method config before the pipeline is made (none here)."""
+
+    def gaussian_device(self) -> torch.device:
+        """Where ``install`` makes the Gaussians (the training device here)."""
+        return self.device
+
     def install(self, count: int) -> None:
         """Replace the model's Gaussians with ``count`` of the scene (this rank's region's rows)."""
         from nerfstudio.engine.optimizers import Optimizers
@@ -262,7 +279,8 @@ class Bench:
         self.release()
         model, parts, rank = self.pipeline.model, self.pipeline.frame.parts, self.comm.rank
         keep = (lambda means: owner_ranks(model, parts, means) == rank) if self.comm.world_size > 1 else None
-        params = scatter_gaussians(self.anchors, self.colors, count, math.sqrt(self.area / count), self.args.sh_degree,
+        where = self.gaussian_device()
+        params = scatter_gaussians(self.anchors.to(where), self.colors.to(where), count, math.sqrt(self.area / count), self.args.sh_degree,
                                    keep=keep, seed=7)
         model.gauss_params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in params.items()})
         model.refresh_ownership()

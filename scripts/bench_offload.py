@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""retina-gs out of core (issue 18's benchmark): the largest Gaussian count one GPU trains with
+every Gaussian in GPU memory and with ``--pipeline.model.offload host``, and their throughput at a
+count both train, under the same GPU memory cap.
+
+The phases run as their own processes through scripts/bench_retina_dist.py's machinery (its
+generated 1080p city, its ``Bench`` training context and its train phase: images/s over timed
+steps at ``--gaussians``, then 2 steps at each ``--probe-per-gpu`` count, ascending, until one
+runs out of memory):
+
+  gen             the synthetic city (cameras, ground truth rendered on the GPU, JPEG)
+  train-memory    visible Adam (the optimiser offload needs, so both modes step the same rows),
+                  every Gaussian on the GPU; probes --memory-probes
+  train-offload   the same with offload host: the Gaussians are made in host memory and each
+                  batch stages the leaves its cameras can draw (--offload-budget-gb of leaves kept
+                  on the GPU, locality camera order in both modes); probes --offload-probes
+
+Every phase caps the GPU with ``torch.cuda.set_per_process_memory_fraction`` at --gpu-cap-gb
+(0: the whole GPU, for the run that trains as many Gaussians as host memory holds).  A probe that
+runs out of GPU memory ends that mode's probes; one that runs out of host memory ends the phase
+(the phase record keeps every probe before it).  Printed last: the largest count per mode and
+their ratio (target >= 4), images/s per mode at --gaussians and their ratio (target >= 0.6), the
+fraction of rows staged per batch and the host memory.  JSON, phase records and a PNG of peak GPU
+memory against the count go to --out.
+
+    python -P scripts/bench_offload.py --out OUT                     # device: 24 GiB cap, 1080p city
+    python -P scripts/bench_offload.py --gpu-cap-gb 0 --num-images 2000 --modes offload \\
+        --offload-probes 150e6 --gaussians 150e6 --out OUT           # the uncapped >= 150M run
+    python scripts/bench_offload.py --smoke --launcher spawn --out OUT   # CPU, tiny, seconds
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_retina_dist as brd  # noqa: E402
+
+from landmark_plugin.bench_phases import GB, PhaseDriver, Record, plot_memory_curves, run_phase_rank  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+MODES = ("memory", "offload")
+TARGETS = {"max_count": 4.0, "images_per_s": 0.6}
+MIN_PHASE_S = {"gen": 20, "train": 40}
+PHASE_CAP_S = {"gen": 300, "train": 240}
+
+
+def parse(argv=None):
+    p = brd.parser(__doc__)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
+    p.add_argument("--gpu-cap-gb", type=float, default=24.0,
+                   help="GPU memory cap per process in GiB (torch.cuda.set_per_process_memory_fraction); 0: none")
+    p.add_argument("--memory-probes", type=float, nargs="+", default=[5e6, 7.5e6, 10e6, 12.5e6, 15e6, 20e6],
+                   help="counts probed in memory, ascending")
+    p.add_argument("--offload-probes", type=float, nargs="+", default=[20e6, 30e6, 40e6, 50e6, 60e6, 80e6],
+                   help="counts probed with offload host, ascending")
+    p.add_argument("--offload-budget-gb", type=float, default=2.0, help="--pipeline.model.offload-budget-gb")
+    p.add_argument("--mode", choices=MODES, default="memory", help=argparse_suppress())
+    # Offload gains only where a batch draws a fraction of the leaves: the cameras of a 4 x 4-block
+    # city see nearly all of it (aerial views span ~2.5 blocks, street views look down whole
+    # streets), so the city is larger and the leaves finer (BENCHMARKS.md: visible fractions).
+    p.set_defaults(gpus=1, num_images=400, blocks=12, tree_depth=8, batch=2, gaussians=5e6, warmup=2, steps=10)
+    args = brd.smoke_sizes(p.parse_args(argv))
+    args.gpus = 1  # one GPU: offload is the single-GPU answer to a model larger than it
+    if args.smoke:
+        args.memory_probes, args.offload_probes, args.gaussians, args.tree_depth = [300, 600], [600, 1200], 300, 4
+    args.probe_per_gpu = args.memory_probes if args.mode == "memory" else args.offload_probes
+    if args.gpu_cap_gb > 0 and not args.smoke:
+        args.capacity_mb = args.gpu_cap_gb * 1024
+    return args
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+class OffloadBench(brd.Bench):
+    """bench_retina_dist's training context with visible Adam, a GPU memory cap and, in offload
+    mode, the Gaussians made in host memory and staged by leaf."""
+
+    def __init__(self, args, rank: int, world: int, local_rank: int, say):
+        if torch.cuda.is_available() and not args.smoke and args.gpu_cap_gb > 0:
+            device = torch.device("cuda", local_rank)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_cap_gb * GB / total), device)
+        super().__init__(args, rank, world, local_rank, say)
+
+    def configure(self, config) -> None:
+        model = config.pipeline.model
+        model.visible_adam = True
+        model.offload = "host" if self.args.mode == "offload" else "none"
+        model.offload_budget_gb = self.args.offload_budget_gb
+        config.pipeline.camera_order = "locality"  # the same batches in both modes
+
+    def gaussian_device(self) -> torch.device:
+        return torch.device("cpu") if self.args.mode == "offload" else self.device
+
+    def install(self, count: int) -> None:
+        from landmark_plugin.gaussians.visible_adam import bind_visibility
+
+        self.pipeline.model.offload_store = None  # the store belongs to the Gaussians it replaced
+        super().install(count)
+        bind_visibility(self.pipeline.model, self.optimizers.optimizers)
+
+    def release(self) -> None:
+        self.pipeline.model.offload_store = None
+        super().release()
+
+    def measure(self, step, warmup: int, steps: int, deadline: Optional[float]) -> Dict:
+        """bench_retina_dist's measure plus host memory and, with offload, the rows staged."""
+        import psutil
+
+        store = self.pipeline.model.offload_store
+        before = len(store.staged_rows) if store is not None else 0
+        result = super().measure(step, warmup, steps, deadline)
+        result["host_rss"] = psutil.Process().memory_info().rss
+        store = self.pipeline.model.offload_store
+        if store is not None and len(store.staged_rows) > before:
+            staged = store.staged_rows[before:]
+            result["held_fraction"] = sum(h / max(t, 1) for h, t in staged) / len(staged)
+            result["uploaded_rows_per_step"] = sum(store.uploaded_rows[before:]) / len(staged)
+            if store.rows is not None:
+                result["host_store_bytes"] = store.rows.numel() * store.rows.element_size()
+        return result
+
+
+def phase_entry(comm, argv: List[str]) -> None:
+    args = parse(argv)
+
+    def body(record: Record, say, rank: int, world: int, local_rank: int) -> None:
+        brd.run_phase(args, record, lambda: OffloadBench(args, rank, world, local_rank, say), world, say)
+
+    run_phase_rank(comm, args.out, 1, lambda world: "gen" if args.phase == "gen" else f"train-{args.mode}", body)
+
+
+def largest(result: Dict) -> Dict[str, Any]:
+    """The largest count a phase trained (throughput run or probe), and the smallest it could not."""
+    runs = [result.get("throughput")] + list(result.get("probes", []))
+    trained = [r["count"] for r in runs if r and "images_per_s" in r]
+    failed = [r["count"] for r in runs if r and "oom" in r]
+    return {"trained": max(trained) if trained else None, "out_of_memory_at": min(failed) if failed else None}
+
+
+class Driver(PhaseDriver):
+    def __init__(self, args, argv: List[str]):
+        super().__init__(args, argv, SCRIPT, phase_entry, brd.PRELOAD, MIN_PHASE_S, PHASE_CAP_S)
+
+    def result(self, mode: str) -> Dict:
+        return self.phases.get(f"train-{mode}", {}).get("result", {})
+
+    def summary(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for mode in self.args.modes:
+            state = self.phases.get(f"train-{mode}", {})
+            entry = largest(self.result(mode))
+            if state.get("status") not in (None, "ok") and entry["out_of_memory_at"] is None:
+                entry["ended"] = state.get("status")  # host memory or time ended the probes
+            throughput = self.result(mode).get("throughput") or {}
+            entry.update({k: throughput.get(k) for k in ("count", "images_per_s", "held_fraction", "host_rss",
+                                                          "host_store_bytes", "uploaded_rows_per_step")})
+            out[mode] = entry
+        if all(m in out for m in MODES):
+            mem, off = out["memory"], out["offload"]
+            if mem["trained"] and off["trained"]:
+                out["max_count_ratio"] = off["trained"] / mem["trained"]
+                # a mode never refused: its ratio is a lower bound of what it could train
+                out["max_count_ratio_is_lower_bound"] = off["out_of_memory_at"] is None
+            if mem.get("images_per_s") and off.get("images_per_s") and mem["count"] == off["count"]:
+                out["images_per_s_ratio"] = off["images_per_s"] / mem["images_per_s"]
+        return out
+
+    def plot(self, path: Path) -> None:
+        curves = []
+        for mode in self.args.modes:
+            result = self.result(mode)
+            runs = [result.get("throughput")] + list(result.get("probes", []))
+            points = sorted((r["count"], max(p["allocated"] for p in r["peak_per_rank"]))
+                            for r in runs if r and "peak_per_rank" in r)
+            curve: Dict[str, Any] = {"name": "in GPU memory" if mode == "memory" else "offload host", "points": points}
+            if self.args.capacity_mb:
+                curve["capacity"] = self.args.capacity_mb * 2**20
+            curves.append(curve)
+        scale = GB if not self.args.smoke else 2**20
+        plot_memory_curves(path, curves, "Gaussians (millions)", "peak GPU memory (GB, allocated)" if not self.args.smoke
+                           else "tensor bytes (MB, CPU proxy)", "retina-gs: GPU memory against the Gaussian count",
+                           1e6, scale, "M")
+
+    def table(self, summary: Dict[str, Any]) -> str:
+        lines = [f"\n{'mode':8} {'largest trained':>16} {'refused at':>12} {'images/s':>9} {'at count':>12} "
+                 f"{'held rows':>10} {'host RSS GB':>12}"]
+        for mode in self.args.modes:
+            s = summary.get(mode, {})
+            num = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+            refused = num(s.get("out_of_memory_at"), ",.0f") if s.get("out_of_memory_at") else s.get("ended", "-")
+            held = num(s.get("held_fraction"), ".3f")
+            rss = num(s["host_rss"] / GB if s.get("host_rss") else None, ".1f")
+            lines.append(f"{mode:8} {num(s.get('trained'), ',.0f'):>16} {refused:>12} {num(s.get('images_per_s'), '.2f'):>9} "
+                         f"{num(s.get('count'), ',.0f'):>12} {held:>10} {rss:>12}")
+        if "max_count_ratio" in summary:
+            bound = " (lower bound: offload was never refused)" if summary["max_count_ratio_is_lower_bound"] else ""
+            if not summary.get("memory", {}).get("out_of_memory_at"):
+                bound = " (in memory was never refused either: probe larger counts)"
+            lines.append(f"largest count offload / memory: {summary['max_count_ratio']:.2f}x (target >= "
+                         f"{TARGETS['max_count']}){bound}")
+        if "images_per_s_ratio" in summary:
+            lines.append(f"images/s offload / memory at the same count: {summary['images_per_s_ratio']:.3f}x "
+                         f"(target >= {TARGETS['images_per_s']})")
+        for tag, state in self.phases.items():
+            if state["status"] != "ok":
+                lines.append(f"phase {tag}: {state['status']} {state.get('reason', '')}".rstrip())
+        return "\n".join(lines)
+
+    def main(self) -> int:
+        args = self.args
+        cap = f"{args.gpu_cap_gb:g} GiB" if args.gpu_cap_gb > 0 else "none"
+        self.say(f"budget {args.budget_s:.0f} s, GPU cap {cap}, modes {' '.join(args.modes)}")
+        gen = self.run("gen", 1)
+        csrc = (gen.get("result", {}).get("result") or {}).get("csrc") or {}
+        if not args.smoke and not csrc.get("available"):
+            self.argv.append("--no-csrc")
+        if brd.scene_ready(args):
+            for mode in args.modes:
+                self.run("train", 1, ["--mode", mode], tag=f"train-{mode}")
+        summary = self.summary()
+        report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "date": datetime.date.today().isoformat(), "seconds": round(time.time() - self.start, 1),
+                  "summary": summary, "phases": self.phases}
+        (args.out / "bench_offload.json").write_text(json.dumps(report, indent=2, default=str))
+        try:
+            self.plot(args.out / "offload_memory_vs_count.png")
+        except Exception as error:  # the numbers matter more than the picture
+            self.say(f"plot failed: {error}")
+        print(self.table(summary), flush=True)
+        return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.phase is not None:
+        phase_entry(None, argv)
+        return 0
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_offload.py needs a CUDA GPU (use --smoke for the CPU code path)", file=sys.stderr)
+        return 2
+    return Driver(args, argv).main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
