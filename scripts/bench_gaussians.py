@@ -16,7 +16,10 @@ config change): ``*-bilateral`` (per-image bilateral grids), ``retina-gs-mcmc`` 
 strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``--cap`` Gaussian
 budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
 ``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-visible``
-(visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order).  On ``city-appearance`` every method also reports the
+(visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order),
+``retina-gs-torch`` (the torch reference rasteriser in plain mode: densification on the plain screen
+gradient and its own threshold, to compare with gsplat's absgrad: count and PSNR;
+``--retina-mode plain`` gives the gsplat side the same mode).  On ``city-appearance`` every method also reports the
 colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own).
 """
 
@@ -84,6 +87,7 @@ VARIANTS = {
     "retina-gs-affine": ("retina-gs", "affine"),
     "retina-gs-visible": ("retina-gs", "visible"),
     "retina-gs-offload": ("retina-gs", "offload"),
+    "retina-gs-torch": ("retina-gs", "torch"),
 }
 
 
@@ -97,8 +101,6 @@ def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: s
 
     config = copy.deepcopy(all_methods[base_method(method)])
     config.method_name = method  # its own output folder
-    if method in VARIANTS:
-        apply_variant(config, VARIANTS[method][1], cap)
     config.max_num_iterations = steps
     for group in config.optimizers.values():  # the same schedule shape for every method
         if group.get("scheduler") is not None and hasattr(group["scheduler"], "max_steps"):
@@ -118,6 +120,8 @@ def method_config(method: str, dataparser, steps: int, out: Path, retina_mode: s
     config.pipeline.model.num_downscales = 0
     if method.startswith("retina-gs"):
         config.pipeline.model.mode = retina_mode
+    if method in VARIANTS:  # after the mode: a variant may set its own
+        apply_variant(config, VARIANTS[method][1], cap)
     if scene == "city-appearance":
         # Held-out views have no bilateral grid of their own (README): score every method also
         # with its colours fitted to the ground truth (splatfacto's cc_psnr / cc_ssim).
@@ -150,6 +154,8 @@ def apply_variant(config, change: str, cap: int) -> None:
     elif change == "offload":  # streamed from host memory by leaf, locality order, 1 GB of held leaves
         model.visible_adam, model.offload, model.offload_budget_gb = True, "host", 1.0
         config.pipeline.camera_order = "locality"
+    elif change == "torch":  # the torch reference rasteriser on the GPU: plain screen gradient, its threshold
+        model.backend, model.mode = "torch", "plain"  # (the clip twin is several times slower than plain)
     elif change == "capped":
         model.strategy.max_gaussians = cap
     elif change == "mcmc":

@@ -28,3 +28,23 @@ def test_bench_gaussians_smoke(tmp_path):
     assert "step_guard.py" in result.stdout
     assert 0.0 < rows[0]["psnr"] < 60.0
     assert "ms/step" in result.stdout  # the table is printed last
+
+
+def test_bench_gaussians_variants_change_one_thing(tmp_path):
+    """Each variant is its base method's config with its one change, applied after the render
+    mode so that a variant may set its own (retina-gs-torch: the torch reference in plain mode)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_gaussians as bench
+    finally:
+        sys.path.pop(0)
+    from landmark_plugin.data.city import CityConfig
+    from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
+
+    parser = SyntheticCityDataParserConfig(data=tmp_path / "city", city=CityConfig(num_images=4, width=16, height=12))
+    base = bench.method_config("retina-gs", parser, 10, tmp_path, retina_mode="clip").pipeline.model
+    torch_ref = bench.method_config("retina-gs-torch", parser, 10, tmp_path, retina_mode="clip").pipeline.model
+    assert (base.backend, base.mode) == ("auto", "clip")
+    assert (torch_ref.backend, torch_ref.mode) == ("torch", "plain")
+    visible = bench.method_config("retina-gs-visible", parser, 10, tmp_path, retina_mode="clip").pipeline.model
+    assert visible.visible_adam and not base.visible_adam and visible.mode == "clip"
