@@ -134,6 +134,8 @@ def _train(data, out, offload: str, device: str = "cpu", budget_gb: float = 0.0,
     store = model.offload_store
     trainer.uploaded = store.uploaded_rows if store is not None else []
     trainer.prefetched = store.prefetched_rows if store is not None else []
+    trainer.written_back = store.written_back_rows if store is not None else []
+    trainer.held_back = store.held_back_rows if store is not None else []
     return model, store.staged_rows if store is not None else [], trainer
 
 
@@ -160,6 +162,11 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     if budget_gb > 0:
         assert sum(trainer.uploaded) < sum(n for n, _ in staged), "held leaves were uploaded again"
     assert sum(trainer.prefetched) > 0, "the next batch's leaves were sent ahead (during the previous batch)"
+    if budget_gb == 0:
+        # rows let go went back to the store after the batch that let them go (queued, landed at
+        # the next stage); a prefetch leaves such rows to that stage, which lands them first
+        assert sum(trainer.written_back) > 0, "no batch let a leaf go"
+        assert sum(trainer.held_back) > 0, "no prefetch met a write-back on its way"
     # renders outside training stage each camera's leaves too, and equal the in-memory model's
     memory.eval(), streamed.eval()
     cameras, held = trainer.pipeline.datamanager.train_dataset.cameras, []

@@ -10,7 +10,10 @@ the in-memory run's; with visible Adam (which offload requires) a Gaussian no ca
 stepped, so the rows left on the host are exactly what the in-memory run has too.
 
 While a batch renders, ``prefetch`` copies the next batch's leaves that are not held to the GPU on
-a second CUDA stream (from pinned memory); ``stage`` then takes them from there.
+a second CUDA stream (from pinned memory); ``stage`` then takes them from there.  Rows a batch lets
+go travel back the same way: their copy to pinned memory is queued on that stream and lands in
+the store at the next ``stage`` (or before anything else reads the store), so neither direction
+waits for the GPU.
 
 Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tree rebuild) and
 checkpoints ``materialize`` the store in host memory: the model holds every row there (gsplat's
@@ -48,8 +51,11 @@ class OffloadStore:
         self.staged_rows: list = []  # (rows held, rows in all) per batch (for the benchmark and the tests)
         self.uploaded_rows: list = []  # rows uploaded per batch
         self.prefetched_rows: list = []  # of those, rows a prefetch had already sent
+        self.written_back_rows: list = []  # rows let go per batch (their write-back overlaps the next)
+        self.held_back_rows: list = []  # rows a prefetch left to the next stage (write-back on its way)
         self._prefetched: Optional[tuple] = None  # (host rows, their copy on the device, copy done event)
-        self._stream = None  # CUDA: the prefetch's copy stream
+        self._pending: list = []  # write-backs on their way: (host rows, their values, copy done event)
+        self._stream = None  # CUDA: the copy stream of prefetches and write-backs
 
     @property
     def staged(self) -> bool:
@@ -58,6 +64,7 @@ class OffloadStore:
     def reset(self) -> None:
         """Forget the host copy (the model's rows were replaced, e.g. by loading a checkpoint)."""
         self.rows = self.layout = self.leaf_ids = self.bounds = self.index = self._prefetched = None
+        self._pending = []
 
     # ---- moving rows ------------------------------------------------------------------------
     def _optimizers(self) -> Optional[Dict]:
@@ -81,7 +88,44 @@ class OffloadStore:
 
     def _write_back(self) -> None:
         """Every held row replaces its host copy."""
+        self._flush()
         self.rows[self.index] = self._held_rows().to(self.rows.device)
+
+    def _copy_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def _write_back_later(self, index: Tensor, rows: Tensor) -> None:
+        """Queue the host rows ``index`` to take ``rows`` (on the model's device): on CUDA copied
+        into pinned memory on the copy stream; ``_flush`` writes them into the store."""
+        if rows.device.type != "cuda":
+            self._pending.append((index, rows.clone(), None))  # the same bookkeeping on the CPU
+            return
+        buffer = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        stream = self._copy_stream(rows.device)
+        stream.wait_stream(torch.cuda.current_stream(rows.device))  # the rows' last optimiser step
+        with torch.cuda.stream(stream):
+            buffer.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        rows.record_stream(stream)  # made on the main stream, read on the copy stream
+        self._pending.append((index, buffer, done))
+
+    def _flush(self) -> None:
+        """Land the queued write-backs in the store (waiting for copies still on their way)."""
+        for index, values, done in self._pending:
+            if done is not None:
+                done.synchronize()
+            self.rows[index] = values
+        self._pending = []
+
+    def _pending_rows(self) -> Tensor:
+        """[N] host rows with a write-back on its way."""
+        mask = torch.zeros(self.rows.shape[0], dtype=torch.bool)
+        for index, _, _ in self._pending:
+            mask[index] = True
+        return mask
 
     def _bounds_of(self, rows: Tensor, leaf_ids: Tensor) -> LeafBounds:
         columns = layout_columns(self.layout)
@@ -110,6 +154,7 @@ class OffloadStore:
         held while they fit ``offload_budget_gb`` (most recently needed first): only leaves that
         were not held are uploaded, only leaves let go are written back."""
         self.step += 1
+        self._flush()  # the last stage's write-backs: copied while that batch trained
         if self.index is None:
             self._capture()
             held_rows, held = None, torch.zeros(self.num_leaves, dtype=torch.bool)
@@ -128,8 +173,9 @@ class OffloadStore:
         elif bool((keep != held).any()):
             stay = keep[held_leaf]
             gone = ~stay
-            if bool(gone.any()):
-                self.rows[self.index[gone]] = held_rows[gone.to(held_rows.device)].to(self.rows.device)
+            if bool(gone.any()):  # not read before the next stage: uploads now are of other leaves
+                self._write_back_later(self.index[gone], held_rows[gone.to(held_rows.device)])
+                self.written_back_rows.append(int(gone.sum()))
             stay_dev = stay.to(held_rows.device)
             device = held_rows.device
             index, order = torch.sort(torch.cat([self.index[stay], upload]))
@@ -158,11 +204,17 @@ class OffloadStore:
         """Start uploading the rows of the leaves the next batch's ``views`` need that the model
         does not hold: on CUDA from a pinned buffer on a second stream, so the copy runs while
         the current batch renders.  Their host rows stay as they are until the next ``stage``
-        (only held rows train; a refinement drops the prefetch)."""
+        (only held rows train; a refinement drops the prefetch).  Rows whose write-back is still on
+        its way are left to that ``stage``, which lands the write-back first."""
         self._prefetched = None
         if self.index is None:
             return
-        index = torch.nonzero((self._needed(views) & ~self._held_leaves())[self.leaf_ids]).flatten()
+        wanted = (self._needed(views) & ~self._held_leaves())[self.leaf_ids]
+        if self._pending:
+            pending = self._pending_rows()
+            self.held_back_rows.append(int((wanted & pending).sum()))
+            wanted &= ~pending
+        index = torch.nonzero(wanted).flatten()
         device = self.model.device
         if index.numel() == 0:
             return
@@ -171,13 +223,12 @@ class OffloadStore:
             return
         buffer = torch.empty((index.numel(), self.rows.shape[1]), dtype=self.rows.dtype, pin_memory=True)
         torch.index_select(self.rows, 0, index, out=buffer)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream):
+        stream = self._copy_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
             rows = buffer.to(device, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self._stream)
+            done.record(stream)
         rows.record_stream(torch.cuda.current_stream(device))  # read on the main stream at the next stage
         self._prefetched = (index, rows, done)
 
@@ -221,6 +272,7 @@ class OffloadStore:
         """Hold every row again, on the model's device or (``on_host``) in host memory, and drop
         the store's copy (the next batch makes a new one from what the model then holds)."""
         target = torch.device("cpu") if on_host else self.model.device
+        self._flush()
         if self.index is None:
             if self.model.means.device == target:
                 return
