@@ -9,7 +9,11 @@ peak GPU memory, and PSNR / SSIM (/ LPIPS when its weights are available) over a
 images.  Writes JSON and prints a table last.
 
     python scripts/bench_grid.py --seconds 600 --json bench_grid.json     # GPU: city + lego
+    python scripts/bench_grid.py --scenes cup beer --seconds 120 --data-root .devcarry/data   # GPU: real captures
     python scripts/bench_grid.py --smoke                                   # CPU: tiny city, 4 steps
+
+Scenes: ``city`` (synthetic, generated under ``--work``), ``lego`` (lego_synthetic) and the real
+COLMAP captures of ``REAL_SCENES`` (under ``--data-root``; sources in benchmarks/REAL_SCENES.md).
 """
 
 from __future__ import annotations
@@ -28,9 +32,36 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
 VARIANTS = {"landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"})}
 """Benchmarked names that are a registered method with model overrides: (method, overrides)."""
+REAL_SCENES = {
+    "cup": ("cup_colmap", 4, "cup_colmap images_4 (200x150, 67 train / 10 eval)"),
+    "beer": ("beer_colmap", 2, "beer_colmap images_2 (360x640, 62 train / 9 eval)"),
+}
+"""Real COLMAP captures: scene -> (folder under --data-root, downscale factor, i.e. the images_<N>
+folder read next to sparse/0, description).  Every 8th image (name order) is held out."""
+REAL_SCENE_GRID = {"field.mode": "vm", "field.blocks": (1, 1)}
+"""landmark-grid on the real captures (an object on a desk or floor): one block of TensoRF's three
+plane x line pairs, as on lego; the x-y blocks and xy-z factorisation are for city-scale ground."""
 
 
-def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool, city_images: int = 240):
+def real_scene_parser(scene: str, data_root: Path):
+    """(colmap dataparser config, description) of a ``REAL_SCENES`` capture, built as
+    scripts/bench_gaussians.py builds cup.  ``load_3D_points``: landmark-grid's datamanager derives
+    its scene box from the parser's ``points3D_xyz`` (nerfacto ignores them: contraction, own collider)."""
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    folder, factor, description = REAL_SCENES[scene]
+    path = data_root / folder
+    if not (path / "sparse" / "0").is_dir() or not (path / f"images_{factor}").is_dir():
+        raise FileNotFoundError(f"{path} needs sparse/0 and images_{factor}: "
+                                f"pass --data-root with the folder holding {folder}")
+    parser = ColmapDataParserConfig(
+        data=path, colmap_path=Path("sparse/0"), downscale_factor=factor,
+        eval_mode="interval", eval_interval=8, load_3D_points=True,
+    )
+    return parser, description
+
+
+def scene_setup(scene: str, work: Path, data_root: Path, lego: Optional[Path], smoke: bool, city_images: int = 240):
     """(dataparser config, description, per-scene overrides of the model configs)."""
     from landmark_plugin.data.city import CityConfig
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
@@ -43,6 +74,9 @@ def scene_setup(scene: str, work: Path, lego: Optional[Path], smoke: bool, city_
         name = f"city-{city.num_images}x{city.width}x{city.height}"
         parser = SyntheticCityDataParserConfig(data=work / name, city=city)
         return parser, f"synthetic city, {city.num_images} images {city.width}x{city.height}", {}
+    if scene in REAL_SCENES:  # nerfacto as for any real capture: its defaults (contraction, background)
+        parser, description = real_scene_parser(scene, data_root)
+        return parser, description, {"landmark-grid": dict(REAL_SCENE_GRID)}
     if scene == "lego":
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
@@ -64,8 +98,10 @@ def _set(obj, dotted: str, value) -> None:
     setattr(obj, last, value)
 
 
-def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, smoke: bool, rays: int):
-    """A TrainerConfig for ``method`` on ``parser`` whose schedules end at ``steps``."""
+def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, smoke: bool, rays: int,
+                  camera_optimizer: str = "off"):
+    """A TrainerConfig for ``method`` on ``parser`` whose schedules end at ``steps``; both methods
+    get the same ``camera_optimizer`` mode ("off": the given poses, which held-out views use too)."""
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 
@@ -84,7 +120,7 @@ def method_config(method: str, parser, overrides: Dict, steps: int, out: Path, s
     datamanager.train_num_rays_per_batch = rays
     datamanager.eval_num_rays_per_batch = rays
     model = config.pipeline.model
-    model.camera_optimizer.mode = "off"  # exact poses (synthetic scenes): compare the fields only
+    model.camera_optimizer.mode = camera_optimizer  # the same poses for both: compare the fields only
     for key, value in {**overrides.get(method, {}), **variant}.items():
         _set(model, key, value)
     if smoke:
@@ -159,19 +195,22 @@ def evaluate(trainer) -> Dict:
 
 
 def run_one(method: str, scene: str, args) -> Dict:
-    parser, description, overrides = scene_setup(scene, args.work, args.lego, args.smoke, args.city_images)
-    out = args.work / "runs"
+    parser, description, overrides = scene_setup(
+        scene, args.work, args.data_root, args.lego, args.smoke, args.city_images
+    )
+    options = {"out": args.work / "runs", "smoke": args.smoke, "rays": args.rays,
+               "camera_optimizer": args.camera_optimizer}
     if args.steps is not None:
         planned = args.steps
     else:
-        calibrate = make_trainer(method_config(method, parser, overrides, 10**9, out, args.smoke, args.rays))
+        calibrate = make_trainer(method_config(method, parser, overrides, 10**9, **options))
         train_for(calibrate, math.inf, max(1, args.calibration_steps // 3))  # warm-up: allocator, kernels
         timed = train_for(calibrate, math.inf, args.calibration_steps)
         del calibrate
         planned = max(1, int(args.seconds * timed["steps"] / timed["train_seconds"]))
 
     torch.manual_seed(args.seed)
-    trainer = make_trainer(method_config(method, parser, overrides, planned, out, args.smoke, args.rays))
+    trainer = make_trainer(method_config(method, parser, overrides, planned, **options))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = train_for(trainer, args.seconds, planned)
@@ -181,6 +220,7 @@ def run_one(method: str, scene: str, args) -> Dict:
         "method": method,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "rays_per_step": args.rays,
+        "camera_optimizer": args.camera_optimizer,
         "planned_steps": planned,
         **run,
         "train_rays_per_s": run["steps"] * args.rays / max(run["train_seconds"], 1e-9),
@@ -226,14 +266,19 @@ def print_table(rows: List[Dict]) -> None:
 def parse_args(argv: Optional[List[str]] = None, methods=METHODS, description: str = __doc__) -> argparse.Namespace:
     """The benchmark's command line (``methods``: the default method list)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenes", nargs="+", default=None, help="city and/or lego (smoke: city)")
+    parser.add_argument("--scenes", nargs="+", default=None, choices=("city", "lego") + tuple(REAL_SCENES),
+                        help="default city lego (smoke: city); cup and beer are real COLMAP captures under --data-root")
     parser.add_argument("--methods", nargs="+", default=list(methods), choices=METHODS + tuple(VARIANTS))
     parser.add_argument("--seconds", type=float, default=None, help="training time per method (default 600; smoke 30)")
     parser.add_argument("--rays", type=int, default=None, help="rays per step (default 4096; smoke 64)")
     parser.add_argument("--calibration-steps", type=int, default=60, help="timed steps to estimate s/step")
     parser.add_argument("--steps", type=int, default=None, help="fixed max steps instead of calibrating (smoke: 4)")
     parser.add_argument("--city-images", type=int, default=240, help="images of the synthetic city (1 in 8 held out)")
-    parser.add_argument("--lego", type=Path, default=None, help="lego_synthetic folder (default ../shared/data)")
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
+                        help="folder holding cup_colmap, beer_colmap (and lego_synthetic), e.g. .devcarry/data")
+    parser.add_argument("--lego", type=Path, default=None, help="lego_synthetic folder (default: under --data-root)")
+    parser.add_argument("--camera-optimizer", default="off", choices=("off", "SO3xR3", "SE3"),
+                        help="pose refinement, the same for every method (default off: the given poses)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench-grid"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=42)
@@ -245,7 +290,8 @@ def parse_args(argv: Optional[List[str]] = None, methods=METHODS, description: s
     if args.smoke and args.steps is None:  # no calibration run: keep the CPU test short
         args.steps = 4
     if args.lego is None:
-        candidates = [REPO.parent / "shared" / "data" / "lego_synthetic", REPO / "shared" / "data" / "lego_synthetic"]
+        candidates = [args.data_root / "lego_synthetic", REPO.parent / "shared" / "data" / "lego_synthetic",
+                      REPO / "shared" / "data" / "lego_synthetic"]
         args.lego = next((c for c in candidates if c.exists()), None)
     args.work.mkdir(parents=True, exist_ok=True)
     return args
