@@ -30,7 +30,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
-VARIANTS = {"landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"})}
+VARIANTS = {
+    "landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"}),
+    # unbounded real captures: the box in the middle of a contracted grid, rays to the far plane
+    "landmark-grid-unbounded": ("landmark-grid", {"field.contraction": "linf"}),
+}
 """Benchmarked names that are a registered method with model overrides: (method, overrides)."""
 REAL_SCENES = {
     "cup": ("cup_colmap", 4, "cup_colmap images_4 (200x150, 67 train / 10 eval)"),

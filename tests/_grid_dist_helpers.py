@@ -18,17 +18,21 @@ LRS = {"grids": 2e-2, "decoder": 1e-2, "proposal_networks": 2e-2}
 def make_model(parallel: str = "none", model_parallel_size=None, seed: int = 0, sampler: str = "proposal"):
     """A float64 landmark-grid model: 2x2 blocks of 4 cells (2 levels), 4 components per factor
     set (so 2 and 4 ranks divide blocks, channels and cells), proposal grids of 2 and 4 cells;
-    ``sampler occupancy``: an 8-cell occupancy grid updated every step (half its cells empty)."""
+    ``sampler occupancy``: an 8-cell occupancy grid updated every step (half its cells empty);
+    ``proposal-linf``: the proposal sampler with the field contracted (``field.contraction linf``)."""
     from nerfstudio.data.scene_box import SceneBox
 
     from landmark_plugin.grid.field import MultiBranchGridFieldConfig
     from landmark_plugin.grid.model import LandmarkGridModelConfig
     from landmark_plugin.grid.occupancy import OccupancyConfig
 
+    contraction = "linf" if sampler.endswith("-linf") else "none"
+    sampler = sampler.removesuffix("-linf")
     config = LandmarkGridModelConfig(
         field=MultiBranchGridFieldConfig(
             blocks=(2, 2), cells=4, level_divisors=(1, 2), density_components=4, appearance_components=4,
             appearance_dim=6, appearance_embed_dim=3, mlp_layer_width=16, feature_backend="torch",
+            contraction=contraction,  # type: ignore[arg-type]
         ),
         proposal_cells=(2, 4),
         proposal_components=4,

@@ -51,6 +51,10 @@ OCCUPANCY_CASES = [("branch", 2, 2), ("plane", 2, 2), ("channel", 2, 2)]
 the reference updates once per batch, so it repeats a data-parallel run only for one batch a step."""
 
 
+CONTRACTION_CASES = [("branch", 2, 2), ("plane", 2, 2), ("channel", 2, 2)]
+"""``field.contraction linf`` (rays to the far plane, every sample routed through the contracted grid)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _reference(tmp_dir, strategy: str, data_parallel: int, sampler: str = "proposal"):
     """The single-process run, in a child process (the test process stays free of nerfstudio)."""
@@ -74,6 +78,11 @@ def test_sharded_training_equals_single_process(tmp_path, strategy, world_size, 
 @pytest.mark.parametrize("strategy,world_size,model_parallel", OCCUPANCY_CASES)
 def test_sharded_occupancy_training_equals_single_process(tmp_path, strategy, world_size, model_parallel):
     _check_sharded_equals_single(tmp_path, strategy, world_size, model_parallel, "occupancy")
+
+
+@pytest.mark.parametrize("strategy,world_size,model_parallel", CONTRACTION_CASES)
+def test_sharded_contracted_training_equals_single_process(tmp_path, strategy, world_size, model_parallel):
+    _check_sharded_equals_single(tmp_path, strategy, world_size, model_parallel, "proposal-linf")
 
 
 def _check_sharded_equals_single(tmp_path, strategy: str, world_size: int, model_parallel: int, sampler: str):

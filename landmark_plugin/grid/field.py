@@ -19,6 +19,7 @@ from nerfstudio.field_components.embedding import Embedding
 from nerfstudio.field_components.encodings import NeRFEncoding
 from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
+from nerfstudio.field_components.spatial_distortions import SceneContraction
 from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
 
@@ -50,6 +51,12 @@ class GridDensityFieldConfig(InstantiateConfig):
     """Density components per factor and level."""
     shared_line: bool = False
     """One line shared by all blocks (continuous features across seams) instead of one per block."""
+    contraction: Literal["none", "linf"] = "none"
+    """none: the blocks tile the scene box and space outside it is empty (rays are clipped to the
+    box).  linf: unbounded scenes (real captures with backgrounds beyond the box): mip-NeRF 360's
+    contraction in the L-inf norm, as nerfacto's, with the box as the unit cube -- the box fills
+    the middle half of the grid along every axis and all space outside it the rest, and rays run
+    from the model's near_plane to its far_plane."""
     init_scale: float = 0.1
     """Std of the initial plane and line values."""
     density_bias: float = -1.0
@@ -74,6 +81,8 @@ class GridDensityField(Field):
         super().__init__()
         self.config = config
         self.register_buffer("aabb", aabb.detach().clone().float())
+        # nerfstudio's contraction of box-normalised positions (the box is [-1, 1]^3) into [-2, 2]^3
+        self.contraction = SceneContraction(order=float("inf")) if config.contraction == "linf" else None
         self.axes = [a for _ in config.level_divisors for a in MODES[config.mode]]
         self.density = self._make_factors(config.density_components)
         self.blocks: Tuple[int, int] = tuple(config.blocks)  # type: ignore[assignment]
@@ -95,9 +104,14 @@ class GridDensityField(Field):
         )
 
     def route(self, positions: Float[Tensor, "N 3"]) -> Tuple[Int[Tensor, " N"], Float[Tensor, "N 3"], Tensor]:
-        """Block index, block-local coordinates and inside-the-box mask of world positions."""
+        """Block index, block-local coordinates and inside-the-box mask of world positions (with
+        a contraction every position is inside the grid's domain)."""
         unit = (positions - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
-        inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+        if self.contraction is not None:
+            unit = (self.contraction(2.0 * unit - 1.0) + 2.0) / 4.0
+            inside = torch.ones(unit.shape[:-1], dtype=torch.bool, device=unit.device)
+        else:
+            inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
         block_index, local = route_points(unit, self.blocks)
         return block_index, local, inside
 

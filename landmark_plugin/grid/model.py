@@ -21,9 +21,13 @@ from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimize
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components.losses import MSELoss
-from nerfstudio.model_components.ray_samplers import ProposalNetworkSampler, UniformSampler
+from nerfstudio.model_components.ray_samplers import (
+    ProposalNetworkSampler,
+    UniformLinDispPiecewiseSampler,
+    UniformSampler,
+)
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
-from nerfstudio.model_components.scene_colliders import AABBBoxCollider
+from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFarCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.models.nerfacto import NerfactoModel
 
@@ -63,9 +67,13 @@ class LandmarkGridModelConfig(ModelConfig):
     """target class to instantiate"""
     # (dataclasses.field spelled out: this config has a member named `field`)
     enable_collider: bool = True
-    """Clip rays to the scene box (near/far from the box, which the datamanager derives from the data)."""
+    """Clip rays to the scene box (near/far from the box, which the datamanager derives from the data);
+    with --pipeline.model.field.contraction linf rays run from near_plane to far_plane instead."""
     near_plane: float = 0.05
     """Closest distance to the camera sampled during training (rays start at the box otherwise)."""
+    far_plane: float = 1000.0
+    """Farthest distance sampled with --pipeline.model.field.contraction linf (nerfacto's); a
+    bounded field ends rays at the box instead."""
     field: MultiBranchGridFieldConfig = dataclasses.field(default_factory=MultiBranchGridFieldConfig)
     """The multi-branch grid field (blocks, factorisation, resolution, decoder)."""
     upsample_fractions: Tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -175,6 +183,7 @@ class LandmarkGridModel(NerfactoModel):
                 density_bias=config.field.density_bias,
                 feature_backend=config.field.feature_backend,
                 shared_line=plane,
+                contraction=config.field.contraction,
             ).setup(aabb=aabb)
             for cells in config.proposal_cells
         )
@@ -190,19 +199,24 @@ class LandmarkGridModel(NerfactoModel):
                 config.proposal_update_every,
             )
 
-        # the box is bounded: uniform initial samples between the box entry and exit points
+        # a bounded box: uniform initial samples between the box entry and exit points; unbounded
+        # (contracted): nerfacto's, uniform up to distance 1 and in disparity beyond
+        unbounded = config.field.contraction != "none"
+        initial = UniformLinDispPiecewiseSampler if unbounded else UniformSampler
         self.proposal_sampler = ProposalNetworkSampler(
             num_nerf_samples_per_ray=config.num_nerf_samples_per_ray,
             num_proposal_samples_per_ray=config.num_proposal_samples_per_ray,
             num_proposal_network_iterations=config.num_proposal_iterations,
             single_jitter=config.use_single_jitter,
             update_sched=update_schedule,
-            initial_sampler=UniformSampler(single_jitter=config.use_single_jitter),
+            initial_sampler=initial(single_jitter=config.use_single_jitter),
         )
         self.occupancy: Optional[GridOccupancy] = None
         if config.sampler == "occupancy":
             self.occupancy = self._make_occupancy()
-        if config.enable_collider:
+        if unbounded:
+            self.collider = NearFarCollider(near_plane=config.near_plane, far_plane=config.far_plane)
+        elif config.enable_collider:
             self.collider = AABBBoxCollider(scene_box=self.scene_box, near_plane=config.near_plane)
 
         self.renderer_rgb = RGBRenderer(background_color=config.background_color)
@@ -223,9 +237,9 @@ class LandmarkGridModel(NerfactoModel):
     def _make_occupancy(self) -> GridOccupancy:
         config = self.config
         occupancy = config.occupancy
-        if not config.enable_collider:
+        if not config.enable_collider or config.field.contraction != "none":
             raise ConfigError("--pipeline.model.sampler occupancy marches from the box entry to its exit: it needs "
-                              "--pipeline.model.enable-collider True")
+                              "--pipeline.model.enable-collider True and --pipeline.model.field.contraction none")
         if min(occupancy.cells, occupancy.march_samples, occupancy.update_every) < 1:
             raise ConfigError("--pipeline.model.occupancy.cells, .march-samples and .update-every must be positive")
         return GridOccupancy(occupancy, self.scene_box.aabb)
