@@ -27,12 +27,21 @@ memory against the count go to --out.
     python -P scripts/bench_offload.py --gpu-cap-gb 0 --num-images 2000 --modes offload \\
         --offload-probes 150e6 --gaussians 150e6 --out OUT           # the uncapped >= 150M run
     python scripts/bench_offload.py --smoke --launcher spawn --out OUT   # CPU, tiny, seconds
+    python scripts/bench_offload.py --visible-fractions --cities 4 8 12     # CPU: what offload can gain
+
+``--visible-fractions`` needs no GPU and trains nothing: for the city of each ``--cities`` size (and
+``--tree-depth``), the fraction of the Gaussians (surface samples, split by the kd-tree) in the
+leaves each camera can draw (``core.frustum.leaves_in_view``, the test offload stages by) and in
+the union over each batch of ``--batch`` cameras in the locality order.  A batch must hold its
+union on the GPU, so the largest count offload can train is about the in-memory one divided by
+the largest batch fraction.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,6 +72,10 @@ def parse(argv=None):
     p.add_argument("--offload-probes", type=float, nargs="+", default=[20e6, 30e6, 40e6, 50e6, 60e6, 80e6],
                    help="counts probed with offload host, ascending")
     p.add_argument("--offload-budget-gb", type=float, default=2.0, help="--pipeline.model.offload-budget-gb")
+    p.add_argument("--visible-fractions", action="store_true",
+                   help="CPU only: per camera and batch, the fraction of rows offload would stage (see above)")
+    p.add_argument("--cities", type=int, nargs="+", default=[4, 8, 12],
+                   help="with --visible-fractions: city sizes (blocks along x and y) to measure")
     p.add_argument("--mode", choices=MODES, default="memory", help=argparse_suppress())
     # Offload gains only where a batch draws a fraction of the leaves: the cameras of a 4 x 4-block
     # city see nearly all of it (aerial views span ~2.5 blocks, street views look down whole
@@ -132,6 +145,58 @@ class OffloadBench(brd.Bench):
             if store.rows is not None:
                 result["host_store_bytes"] = store.rows.numel() * store.rows.element_size()
         return result
+
+
+def visible_fractions(args) -> List[Dict[str, Any]]:
+    """Per city size: the mean and largest fraction of rows a camera, and a batch, can draw."""
+    import numpy as np
+    from nerfstudio.models.splatfacto import get_viewmat
+
+    from landmark_plugin.core.frustum import LeafBounds, leaves_in_view
+    from landmark_plugin.core.partition import build_kdtree_with_leaves
+    from landmark_plugin.core.schedule import locality_order, look_points
+    from landmark_plugin.data.city import make_cameras, make_layout
+    from landmark_plugin.data.city_gaussians import surface_samples
+    from landmark_plugin.data.city_render import surface_area
+
+    rows = []
+    for blocks in args.cities:
+        args_one = copy_args(args, blocks=blocks)
+        config = brd.city_config(args_one)
+        layout = make_layout(config)
+        cameras = make_cameras(config, layout)
+        xyz, _ = surface_samples(layout, 200_000, seed=1)
+        points = torch.from_numpy(xyz).float()
+        # Gaussians of the benchmark's size: scatter_gaussians' spacing at --gaussians, 3 sigma
+        spacing = math.sqrt(surface_area(layout) / args.gaussians)
+        tree, leaf_ids = build_kdtree_with_leaves(points, args.tree_depth)
+        bounds = LeafBounds.of(points, torch.full_like(points, spacing), leaf_ids, 2**args.tree_depth)
+        per_leaf = torch.bincount(leaf_ids, minlength=2**args.tree_depth).double()
+        c2w = torch.from_numpy(cameras.camera_to_worlds[:, :3, :4]).float()
+        K = torch.tensor(cameras.intrinsics, dtype=torch.float32)
+        viewmats = get_viewmat(c2w)
+        seen = torch.stack([leaves_in_view(bounds, viewmats[i], K, config.width, config.height)
+                            for i in range(len(c2w))])  # [C, L]
+        camera = (seen.double() @ per_leaf / per_leaf.sum()).numpy()
+        order = locality_order(look_points(c2w.double(), tree.bounds[0].double(), tree.bounds[1].double()),
+                               tree.bounds[0], tree.bounds[1], 16, torch.Generator().manual_seed(0))
+        batches = [seen[order[i : i + args.batch]].any(dim=0) for i in range(0, len(order), args.batch)]
+        batch = np.array([float(b.double() @ per_leaf / per_leaf.sum()) for b in batches])
+        rows.append({"blocks": blocks, "tree_depth": args.tree_depth, "cameras": len(c2w), "batch": args.batch,
+                     "camera_mean": float(camera.mean()), "camera_max": float(camera.max()),
+                     "batch_mean": float(batch.mean()), "batch_max": float(batch.max()),
+                     "gain_bound": float(1.0 / batch.max())})
+        r = rows[-1]
+        print(f"city {blocks}x{blocks} blocks, {2**args.tree_depth} leaves, {len(c2w)} cameras: rows a camera draws "
+              f"mean {r['camera_mean']:.3f} max {r['camera_max']:.3f}; a batch of {args.batch}: mean {r['batch_mean']:.3f} "
+              f"max {r['batch_max']:.3f} -> largest count at most {r['gain_bound']:.2f}x in-memory", flush=True)
+    return rows
+
+
+def copy_args(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def phase_entry(comm, argv: List[str]) -> None:
@@ -249,6 +314,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse(argv)
     if args.phase is not None:
         phase_entry(None, argv)
+        return 0
+    if args.visible_fractions:
+        rows = visible_fractions(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "visible_fractions.json").write_text(json.dumps(rows, indent=2))
         return 0
     if not args.smoke and not torch.cuda.is_available():
         print("bench_offload.py needs a CUDA GPU (use --smoke for the CPU code path)", file=sys.stderr)

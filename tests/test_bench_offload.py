@@ -44,3 +44,20 @@ def test_bench_offload_smoke(tmp_path):
     assert summary["images_per_s_ratio"] > 0
     assert (out / "offload_memory_vs_count.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "images/s offload / memory" in result.stdout.rstrip().splitlines()[-1], "the table is printed last"
+
+
+def test_visible_fractions_bound_what_offload_can_gain(tmp_path):
+    """--visible-fractions (CPU, no training): a batch draws at least what each of its cameras
+    does, a bigger city leaves more of itself out of a camera's view, and the bound follows."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--visible-fractions", "--cities", "2", "6", "--num-images", "24", "--tree-depth", "5",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    small, large = json.loads((tmp_path / "visible_fractions.json").read_text())
+    for row in (small, large):
+        assert 0.0 < row["camera_mean"] <= row["camera_max"] <= 1.0
+        assert row["camera_mean"] <= row["batch_mean"] <= row["batch_max"] <= 1.0
+        assert row["gain_bound"] == pytest.approx(1.0 / row["batch_max"])
+    assert large["camera_mean"] < small["camera_mean"], "a camera sees less of a bigger city"

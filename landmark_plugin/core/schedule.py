@@ -189,6 +189,19 @@ def content_rect(color: Float[Tensor, "H W D"], transmittance: Float[Tensor, "H 
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
+def look_points(c2w: Float[Tensor, "C 3 4"], lo: Float[Tensor, " 3"], hi: Float[Tensor, " 3"]) -> Float[Tensor, "C 3"]:
+    """What each camera looks at: the middle of its optical axis' run through the box ``lo``..``hi``
+    (its centre when the axis misses the box); nerfstudio cameras look along -z."""
+    centres, forward = c2w[:, :3, 3], -c2w[:, :3, 2]
+    safe = torch.where(forward.abs() < 1e-12, torch.full_like(forward, 1e-12), forward)
+    t0, t1 = (lo - centres) / safe, (hi - centres) / safe
+    enter = torch.minimum(t0, t1).amax(dim=1).clamp_min(0.0)
+    leave = torch.maximum(t0, t1).amin(dim=1)
+    hits = leave > enter
+    middle = centres + forward * (0.5 * (enter + leave))[:, None]
+    return torch.where(hits[:, None], middle, centres)
+
+
 def locality_order(points: Float[Tensor, "N 3"], lo: Float[Tensor, " 3"], hi: Float[Tensor, " 3"], block: int,
                    generator: torch.Generator) -> List[int]:
     """A camera order in which consecutive cameras look at nearby places, covering every camera

@@ -52,7 +52,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineC
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.checkpoints import install_eval_checkpoint_filter
-from landmark_plugin.core.schedule import image_owner, interleave_owners, locality_order, owned_images
+from landmark_plugin.core.schedule import image_owner, interleave_owners, locality_order, look_points, owned_images
 from landmark_plugin.distributed.checkpoint import rank_state_of_shards, shard_for_rank, shards_of_pointer, tree_of_state
 from landmark_plugin.distributed.collectives import (
     all_gather_rows,
@@ -207,20 +207,11 @@ class DistributedRetinaPipeline(VanillaPipeline):
         return self._queue[:size]
 
     def _look_points(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What each training camera looks at -- the middle of its optical axis' run through the
-        kd-tree's box (its centre when the axis misses the box) -- and the box: the same on every
-        rank (poses and tree only)."""
+        """What each training camera looks at (``core.schedule.look_points``) in the kd-tree's box,
+        and the box: the same on every rank (poses and tree only)."""
         c2w = self.datamanager.train_dataset.cameras.camera_to_worlds.detach().cpu().double()
-        centres, forward = c2w[:, :3, 3], -c2w[:, :3, 2]  # nerfstudio cameras look along -z
         box = self.model.tree.bounds.detach().cpu().double()
-        lo, hi = box[0], box[1]
-        safe = torch.where(forward.abs() < 1e-12, torch.full_like(forward, 1e-12), forward)
-        t0, t1 = (lo - centres) / safe, (hi - centres) / safe
-        enter = torch.minimum(t0, t1).amax(dim=1).clamp_min(0.0)
-        leave = torch.maximum(t0, t1).amin(dim=1)
-        hits = leave > enter
-        middle = centres + forward * (0.5 * (enter + leave))[:, None]
-        return torch.where(hits[:, None], middle, centres), lo, hi
+        return look_points(c2w, box[0], box[1]), box[0], box[1]
 
     def resume_state(self) -> Dict:
         """The camera queue (``landmark_plugin.resume`` saves it, so a resumed run takes the
