@@ -34,6 +34,8 @@ VARIANTS = {
     "landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"}),
     # unbounded real captures: the box in the middle of a contracted grid, rays to the far plane
     "landmark-grid-unbounded": ("landmark-grid", {"field.contraction": "linf"}),
+    # renders (eval PSNR and frames/s) with the colour decoder in bfloat16; training as landmark-grid
+    "landmark-grid-bf16": ("landmark-grid", {"field.render_precision": "bfloat16"}),
 }
 """Benchmarked names that are a registered method with model overrides: (method, overrides)."""
 REAL_SCENES = {

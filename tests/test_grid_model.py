@@ -276,3 +276,18 @@ def test_a_few_steps_on_the_tiny_city_lower_the_loss(tiny_city):
     assert max(pipeline.model.field.density.cells()) == 2 * 12  # the grid grew once
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, losses
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_render_precision_changes_eval_colour_only_slightly_and_never_training(precision):
+    reference, reduced = _field(), _field(render_precision=precision)
+    samples = _samples(_points(256))
+    reference.eval(), reduced.eval()
+    with torch.no_grad():
+        want, got = _outputs(reference, samples), _outputs(reduced, samples)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:, :1], want[:, :1], atol=0, rtol=0)  # density: float32 either way
+    colour = (got[:, 1:] - want[:, 1:]).abs()
+    assert 0 < float(colour.max()) < 2e-2, f"{precision} decoder: colour error {float(colour.max()):.3g}"
+    reference.train(), reduced.train()
+    torch.testing.assert_close(_outputs(reduced, samples), _outputs(reference, samples), atol=0, rtol=0)

@@ -203,6 +203,10 @@ class MultiBranchGridFieldConfig(GridDensityFieldConfig):
     """Decoder MLP layers."""
     mlp_layer_width: int = 128
     """Decoder MLP width."""
+    render_precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the colour decoder (basis, encodings, MLP) in renders outside training (eval,
+    ns-render, the viewer), through torch.autocast: bfloat16 / float16 trade colour precision for
+    speed.  Density stays float32 (it decides which samples count) and training is unaffected."""
 
 
 class MultiBranchGridField(GridDensityField):
@@ -286,13 +290,22 @@ class MultiBranchGridField(GridDensityField):
         density = super()._decode(density_sum, None, keep, None)
         if appearance is None:
             return density
+        precision = self.config.render_precision
+        if self.training or precision == "float32":
+            rgb = self._decode_rgb(appearance, context)
+        else:
+            with torch.autocast(device_type=appearance.device.type, dtype=getattr(torch, precision)):
+                rgb = self._decode_rgb(appearance, context)
+        return torch.cat([density, rgb.to(density)], dim=-1)
+
+    def _decode_rgb(self, appearance: Tensor, context: Tuple) -> Tensor:
+        """[n, 3] colour from the appearance features, view directions and appearance codes."""
         directions, code = context
         features = self.basis(appearance)
         decoder_in = [self.feature_encoding(features), self.direction_encoding(directions)]
         if code is not None:
             decoder_in.append(code.to(features))
-        rgb = self.decoder(torch.cat(decoder_in, dim=-1))
-        return torch.cat([density, rgb.to(density)], dim=-1)
+        return self.decoder(torch.cat(decoder_in, dim=-1))
 
     def forward(self, ray_samples: RaySamples, compute_normals: bool = False) -> Dict[FieldHeadNames, Tensor]:
         """Density and colour in one pass (one join of the ranks' results under model parallelism)."""
