@@ -32,10 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
 VARIANTS = {
     "landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"}),
-    # the box in the middle of a contracted grid, rays to the far plane (auto's choice on real
-    # captures), and the box alone (auto's choice on the city and lego)
+    # unbounded real captures: the box in the middle of a contracted grid, rays to the far plane
     "landmark-grid-unbounded": ("landmark-grid", {"field.contraction": "linf"}),
-    "landmark-grid-bounded": ("landmark-grid", {"field.contraction": "none"}),
     # renders (eval PSNR and frames/s) with the colour decoder in bfloat16; training as landmark-grid
     "landmark-grid-bf16": ("landmark-grid", {"field.render_precision": "bfloat16"}),
 }

@@ -94,30 +94,3 @@ def test_contracted_rays_run_to_the_far_plane_and_train():
 def test_occupancy_refuses_a_contracted_field():
     with pytest.raises(ConfigError, match="contraction none"):
         _model("linf", sampler="occupancy")
-
-
-def test_auto_contracts_real_captures_only():
-    """auto: linf when the datamanager says the scene is not bounded by construction (a real
-    capture), none for the city / blender / MatrixCity, without the metadata, and with occupancy."""
-    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
-    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
-
-    from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
-    from landmark_plugin.grid.datamanager import BOUNDED_KEY, bounded_by_construction
-
-    assert bounded_by_construction(BlenderDataParserConfig()) and bounded_by_construction(SyntheticCityDataParserConfig())
-    assert not bounded_by_construction(ColmapDataParserConfig())
-
-    def resolved(metadata, sampler="proposal"):
-        config = LandmarkGridModelConfig(
-            field=MultiBranchGridFieldConfig(blocks=(1, 1), cells=4, density_components=2, appearance_components=2),
-            proposal_cells=(2, 4), num_proposal_samples_per_ray=(8, 8), num_nerf_samples_per_ray=4, sampler=sampler,  # type: ignore[arg-type]
-        )
-        model = config.setup(scene_box=SceneBox(aabb=AABB.clone()), num_train_data=2, metadata=metadata)
-        assert model.config.field.contraction == "auto", "the config keeps auto (a reload resolves it again)"
-        return model.field.config.contraction, type(model.collider)
-
-    assert resolved({BOUNDED_KEY: False}) == ("linf", NearFarCollider)
-    assert resolved({BOUNDED_KEY: True}) == ("none", AABBBoxCollider)
-    assert resolved({}) == ("none", AABBBoxCollider)
-    assert resolved({BOUNDED_KEY: False}, sampler="occupancy")[0] == "none"

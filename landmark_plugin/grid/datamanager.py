@@ -64,22 +64,6 @@ def scene_bounds(
     return torch.stack([low - pad, high + pad])
 
 
-BOUNDED_KEY = "landmark_grid_bounded_scene"
-"""Training-dataset metadata: whether the scene is bounded by construction (field.contraction auto)."""
-
-
-def bounded_by_construction(dataparser) -> bool:
-    """Scenes whose content lies in the box by construction: blender objects (a flat background),
-    the synthetic city and MatrixCity (their box holds the city; the sky is the background colour).
-    Real captures (COLMAP, nerfstudio-data, ...) see whatever lies beyond the box."""
-    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
-
-    from landmark_plugin.data.matrixcity import MatrixCityDataParserConfig
-    from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
-
-    return isinstance(dataparser, (BlenderDataParserConfig, SyntheticCityDataParserConfig, MatrixCityDataParserConfig))
-
-
 @dataclass
 class LandmarkGridDataManagerConfig(VanillaDataManagerConfig):
     """VanillaDataManager whose scene box is derived from the data (see ``scene_bounds``)."""
@@ -113,8 +97,6 @@ class LandmarkGridDataManager(CheckedInput, VanillaDataManager[CheckedDataset]):
         **kwargs,
     ):
         super().__init__(config, device, test_mode, world_size, local_rank, **kwargs)
-        # what --pipeline.model.field.contraction auto reads (the model gets this metadata)
-        self.train_dataset.metadata[BOUNDED_KEY] = bounded_by_construction(config.dataparser)
         aabb = self.grid_aabb()
         box = SceneBox(aabb=aabb)
         # the pipeline hands train_dataset.scene_box to the model; keep every copy the same

@@ -51,14 +51,12 @@ class GridDensityFieldConfig(InstantiateConfig):
     """Density components per factor and level."""
     shared_line: bool = False
     """One line shared by all blocks (continuous features across seams) instead of one per block."""
-    contraction: Literal["auto", "none", "linf"] = "auto"
+    contraction: Literal["none", "linf"] = "none"
     """none: the blocks tile the scene box and space outside it is empty (rays are clipped to the
     box).  linf: unbounded scenes (real captures with backgrounds beyond the box): mip-NeRF 360's
     contraction in the L-inf norm, as nerfacto's, with the box as the unit cube -- the box fills
     the middle half of the grid along every axis and all space outside it the rest, and rays run
-    from the model's near_plane to its far_plane.  auto (landmark-grid resolves it): linf for real
-    captures (COLMAP, nerfstudio-data), none for scenes bounded by construction (blender, the
-    synthetic city, MatrixCity) and with the occupancy sampler; a field alone reads auto as none."""
+    from the model's near_plane to its far_plane."""
     init_scale: float = 0.1
     """Std of the initial plane and line values."""
     density_bias: float = -1.0

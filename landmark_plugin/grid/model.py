@@ -31,8 +31,6 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFar
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.models.nerfacto import NerfactoModel
 
-from nerfstudio.utils.rich_utils import CONSOLE
-
 from landmark_plugin.errors import ConfigError
 from landmark_plugin.grid.field import GridDensityFieldConfig, MultiBranchGridField, MultiBranchGridFieldConfig
 from landmark_plugin.grid.layout import GridEditLayout
@@ -173,10 +171,8 @@ class LandmarkGridModel(NerfactoModel):
         if plane and config.field.mode != "xy-z":
             raise ConfigError("--pipeline.model.parallel plane cuts the x-y plane into sub-planes: it needs "
                              "--pipeline.model.field.mode xy-z")
-        contraction = self._contraction()
         # plane parallelism shares one z line over all blocks (every rank holds a copy)
-        field_config = dataclasses.replace(config.field, shared_line=config.field.shared_line or plane,
-                                           contraction=contraction)
+        field_config = dataclasses.replace(config.field, shared_line=True) if plane else config.field
         self.field = field_config.setup(aabb=aabb, num_images=self.num_train_data)
         self.proposal_networks = torch.nn.ModuleList(
             GridDensityFieldConfig(
@@ -187,7 +183,7 @@ class LandmarkGridModel(NerfactoModel):
                 density_bias=config.field.density_bias,
                 feature_backend=config.field.feature_backend,
                 shared_line=plane,
-                contraction=contraction,
+                contraction=config.field.contraction,
             ).setup(aabb=aabb)
             for cells in config.proposal_cells
         )
@@ -205,7 +201,7 @@ class LandmarkGridModel(NerfactoModel):
 
         # a bounded box: uniform initial samples between the box entry and exit points; unbounded
         # (contracted): nerfacto's, uniform up to distance 1 and in disparity beyond
-        unbounded = contraction != "none"
+        unbounded = config.field.contraction != "none"
         initial = UniformLinDispPiecewiseSampler if unbounded else UniformSampler
         self.proposal_sampler = ProposalNetworkSampler(
             num_nerf_samples_per_ray=config.num_nerf_samples_per_ray,
@@ -238,25 +234,10 @@ class LandmarkGridModel(NerfactoModel):
         self.lpips = LazyLPIPS()
         self.layout = LayoutControls(self)  # viewer folders: partition, edits, appearance
 
-    def _contraction(self) -> str:
-        """--pipeline.model.field.contraction, with auto resolved from the data (datamanager
-        metadata; none without it) and the sampler (the occupancy march needs the box)."""
-        choice = self.config.field.contraction
-        if choice != "auto":
-            return choice
-        from landmark_plugin.grid.datamanager import BOUNDED_KEY
-
-        bounded = (self.kwargs.get("metadata") or {}).get(BOUNDED_KEY, True)
-        if bounded or self.config.sampler == "occupancy":
-            return "none"
-        CONSOLE.print("landmark-grid: field.contraction auto -> linf (a real capture: the background beyond the box "
-                      "is modelled in the contracted grid; --pipeline.model.field.contraction none keeps the box)")
-        return "linf"
-
     def _make_occupancy(self) -> GridOccupancy:
         config = self.config
         occupancy = config.occupancy
-        if not config.enable_collider or self.field.config.contraction != "none":
+        if not config.enable_collider or config.field.contraction != "none":
             raise ConfigError("--pipeline.model.sampler occupancy marches from the box entry to its exit: it needs "
                               "--pipeline.model.enable-collider True and --pipeline.model.field.contraction none")
         if min(occupancy.cells, occupancy.march_samples, occupancy.update_every) < 1:
