@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("nerfacto", "landmark-grid")
 VARIANTS = {
     "landmark-grid-occupancy": ("landmark-grid", {"sampler": "occupancy"}),
-    # unbounded real captures: the box in the middle of a contracted grid, rays to the far plane
+    # the box in the middle of a contracted grid, rays to the far plane (the real scenes' recipe),
+    # and the box alone
     "landmark-grid-unbounded": ("landmark-grid", {"field.contraction": "linf"}),
+    "landmark-grid-bounded": ("landmark-grid", {"field.contraction": "none"}),
     # renders (eval PSNR and frames/s) with the colour decoder in bfloat16; training as landmark-grid
     "landmark-grid-bf16": ("landmark-grid", {"field.render_precision": "bfloat16"}),
 }
@@ -44,9 +46,10 @@ REAL_SCENES = {
 }
 """Real COLMAP captures: scene -> (folder under --data-root, downscale factor, i.e. the images_<N>
 folder read next to sparse/0, description).  Every 8th image (name order) is held out."""
-REAL_SCENE_GRID = {"field.mode": "vm", "field.blocks": (1, 1)}
+REAL_SCENE_GRID = {"field.mode": "vm", "field.blocks": (1, 1), "field.contraction": "linf"}
 """landmark-grid on the real captures (an object on a desk or floor): one block of TensoRF's three
-plane x line pairs, as on lego; the x-y blocks and xy-z factorisation are for city-scale ground."""
+plane x line pairs, as on lego (the x-y blocks and xy-z factorisation are for city-scale ground),
+and the room beyond the box in a contracted grid (``landmark-grid-bounded``: the box alone)."""
 
 
 def real_scene_parser(scene: str, data_root: Path):

@@ -47,7 +47,8 @@ def test_real_scene_parser_holds_out_every_eighth_image(scene, tmp_path):
     parser, description, overrides = bench.scene_setup(scene, tmp_path, root, None, smoke=False)
     assert (parser.colmap_path, parser.eval_mode, parser.eval_interval) == (Path("sparse/0"), "interval", 8)
     assert parser.load_3D_points  # landmark-grid's box comes from these points
-    assert overrides == {"landmark-grid": {"field.mode": "vm", "field.blocks": (1, 1)}}  # nothing for nerfacto
+    # nothing for nerfacto; landmark-grid: one vm block, the background in a contracted grid
+    assert overrides == {"landmark-grid": {"field.mode": "vm", "field.blocks": (1, 1), "field.contraction": "linf"}}
     n_train, n_eval, width, height, folder = SPLITS[scene]
     outputs = parser.setup()
     train, held_out = outputs.get_dataparser_outputs("train"), outputs.get_dataparser_outputs("val")
@@ -89,7 +90,7 @@ def test_real_scene_keeps_each_methods_recipe(method, tmp_path):
     registered = copy.deepcopy(all_methods[method].pipeline.model)
     registered.camera_optimizer.mode = "off"
     if method == "landmark-grid":
-        registered.field.mode, registered.field.blocks = "vm", (1, 1)
+        registered.field.mode, registered.field.blocks, registered.field.contraction = "vm", (1, 1), "linf"
     else:
         assert not model.disable_scene_contraction and model.background_color == "last_sample"
     assert model == registered
