@@ -12,6 +12,7 @@ benchmarks measure with, the linear fit of peak memory against a count, and its 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -172,6 +173,19 @@ class PhaseDriver:
 
     def say(self, message: str) -> None:
         say("driver", self.start, message)
+
+    def write_report(self, name: str, summary: dict, plot: Callable[[Path], None], png: str, **extra: Any) -> None:
+        """``out/<name>.json`` (settings, date, seconds, summary, ``extra``, phases), then the plot
+        ``out/<png>`` (a failed plot is said, not raised: the numbers matter more than the picture)."""
+        args = self.args
+        report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "date": datetime.date.today().isoformat(), "seconds": round(time.time() - self.start, 1),
+                  **extra, "summary": summary, "phases": self.phases}
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+        try:
+            plot(args.out / png)
+        except Exception as error:  # noqa: BLE001
+            self.say(f"plot failed: {error}")
 
     def skip(self, tag: str, reason: str) -> dict:
         self.say(f"skip {tag}: {reason}")

@@ -44,16 +44,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def scene_dataparser(scene: str, data_root: Path, work: Path):
     """(dataparser config, description) for a named scene."""
-    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 
     from landmark_plugin.data.city import CityConfig
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
 
-    if scene == "cup":
-        path = data_root / "cup_colmap"
-        if not path.exists():
-            raise SystemExit(f"{path} is missing: pass --data-root pointing at the shared data folder")
-        return ColmapDataParserConfig(data=path, colmap_path=Path("sparse/0"), downscale_factor=4, eval_mode="interval", eval_interval=8), "cup_colmap images_4 (200x150)"
+    if scene == "cup":  # bench_grid's definition of the real captures (folder, images_<N>, held-out split)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_grid import real_scene_parser
+
+        try:
+            return real_scene_parser("cup", data_root)
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from error
     if scene == "lego":
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
@@ -749,15 +748,8 @@ class Driver(PhaseDriver):
             else:
                 self.skip(self.verify_tag(w), "no memory curve to extrapolate")
         summary = self.summary(curves)
-        report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "date": datetime.date.today().isoformat(), "seconds": round(time.time() - self.start, 1),
-                  "targets": TARGETS, "summary": summary, "curves": {str(w): c for w, c in curves.items()},
-                  "phases": self.phases}
-        (args.out / "bench_grid_scale.json").write_text(json.dumps(report, indent=2, default=str))
-        try:
-            self.plot(curves, args.out / "memory_vs_grid.png")
-        except Exception as error:  # noqa: BLE001 - the numbers matter more than the picture
-            self.say(f"plot failed: {error}")
+        self.write_report("bench_grid_scale", summary, lambda path: self.plot(curves, path), "memory_vs_grid.png",
+                          targets=TARGETS, curves={str(w): c for w, c in curves.items()})
         self.say(f"wrote {args.out / 'bench_grid_scale.json'} and memory_vs_grid.png")
         print(self.table(summary), flush=True)
         return 0

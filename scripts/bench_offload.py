@@ -39,11 +39,10 @@ the largest batch fraction.
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -76,7 +75,7 @@ def parse(argv=None):
                    help="CPU only: per camera and batch, the fraction of rows offload would stage (see above)")
     p.add_argument("--cities", type=int, nargs="+", default=[4, 8, 12],
                    help="with --visible-fractions: city sizes (blocks along x and y) to measure")
-    p.add_argument("--mode", choices=MODES, default="memory", help=argparse_suppress())
+    p.add_argument("--mode", choices=MODES, default="memory", help=argparse.SUPPRESS)
     # Offload gains only where a batch draws a fraction of the leaves: the cameras of a 4 x 4-block
     # city see nearly all of it (aerial views span ~2.5 blocks, street views look down whole
     # streets), so the city is larger and the leaves finer (BENCHMARKS.md: visible fractions).
@@ -89,12 +88,6 @@ def parse(argv=None):
     if args.gpu_cap_gb > 0 and not args.smoke:
         args.capacity_mb = args.gpu_cap_gb * 1024
     return args
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 class OffloadBench(brd.Bench):
@@ -161,8 +154,7 @@ def visible_fractions(args) -> List[Dict[str, Any]]:
 
     rows = []
     for blocks in args.cities:
-        args_one = copy_args(args, blocks=blocks)
-        config = brd.city_config(args_one)
+        config = brd.city_config(argparse.Namespace(**{**vars(args), "blocks": blocks}))
         layout = make_layout(config)
         cameras = make_cameras(config, layout)
         xyz, _ = surface_samples(layout, 200_000, seed=1)
@@ -191,12 +183,6 @@ def visible_fractions(args) -> List[Dict[str, Any]]:
               f"mean {r['camera_mean']:.3f} max {r['camera_max']:.3f}; a batch of {args.batch}: mean {r['batch_mean']:.3f} "
               f"max {r['batch_max']:.3f} -> largest count at most {r['gain_bound']:.2f}x in-memory", flush=True)
     return rows
-
-
-def copy_args(args, **changes):
-    import argparse
-
-    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def phase_entry(comm, argv: List[str]) -> None:
@@ -297,14 +283,7 @@ class Driver(PhaseDriver):
             for mode in args.modes:
                 self.run("train", 1, ["--mode", mode], tag=f"train-{mode}")
         summary = self.summary()
-        report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "date": datetime.date.today().isoformat(), "seconds": round(time.time() - self.start, 1),
-                  "summary": summary, "phases": self.phases}
-        (args.out / "bench_offload.json").write_text(json.dumps(report, indent=2, default=str))
-        try:
-            self.plot(args.out / "offload_memory_vs_count.png")
-        except Exception as error:  # the numbers matter more than the picture
-            self.say(f"plot failed: {error}")
+        self.write_report("bench_offload", summary, self.plot, "offload_memory_vs_count.png")
         print(self.table(summary), flush=True)
         return 0
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import math
@@ -596,14 +595,8 @@ class Driver(PhaseDriver):
             else:
                 self.phases[f"verify-w{w}"] = {"status": "skipped", "reason": "no memory curve to extrapolate"}
         summary = self.summary(curves)
-        report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "date": datetime.date.today().isoformat(), "seconds": round(time.time() - self.start, 1),
-                  "summary": summary, "curves": {str(w): c for w, c in curves.items()}, "phases": self.phases}
-        (args.out / "bench_retina_dist.json").write_text(json.dumps(report, indent=2, default=str))
-        try:
-            self.plot(curves, args.out / "memory_vs_count.png")
-        except Exception as error:  # the numbers matter more than the picture
-            self.say(f"plot failed: {error}")
+        self.write_report("bench_retina_dist", summary, lambda path: self.plot(curves, path), "memory_vs_count.png",
+                          curves={str(w): c for w, c in curves.items()})
         self.say(f"wrote {args.out / 'bench_retina_dist.json'} and memory_vs_count.png")
         print(self.table(summary), flush=True)
         return 0

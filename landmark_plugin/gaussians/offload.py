@@ -100,7 +100,7 @@ class OffloadStore:
         """Queue the host rows ``index`` to take ``rows`` (on the model's device): on CUDA copied
         into pinned memory on the copy stream; ``_flush`` writes them into the store."""
         if rows.device.type != "cuda":
-            self._pending.append((index, rows.clone(), None))  # the same bookkeeping on the CPU
+            self._pending.append((index, rows, None))  # the same bookkeeping on the CPU (rows: an indexed copy)
             return
         buffer = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         stream = self._copy_stream(rows.device)
