@@ -56,16 +56,20 @@ def check_tree_fits_points(depth: int, num_points: int) -> None:
 def check_offload(model: Any) -> None:
     """retina-gs's ``offload host`` keeps streamed training exact only with visible Adam and the
     default strategy."""
-    if getattr(model, "offload", "none") != "host":
+    offload = getattr(model, "offload", "none")
+    if offload not in ("host", "stream"):
         return
     if not model.visible_adam:
         raise ConfigError(
-            "--pipeline.model.offload host needs --pipeline.model.visible-adam True: a Gaussian left "
+            f"--pipeline.model.offload {offload} needs --pipeline.model.visible-adam True: a Gaussian left "
             "in host memory cannot take Adam's momentum step that standard Adam gives every Gaussian"
         )
     if model.strategy.kind != "default":
-        raise ConfigError("--pipeline.model.offload host works with the default strategy only (MCMC moves every "
-                          "Gaussian at every step)")
+        raise ConfigError(f"--pipeline.model.offload {offload} works with the default strategy only (MCMC moves "
+                          "every Gaussian at every step)")
+    if offload == "stream" and getattr(model, "mode", "plain") == "clip":
+        raise ConfigError("--pipeline.model.offload stream renders in plain mode: add --pipeline.model.mode plain "
+                          "(clip mode draws copies of other subtrees' Gaussians in a subtree's render)")
 
 
 def check_before_start(config: Any, world_size: int) -> None:

@@ -271,8 +271,9 @@ class DistributedRetinaPipeline(VanillaPipeline):
         single-process model steps every Gaussian), and replicated parameters' gradients are
         summed over ranks (each owner only saw its own cameras).
         """
+        streamed = self.model.step_streamed_()  # offload stream: the Gaussians are stepped already
         for param in self.model.gauss_params.values():
-            if param.grad is None:
+            if param.grad is None and not streamed:
                 param.grad = torch.zeros_like(param)
         names = set(self.model.gauss_params.keys()) | {"bilateral_grid"}  # the grids: sync_grid_gradients_
         groups = self.get_param_groups()

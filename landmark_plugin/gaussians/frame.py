@@ -57,6 +57,7 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
+from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
 from landmark_plugin.gaussians.mcmc import regularisation
@@ -126,6 +127,16 @@ class RetinaFrame:
         if self._leaf_part_device.device != torch.device(device):
             self._leaf_part_device = self.leaf_part.to(device)
         return self._leaf_part_device
+
+    def stream(self):
+        """The ``LeafStream`` of ``offload stream`` while the store streams this rank's Gaussians
+        (``gaussians/stream.py``), else None."""
+        store = self.model.offload_store
+        if store is None or store.stream is None or not store.staged:
+            return None
+        if self.clip:
+            raise ConfigError("--pipeline.model.offload stream renders in plain mode: add --pipeline.model.mode plain")
+        return store.stream
 
     def render_set(self) -> Tuple[Gaussians, Tensor]:
         """The activated Gaussians this rank renders and [N] their leaves.
@@ -203,8 +214,11 @@ class RetinaFrame:
     @torch.no_grad()
     def visibility(self, cameras: Cameras) -> Bool[Tensor, "P S"]:
         """Which part draws something for which camera (collective)."""
-        g, leaf_ids = self.render_set()
         views = [self.view(cameras[p : p + 1]) for p in range(len(cameras))]
+        stream = self.stream()
+        if stream is not None:
+            return all_reduce_ints(self.comm, stream.visibility(views), "visibility") > 0
+        g, leaf_ids = self.render_set()
         if self.clip:
             return parts_reached(self, g, views)
         visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
@@ -269,14 +283,20 @@ class RetinaFrame:
         """Every visible own part of every camera, cropped when it travels; rectangles in a
         [B, S, 4] table."""
         model = self.model
-        g, leaf_ids = self.render_set()
-        n = g.means.shape[0]
         model._note_backend(self.backend)
         clip, backend = self.clip, self.backend
+        stream = self.stream()
         record = StepRecord(
             num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views],
-            training=model.training and torch.is_grad_enabled(),
+            training=model.training and torch.is_grad_enabled() and stream is None,
         )
+        if stream is not None:  # offload stream: the parts' partials come group by group
+            streamed = stream.render_parts(views, visible, with_depth, model.training and torch.is_grad_enabled())
+            g, leaf_ids = model.activated_gaussians(), model.leaf_ids
+        else:
+            streamed = None
+            g, leaf_ids = self.render_set()
+        n = g.means.shape[0]
         drawn = g
         if clip and not self.comm.is_single:
             record.shared = share_rows(self, g, views, anchor)
@@ -287,9 +307,13 @@ class RetinaFrame:
         absgrad = model.strategy.absgrad and backend == "gsplat"
         for b, v in enumerate(views):
             for s, index in self.local_part_index(leaf_ids).items():
-                if not bool(visible[b, s]) or (index.numel() == 0 and drawn is g):
+                if streamed is not None:
+                    partial = streamed.get((b, s))
+                    if partial is None:
+                        continue
+                elif not bool(visible[b, s]) or (index.numel() == 0 and drawn is g):
                     continue
-                if clip:
+                elif clip:
                     mask = None if len(self.parts) == 1 else self.leaf_part_on(g.means.device) == s
                     partial = render_partial_clipped(
                         drawn, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height,
@@ -306,7 +330,8 @@ class RetinaFrame:
                         num_leaf_positions=2**model.config.tree_depth,
                     )
                     rows = index
-                note_render(record, self.model, partial, rows, b, n)
+                if streamed is None:
+                    note_render(record, self.model, partial, rows, b, n)
                 packed = torch.cat([partial.color, partial.transmittance], dim=-1)  # [H, W, D + 1]
                 if int(owners[b]) == self.comm.rank:  # stays here: no crop, no device sync
                     rects[b, s] = torch.tensor([0, 0, v.width, v.height])

@@ -82,13 +82,19 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     correction kept): a Gaussian no camera of the batch drew keeps its parameters and Adam
     moments unchanged, instead of drifting on its momentum.  Needs the Gaussian groups'
     optimizer to be VisibleAdamOptimizerConfig (the retina-gs method configs' default)."""
-    offload: Literal["none", "host", "auto"] = "none"
+    offload: Literal["none", "host", "stream", "auto"] = "none"
     """host: keep this rank's Gaussians and their Adam moments in host memory and give each
     training batch only the kd-tree leaves its cameras can draw (exact: a leaf left behind holds
     no Gaussian the projection keeps); needs visible_adam and the default strategy.  Refinement
     and checkpoints work on every Gaussian in host memory; renders outside training stage each
-    camera's leaves (every Gaussian under layout edits or a crop box).  auto: host when the
-    predicted training footprint exceeds the GPU's free memory (said once), else none."""
+    camera's leaves (every Gaussian under layout edits or a crop box).  stream: as host, but the
+    GPU holds one subtree (offload_stream_depth) at a time: each frame renders group by group
+    and re-renders each group in backward (plain mode only).  auto: host when the predicted
+    training footprint exceeds the GPU's free memory (said once), else none."""
+    offload_stream_depth: int = 3
+    """With offload stream: the leaves stream in subtrees of this depth (clamped to the tree's,
+    and no larger than a rank's parts): deeper holds fewer Gaussians on the GPU and renders
+    more, smaller partials."""
     offload_budget_gb: float = 0.0
     """With offload host: GPU memory (parameters, moments and statistics of the held rows) up to
     which leaves the current batch does not need stay held, in case a later batch needs them
@@ -228,7 +234,9 @@ class RetinaGSModel(SplatfactoModel):
         return RetinaEditLayout(self)
 
     def leaf_counts(self) -> torch.Tensor:
-        return leaf_counts(self.leaf_ids, 2**self.config.tree_depth)
+        store = self.offload_store
+        leaf_ids = store.leaf_ids if store is not None and store.staged else self.leaf_ids
+        return leaf_counts(leaf_ids, 2**self.config.tree_depth)
 
     # ---- checkpoints --------------------------------------------------------------------
     def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
@@ -238,7 +246,7 @@ class RetinaGSModel(SplatfactoModel):
         if self.offload_store is not None:
             self.offload_store.reset()  # the checkpoint's Gaussians replace the host copy
         # With offload the Gaussians load into host memory; batches and renders stage what they need.
-        where = torch.device("cpu") if self.config.offload == "host" else self.device
+        where = torch.device("cpu") if self.config.offload in ("host", "stream") else self.device
         for name in list(self.gauss_params.keys()):
             shape = dict[f"gauss_params.{name}"].shape
             self.gauss_params[name] = torch.nn.Parameter(torch.zeros(shape, device=where))
@@ -333,7 +341,9 @@ class RetinaGSModel(SplatfactoModel):
     def stage_leaves(self, cameras: Cameras) -> None:
         """With offload: hold only the leaves these cameras can draw."""
         store = offload_store(self)
-        if store is not None:
+        if store is not None and store.stream is not None:
+            store.begin_stream()  # the frame streams the leaves itself
+        elif store is not None:
             store.stage(self._views(cameras))
 
     def prefetch_leaves(self, cameras: Cameras) -> None:
@@ -341,6 +351,12 @@ class RetinaGSModel(SplatfactoModel):
         store = self.offload_store
         if store is not None and store.staged:
             store.prefetch(self._views(cameras))
+
+    def step_streamed_(self) -> bool:
+        """With offload stream: each group's backward and visible Adam step
+        (``LeafStream.backward_step_``); True when the Gaussians were stepped so."""
+        store = self.offload_store
+        return store is not None and store.stream is not None and store.stream.backward_step_(self.step)
 
     def _views(self, cameras: Cameras) -> list:
         return [self.frame.view(cameras[i : i + 1]) for i in range(len(cameras))]
@@ -399,6 +415,10 @@ class RetinaGSModel(SplatfactoModel):
         if self.config.strategy.kind == "mcmc":
             if info is not None:
                 mcmc_step_(self, getattr(self, "optimizers", None), step)
+        elif staged and store.stream is not None:  # statistics gathered group by group (stream.py)
+            if refresh or self.strategy.touches_every_row(step):
+                store.materialize(on_host=True)
+                self.strategy.refine(self.gauss_params, self.optimizers, self.strategy_state, step)
         elif info is not None:
             self.info = info
             state = self.strategy_state

@@ -56,6 +56,9 @@ class OffloadStore:
         self._prefetched: Optional[tuple] = None  # (host rows, their copy on the device, copy done event)
         self._pending: list = []  # write-backs on their way: (host rows, their values, copy done event)
         self._stream = None  # CUDA: the copy stream of prefetches and write-backs
+        self._changed = False  # stream: a step changed the held rows since they were uploaded
+        self._stale = False  # stream: ... and their leaves' bounds since
+        self.stream = None  # offload stream: the frame's passes (``gaussians/stream.py``)
 
     @property
     def staged(self) -> bool:
@@ -65,6 +68,7 @@ class OffloadStore:
         """Forget the host copy (the model's rows were replaced, e.g. by loading a checkpoint)."""
         self.rows = self.layout = self.leaf_ids = self.bounds = self.index = self._prefetched = None
         self._pending = []
+        self._changed = self._stale = False
 
     # ---- moving rows ------------------------------------------------------------------------
     def _optimizers(self) -> Optional[Dict]:
@@ -163,7 +167,7 @@ class OffloadStore:
             held_leaf, held = self.leaf_ids[self.index], self._held_leaves()
             device_leaf = held_leaf.to(held_rows.device)
             self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), held)  # they moved on the device
-        needed = self._needed(views)
+        needed = self.leaves_needed(views)
         self.last_needed[needed] = self.step
         keep = needed | self._cached(held & ~needed, needed)
         upload = torch.nonzero(keep[self.leaf_ids] & ~held[self.leaf_ids]).flatten()
@@ -192,13 +196,48 @@ class OffloadStore:
         held[self.leaf_ids[self.index]] = True
         return held
 
-    def _needed(self, views) -> Tensor:
+    def leaves_needed(self, views) -> Tensor:
         """[L] leaves any of ``views`` can draw."""
+        if self._stale:
+            self._refresh_bounds()
         needed = torch.zeros(self.num_leaves, dtype=torch.bool)
         settings = self.model.frame.settings
         for v in views:
             needed |= leaves_in_view(self.bounds, v.viewmat, v.K, v.width, v.height, settings).cpu()
         return needed
+
+    # ---- offload stream: one group of leaves at a time (``gaussians/stream.py``) -------------
+    def begin_stream(self) -> None:
+        """Streaming starts from what the model holds: every row, copied to the store."""
+        if self.index is None:
+            self._capture()
+            self.index = torch.arange(self.rows.shape[0])
+
+    def hold_leaves(self, leaves: Tensor, changing: bool = False) -> None:
+        """Hold exactly the rows of ``leaves`` [L].  Rows a step changed go back to the store
+        first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped."""
+        self.begin_stream()
+        index = torch.nonzero(leaves[self.leaf_ids]).flatten()
+        if index.numel() == self.index.numel() and torch.equal(index, self.index):
+            self._changed |= changing
+            self._stale |= changing
+            return
+        if self._changed:
+            held_rows = self._held_rows()
+            if self._stale:
+                self._refresh_bounds(held_rows)
+            self._write_back_later(self.index, held_rows)
+        if self._pending and bool(self._pending_rows()[index].any()):
+            self._flush()
+        self._hold(index, self.model.device)
+        self._changed = self._stale = changing
+
+    def _refresh_bounds(self, held_rows: Optional[Tensor] = None) -> None:
+        """The held leaves' bounds from their rows as they are now (a step moved them)."""
+        held_rows = self._held_rows() if held_rows is None else held_rows
+        device_leaf = self.leaf_ids[self.index].to(held_rows.device)
+        self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), self._held_leaves())
+        self._stale = False
 
     def prefetch(self, views) -> None:
         """Start uploading the rows of the leaves the next batch's ``views`` need that the model
@@ -207,9 +246,9 @@ class OffloadStore:
         (only held rows train; a refinement drops the prefetch).  Rows whose write-back is still on
         its way are left to that ``stage``, which lands the write-back first."""
         self._prefetched = None
-        if self.index is None:
+        if self.index is None or self.stream is not None:
             return
-        wanted = (self._needed(views) & ~self._held_leaves())[self.leaf_ids]
+        wanted = (self.leaves_needed(views) & ~self._held_leaves())[self.leaf_ids]
         if self._pending:
             pending = self._pending_rows()
             self.held_back_rows.append(int((wanted & pending).sum()))
@@ -298,8 +337,12 @@ def offload_store(model) -> Optional[OffloadStore]:
     if choice == "none":
         return None
     check_offload(model.config)  # auto decided host: the same conditions as asking for it
-    model.offload_store = OffloadStore(model)
-    return model.offload_store
+    store = model.offload_store = OffloadStore(model)
+    if choice == "stream":
+        from landmark_plugin.gaussians.stream import LeafStream
+
+        store.stream = LeafStream(model.frame, store)
+    return store
 
 
 def _auto_choice(model) -> str:

@@ -1,0 +1,219 @@
+"""retina-gs streamed inside the frame (``--pipeline.model.offload stream``): a batch's Gaussians
+pass through the GPU one subtree at a time, so the GPU never holds more than one subtree's rows.
+
+``offload host`` (``gaussians/offload.py``) stages the leaves a batch can draw; a city camera
+sees most of the city, so that bounds the count by what a whole view needs.  Streaming cuts the
+batch itself: the leaves of this rank's parts are grouped into subtrees of
+``offload_stream_depth`` (contiguous in every camera's front-to-back leaf order, as parts are),
+and a training step makes three passes over the groups a batch can draw (``leaves_in_view``):
+
+1. forward, without autograd: each group renders its partial for every camera that can see it
+   (plain rule: its Gaussians sorted by leaf position, then depth), cropped to its content;
+   the crops become leaf tensors.  The part's partial is their composite in the camera's
+   order (``core.composite``): the frame goes on from there as in memory (exchange,
+   composite, loss), and backward stops at the crops;
+2. ``backward_step_`` (before the optimiser step): each group again renders its partials,
+   now with autograd, and takes the crops' gradients; its densification statistics are
+   gathered, and its rows take visible Adam's step (a group's Gaussians draw only in their
+   own partials, so their gradient is complete); the rows go back to host memory;
+3. refinement (``step_post_backward``) runs on every Gaussian in host memory as with host.
+
+The composite of a part's groups equals its one render (partials of contiguous leaf runs,
+the rule several ranks already rely on), so with visible Adam a streamed run is the
+in-memory run.  The Gaussian groups' optimisers then have no gradient left to step.
+Clip mode needs copies of other groups' Gaussians in a group's render, which this rule does
+not stream: ``offload stream`` renders in plain mode (``config_checks.check_offload``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from landmark_plugin.core.composite import composite, paste_partial
+from landmark_plugin.core.render import Partial, project, render_partial
+from landmark_plugin.core.schedule import content_rect
+from landmark_plugin.core.visible_adam import visible_adam_step_
+from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
+
+
+@dataclass
+class GroupCrop:
+    """One group's partial for one camera, cropped to where it is not empty."""
+
+    rect: Tuple[int, int, int, int]
+    color: Tensor  # [h, w, D]; a leaf tensor in training (its .grad is what backward_step_ reads)
+    trans: Tensor  # [h, w, 1]
+
+
+@dataclass
+class StreamedBatch:
+    """What the forward pass leaves for ``backward_step_``."""
+
+    views: list
+    with_depth: bool
+    cameras: Dict[int, List[int]]  # group -> the cameras the cull keeps it for
+    crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
+
+
+class LeafStream:
+    """The passes of a streamed batch over the groups of a frame's parts (see module doc)."""
+
+    def __init__(self, frame, store):
+        self.frame = frame
+        self.store = store
+        self.pending: Optional[StreamedBatch] = None
+        self.groups = self._groups()
+        self.streamed_batches = 0  # training batches stepped group by group (for the tests)
+
+    def _groups(self) -> List[Tuple[int, int, int]]:
+        """(part, first leaf, number of leaves) of every group of this rank: each part cut into
+        subtrees of ``offload_stream_depth`` (a part shallower than that is one group)."""
+        frame = self.frame
+        depth = frame.model.config.tree_depth
+        per = 2 ** (depth - min(frame.model.config.offload_stream_depth, depth))
+        groups = []
+        for s in frame.my_parts:
+            first, count = frame.parts.first_leaf[s], frame.parts.num_leaves[s]
+            size = min(per, count)
+            groups += [(s, f, size) for f in range(first, first + count, size)]
+        return groups
+
+    def _mask(self, group: int) -> Tensor:
+        _, first, count = self.groups[group]
+        mask = torch.zeros(self.store.num_leaves, dtype=torch.bool)
+        mask[first : first + count] = True
+        return mask
+
+    def _cameras(self, views, visible: Tensor) -> Dict[int, List[int]]:
+        """group -> the cameras that can see one of its leaves (and render its part)."""
+        needed = [self.store.leaves_needed([v]) for v in views]
+        out = {}
+        for i, (s, first, count) in enumerate(self.groups):
+            cams = [b for b, n in enumerate(needed) if bool(visible[b, s]) and bool(n[first : first + count].any())]
+            if cams:
+                out[i] = cams
+        return out
+
+    def _render(self, v, with_depth: bool) -> Partial:
+        """The held group's partial for view ``v`` (the frame's plain rule)."""
+        frame, model = self.frame, self.frame.model
+        g = model.activated_gaussians()
+        return render_partial(
+            g, v.positions[model.leaf_ids], v.viewmat, v.K, v.width, v.height, frame.sh_degree(), frame.settings,
+            with_depth=with_depth, backend=frame.backend, absgrad=model.strategy.absgrad and frame.backend == "gsplat",
+            num_leaf_positions=2**model.config.tree_depth,
+        )
+
+    # ---- pass 1 -----------------------------------------------------------------------------
+    def render_parts(self, views, visible: Tensor, with_depth: bool, training: bool) -> Dict[Tuple[int, int], Partial]:
+        """(camera, part) -> the part's partial, composited from its groups' crops (module doc, 1)."""
+        batch = StreamedBatch(views, with_depth, self._cameras(views, visible))
+        for i, cams in batch.cameras.items():
+            self.store.hold_leaves(self._mask(i))
+            with torch.no_grad():
+                for b in cams:
+                    p = self._render(views[b], with_depth)
+                    x0, y0, x1, y1 = content_rect(p.color, p.transmittance)
+                    if x1 <= x0:
+                        continue
+                    color, trans = p.color[y0:y1, x0:x1].clone(), p.transmittance[y0:y1, x0:x1].clone()
+                    batch.crops[(i, b)] = GroupCrop((x0, y0, x1, y1), color.requires_grad_(training), trans.requires_grad_(training))
+        self.pending = batch if training else None
+        return {key: self._composite(batch, *key) for key in self._drawn(batch, visible)}
+
+    def _drawn(self, batch: StreamedBatch, visible: Tensor) -> List[Tuple[int, int]]:
+        return [(b, s) for b in range(len(batch.views)) for s in self.frame.my_parts if bool(visible[b, s])]
+
+    def _composite(self, batch: StreamedBatch, b: int, s: int) -> Partial:
+        v = batch.views[b]
+        mine = [i for i, g in enumerate(self.groups) if g[0] == s and (i, b) in batch.crops]
+        mine.sort(key=lambda i: int(v.positions[self.groups[i][1]]))  # a subtree is contiguous in the order
+        like = self.frame.model.means
+        channels = 4 if batch.with_depth else 3
+        if not mine:
+            color = like.new_zeros(v.height, v.width, channels)
+            return Partial(color, like.new_ones(v.height, v.width, 1), like.new_zeros(1, 0, 2), like.new_zeros(1, 0))
+        pasted = [paste_partial(c.color, c.trans, c.rect, v.width, v.height) for c in (batch.crops[(i, b)] for i in mine)]
+        color, trans = composite([p[0] for p in pasted], [p[1] for p in pasted])
+        return Partial(color, trans, like.new_zeros(1, 0, 2), like.new_zeros(1, 0))
+
+    @torch.no_grad()
+    def visibility(self, views) -> Tensor:
+        """[P, S] whether this rank's part s draws something for view p (radius > 0), group by group."""
+        frame = self.frame
+        visible = torch.zeros(len(views), len(frame.parts), dtype=torch.int64)
+        everything = torch.ones(len(views), len(frame.parts), dtype=torch.bool)
+        for i, cams in self._cameras(views, everything).items():
+            self.store.hold_leaves(self._mask(i))
+            g = frame.model.activated_gaussians()
+            for b in cams:
+                v = views[b]
+                if bool((project(g, v.viewmat, v.K, v.width, v.height, frame.settings, frame.backend).radii > 0).any()):
+                    visible[b, self.groups[i][0]] = 1
+        return visible
+
+    # ---- pass 2 -----------------------------------------------------------------------------
+    def backward_step_(self, step: int) -> bool:
+        """Re-render each group with autograd, take its crops' gradients, gather its statistics
+        and step its rows (module doc, 2).  False when the last forward left nothing to step."""
+        batch, self.pending = self.pending, None
+        if batch is None:
+            return False
+        model = self.frame.model
+        views = batch.views
+        adam_step = None
+        for i, cams in batch.cameras.items():
+            # Every camera the cull keeps, also where the partial is empty: a Gaussian with a
+            # radius there counts for densification and takes visible Adam's step, as in memory.
+            self.store.hold_leaves(self._mask(i), changing=True)
+            n = model.num_points
+            record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
+                                sizes=[(v.width, v.height) for v in views], training=True)
+            outs, grads = [], []
+            with torch.enable_grad():
+                for b in cams:
+                    p = self._render(views[b], batch.with_depth)
+                    note_render(record, model, p, torch.arange(n, device=model.device), b, n)
+                    crop = batch.crops.get((i, b))
+                    if crop is not None and crop.color.grad is not None:
+                        x0, y0, x1, y1 = crop.rect
+                        outs += [p.color[y0:y1, x0:x1], p.transmittance[y0:y1, x0:x1]]
+                        grads += [crop.color.grad, crop.trans.grad]
+                if outs:
+                    torch.autograd.backward(outs, grads)
+            state = model.strategy_state
+            for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
+                if state.get(key) is None:
+                    state[key] = torch.zeros(n, dtype=dtype, device=model.device)
+            model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
+            adam_step = _visible_adam_(model, visible_rows(record, model), adam_step)
+        self.streamed_batches += 1
+        return True
+
+
+def _visible_adam_(model, visible: Tensor, step: Optional[int]) -> int:
+    """Visible Adam on the held group's Gaussian parameters, as ``VisibleAdam.step`` would take it
+    for the whole batch: one step count per batch (``step``: the count of this batch, None on its
+    first group), the gradients then dropped so that the trainer's step has none to take."""
+    optimizers = model.optimizers
+    for name, param in model.gauss_params.items():
+        if param.grad is None:  # nothing drawn: the visible rows still take their momentum step
+            param.grad = torch.zeros_like(param)
+        optimizer = optimizers[name]
+        state = optimizer.state[param]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        if step is None:
+            step = int(state["step"].item()) + 1
+        state["step"] = torch.full((), float(step), dtype=torch.float32)
+        group = optimizer.param_groups[0]
+        visible_adam_step_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], visible.to(param.device),
+                           step, group["lr"], group["betas"], group["eps"])
+        param.grad = None
+    return step
