@@ -1,8 +1,8 @@
 """scripts/bench_offload.py --smoke: issue 18's capped-memory benchmark's whole code path on CPU.
 
-Driver, scene generation, the in-memory and offload phases (visible Adam, locality order, the
-Gaussians of the offload phase made in host memory and staged by leaf), the summary, the plot
-and the table.  CPU has no memory cap to run out of: the counts only show that every probe trains.
+Driver, scene generation, the in-memory, offload and stream phases (visible Adam, locality order,
+plain mode, the Gaussians of the offload phases made in host memory, staged by leaf or streamed by
+subtree), the summary, the plot and the table.  CPU has no memory cap to run out of: the counts only show that every probe trains.
 """
 
 from __future__ import annotations
@@ -27,21 +27,25 @@ def test_bench_offload_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((out / "bench_offload.json").read_text())
-    for tag in ("gen", "train-memory", "train-offload"):
+    for tag in ("gen", "train-memory", "train-offload", "train-stream"):
         assert report["phases"][tag]["status"] == "ok", (tag, report["phases"][tag])
-    memory, offload = (report["phases"][f"train-{m}"]["result"] for m in ("memory", "offload"))
+    memory, offload, stream = (report["phases"][f"train-{m}"]["result"] for m in ("memory", "offload", "stream"))
     # every probe of both modes trained (nothing to run out of on CPU), with the same step count
     assert [p["count"] for p in memory["probes"]] == [300, 600] and [p["count"] for p in offload["probes"]] == [600, 1200]
-    for run in [memory["throughput"], offload["throughput"], *memory["probes"], *offload["probes"]]:
+    assert [p["count"] for p in stream["probes"]] == [600, 1200]
+    for run in [memory["throughput"], offload["throughput"], stream["throughput"], *memory["probes"], *offload["probes"]]:
         assert run["images"] == 2 * run["steps"] and run["images_per_s"] > 0
     # the offload phase staged its rows from a host store holding every row of the shard
     staged = offload["throughput"]
     assert 0.0 < staged["held_fraction"] <= 1.0 and staged["host_store_bytes"] > 0
     assert "held_fraction" not in memory["throughput"], "the in-memory phase has no store"
+    # the stream phase stepped its batches subtree by subtree
+    assert stream["throughput"]["stream_groups"] == 4 and stream["throughput"]["streamed_batches"] > 0
     summary = report["summary"]
     assert summary["memory"]["trained"] == 600 and summary["offload"]["trained"] == 1200
     assert summary["max_count_ratio"] == 2.0 and summary["max_count_ratio_is_lower_bound"]
-    assert summary["images_per_s_ratio"] > 0
+    assert summary["images_per_s_ratio"] > 0 and summary["stream_images_per_s_ratio"] > 0
+    assert summary["stream_max_count_ratio"] == 2.0
     assert (out / "offload_memory_vs_count.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "images/s offload / memory" in result.stdout.rstrip().splitlines()[-1], "the table is printed last"
 

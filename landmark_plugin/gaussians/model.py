@@ -83,18 +83,13 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     moments unchanged, instead of drifting on its momentum.  Needs the Gaussian groups'
     optimizer to be VisibleAdamOptimizerConfig (the retina-gs method configs' default)."""
     offload: Literal["none", "host", "stream", "auto"] = "none"
-    """host: keep this rank's Gaussians and their Adam moments in host memory and give each
-    training batch only the kd-tree leaves its cameras can draw (exact: a leaf left behind holds
-    no Gaussian the projection keeps); needs visible_adam and the default strategy.  Refinement
-    and checkpoints work on every Gaussian in host memory; renders outside training stage each
-    camera's leaves (every Gaussian under layout edits or a crop box).  stream: as host, but the
-    GPU holds one subtree (offload_stream_depth) at a time: each frame renders group by group
-    and re-renders each group in backward (plain mode only).  auto: host when the predicted
-    training footprint exceeds the GPU's free memory (said once), else none."""
+    """host: this rank's Gaussians and Adam moments live in host memory; a training batch holds
+    only the kd-tree leaves its cameras can draw (exact); needs visible_adam and the default
+    strategy.  stream: as host, but the GPU holds one subtree (offload_stream_depth) at a time,
+    each frame rendered and re-rendered in backward subtree by subtree (plain mode).  auto: host
+    when the predicted training footprint exceeds the GPU's free memory (said once)."""
     offload_stream_depth: int = 3
-    """With offload stream: the leaves stream in subtrees of this depth (clamped to the tree's,
-    and no larger than a rank's parts): deeper holds fewer Gaussians on the GPU and renders
-    more, smaller partials."""
+    """With offload stream: subtrees of this depth stream (clamped to the tree and a rank's parts)."""
     offload_budget_gb: float = 0.0
     """With offload host: GPU memory (parameters, moments and statistics of the held rows) up to
     which leaves the current batch does not need stay held, in case a later batch needs them

@@ -229,8 +229,18 @@ class OffloadStore:
             self._write_back_later(self.index, held_rows)
         if self._pending and bool(self._pending_rows()[index].any()):
             self._flush()
-        self._hold(index, self.model.device)
+        device = self.model.device
+        self._set(self._upload(index, device), self.leaf_ids[index].to(device))  # from ``send_ahead`` where it can
+        self.index = index
         self._changed = self._stale = changing
+
+    def send_ahead(self, leaves: Tensor) -> None:
+        """Start copying the rows of ``leaves`` [L] to the device (``prefetch``'s copy), for the
+        ``hold_leaves`` after the one in progress."""
+        wanted = leaves[self.leaf_ids]
+        if self._pending:
+            wanted &= ~self._pending_rows()
+        self._send(torch.nonzero(wanted).flatten())
 
     def _refresh_bounds(self, held_rows: Optional[Tensor] = None) -> None:
         """The held leaves' bounds from their rows as they are now (a step moved them)."""
@@ -253,7 +263,11 @@ class OffloadStore:
             pending = self._pending_rows()
             self.held_back_rows.append(int((wanted & pending).sum()))
             wanted &= ~pending
-        index = torch.nonzero(wanted).flatten()
+        self._send(torch.nonzero(wanted).flatten())
+
+    def _send(self, index: Tensor) -> None:
+        """Copy the host rows ``index`` to the device ahead of their use (``_upload`` takes them)."""
+        self._prefetched = None
         device = self.model.device
         if index.numel() == 0:
             return

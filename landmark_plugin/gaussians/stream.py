@@ -82,6 +82,12 @@ class LeafStream:
             groups += [(s, f, size) for f in range(first, first + count, size)]
         return groups
 
+    def _hold(self, order: List[int], k: int, changing: bool = False) -> None:
+        """Hold group ``order[k]`` and start sending ``order[k + 1]`` while it renders."""
+        self.store.hold_leaves(self._mask(order[k]), changing)
+        if k + 1 < len(order):
+            self.store.send_ahead(self._mask(order[k + 1]))
+
     def _mask(self, group: int) -> Tensor:
         _, first, count = self.groups[group]
         mask = torch.zeros(self.store.num_leaves, dtype=torch.bool)
@@ -112,8 +118,9 @@ class LeafStream:
     def render_parts(self, views, visible: Tensor, with_depth: bool, training: bool) -> Dict[Tuple[int, int], Partial]:
         """(camera, part) -> the part's partial, composited from its groups' crops (module doc, 1)."""
         batch = StreamedBatch(views, with_depth, self._cameras(views, visible))
-        for i, cams in batch.cameras.items():
-            self.store.hold_leaves(self._mask(i))
+        order = list(batch.cameras)
+        for k, (i, cams) in enumerate(batch.cameras.items()):
+            self._hold(order, k)
             with torch.no_grad():
                 for b in cams:
                     p = self._render(views[b], with_depth)
@@ -147,8 +154,10 @@ class LeafStream:
         frame = self.frame
         visible = torch.zeros(len(views), len(frame.parts), dtype=torch.int64)
         everything = torch.ones(len(views), len(frame.parts), dtype=torch.bool)
-        for i, cams in self._cameras(views, everything).items():
-            self.store.hold_leaves(self._mask(i))
+        groups = self._cameras(views, everything)
+        order = list(groups)
+        for k, (i, cams) in enumerate(groups.items()):
+            self._hold(order, k)
             g = frame.model.activated_gaussians()
             for b in cams:
                 v = views[b]
@@ -166,10 +175,13 @@ class LeafStream:
         model = self.frame.model
         views = batch.views
         adam_step = None
-        for i, cams in batch.cameras.items():
+        # Backward walks the groups in reverse: the forward's last group is still held.
+        order = list(reversed(list(batch.cameras)))
+        for k, i in enumerate(order):
+            cams = batch.cameras[i]
             # Every camera the cull keeps, also where the partial is empty: a Gaussian with a
             # radius there counts for densification and takes visible Adam's step, as in memory.
-            self.store.hold_leaves(self._mask(i), changing=True)
+            self._hold(order, k, changing=True)
             n = model.num_points
             record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
                                 sizes=[(v.width, v.height) for v in views], training=True)
