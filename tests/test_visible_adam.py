@@ -68,17 +68,19 @@ def test_unsupported_adam_options_are_refused():
         VisibleAdam([torch.nn.Parameter(torch.zeros(2))], lr=0.1, weight_decay=0.1)
 
 
-def _worker(comm, visible_adam: bool = True, offload: bool = False):
-    """Clip-mode training of the stress scene, one camera a step; per step, which of this rank's
-    Gaussians the batch saw and whether any unseen one changed (``offload``: streamed from host
-    memory by leaf, as ``--pipeline.model.offload host``)."""
+def _worker(comm, visible_adam: bool = True, offload: str = "none", mode: str = "clip"):
+    """Training of the stress scene, one camera a step; per step, which of this rank's Gaussians
+    the batch saw and whether any unseen one changed (``offload``: ``--pipeline.model.offload``,
+    host: staged from host memory by leaf; stream: subtree by subtree, stepped by
+    ``step_streamed_``, which keeps no per-batch visibility for this count)."""
     from landmark_plugin.core.schedule import Parts
     from landmark_plugin.gaussians.frame import RetinaFrame
     from landmark_plugin.gaussians.rows import owner_ranks, shard_
     from landmark_plugin.gaussians.visible_adam import bind_visibility
 
     torch.set_default_dtype(torch.float64)
-    model, cameras = stress_model(2, visible_adam=visible_adam, offload="host" if offload else "none"), stress_cameras()
+    model, cameras = stress_model(2, visible_adam=visible_adam, offload=offload), stress_cameras()
+    model.config.mode = mode
     parts = Parts.of(2, comm.world_size)
     ids = torch.nonzero(owner_ranks(model, parts) == comm.rank).flatten()
     shard_(comm, model, parts)
@@ -94,6 +96,8 @@ def _worker(comm, visible_adam: bool = True, offload: bool = False):
         _, visible, owners = frame.plan_batch(camera, 1, max_load=16)
         losses, _, _ = frame.batch_loss(camera, visible, owners, lambda b: {"image": target_image(index)})
         losses["main_loss"].backward()
+        if model.step_streamed_():
+            continue
         seen = frame.visible_rows()
         before = {n: p.detach().clone() for n, p in model.gauss_params.items()}
         moments = {n: {k: v.clone() for k, v in o.state.get(model.gauss_params[n], {}).items()} for n, o in optimizers.items()}
@@ -109,7 +113,10 @@ def _worker(comm, visible_adam: bool = True, offload: bool = False):
         seen_moved += int((changed & seen).sum())
     model.hold_every_row()
     params = {n: p.detach().clone() for n, p in model.gauss_params.items()}
-    return {"ids": ids, "params": params, "unseen": unseen, "unseen_changed": unseen_changed, "seen_moved": seen_moved}
+    store = model.offload_store
+    streamed = store.stream.streamed_batches if store is not None and store.stream is not None else 0
+    return {"ids": ids, "params": params, "unseen": unseen, "unseen_changed": unseen_changed, "seen_moved": seen_moved,
+            "streamed": streamed}
 
 
 @pytest.mark.slow
@@ -122,8 +129,19 @@ def test_visible_adam_leaves_unseen_gaussians_alone_and_two_ranks_equal_one_proc
     two = run_ranks(_worker, 2, tmp_path / "two", timeout_s=240, **FAST_START)
     assert sum(r["unseen"] for r in two) == one["unseen"] and all(r["unseen_changed"] == 0 for r in two)
     _assert_same_params(one, two, "2 ranks")
-    streamed = run_ranks(_worker, 2, tmp_path / "streamed", args=(True, True), timeout_s=240, **FAST_START)
+    streamed = run_ranks(_worker, 2, tmp_path / "streamed", args=(True, "host"), timeout_s=240, **FAST_START)
     _assert_same_params(one, streamed, "2 ranks streaming leaves from host memory")
+
+
+@pytest.mark.slow
+def test_offload_stream_on_two_ranks_equals_one_process_in_memory(tmp_path):
+    """Plain mode: 2 ranks streaming their subtrees (one leaf at a time) train as one process
+    holding every Gaussian."""
+    (one,) = run_ranks(_worker, 1, tmp_path / "one", args=(True, "none", "plain"), timeout_s=180, **FAST_START)
+    assert one["seen_moved"] > 0
+    two = run_ranks(_worker, 2, tmp_path / "two", args=(True, "stream", "plain"), timeout_s=240, **FAST_START)
+    assert all(r["streamed"] == len(CAMERA_SEQUENCE) for r in two), "every step streamed on every rank"
+    _assert_same_params(one, two, "2 ranks streaming subtrees")
 
 
 def _assert_same_params(one, ranks, what: str) -> None:
