@@ -115,54 +115,62 @@ def _run_products(factor: Float[Tensor, " E"], runs: _Runs) -> tuple[Float[Tenso
     """
     bucket = torch.ceil(torch.log2(runs.length.to(torch.float64))).long()  # length <= 2**bucket
     entry_bucket = bucket[runs.run]
-    t_before = factor.new_zeros(factor.shape[0])
-    t_total = factor.new_zeros(runs.length.shape[0])
+    # index_select / index_copy throughout: their backward is a gather or an index_add, where
+    # advanced indexing's is an accumulating index_put (serial on the CPU).
+    all_entries, all_before, all_runs, all_total = [], [], [], []
     for b in torch.unique(bucket).tolist():
         run_ids = (bucket == b).nonzero()[:, 0]
         entries = (entry_bucket == b).nonzero()[:, 0]
         local = torch.full_like(runs.length, -1)
         local[run_ids] = torch.arange(run_ids.shape[0], device=run_ids.device)
-        row, col = local[runs.run[entries]], runs.slot[entries]
-        padded = factor.new_ones(run_ids.shape[0], 2**b).index_put((row, col), factor[entries])
-        incl = torch.cumprod(padded, dim=1)
+        flat = local[runs.run[entries]] * 2**b + runs.slot[entries]
+        padded = factor.new_ones(run_ids.shape[0] * 2**b).index_copy(0, flat, factor.index_select(0, entries))
+        incl = torch.cumprod(padded.view(run_ids.shape[0], 2**b), dim=1)
         excl = torch.cat([torch.ones_like(incl[:, :1]), incl[:, :-1]], dim=1)
-        t_before = t_before.index_put((entries,), excl[row, col])
-        t_total = t_total.index_put((run_ids,), incl[:, -1])
+        all_entries.append(entries)
+        all_before.append(excl.reshape(-1).index_select(0, flat))
+        all_runs.append(run_ids)
+        all_total.append(incl[:, -1])
+    t_before = factor.new_empty(factor.shape[0]).index_copy(0, torch.cat(all_entries), torch.cat(all_before))
+    t_total = factor.new_empty(runs.length.shape[0]).index_copy(0, torch.cat(all_runs), torch.cat(all_total))
     return t_before, t_total
 
 
-@torch.no_grad()
-def _kept_by_termination(
-    alpha: Float[Tensor, " E"], pixel: Int[Tensor, " E"], min_transmittance: float
-) -> Bool[Tensor, " E"]:
-    """gsplat's early termination as a mask over entries grouped by pixel, front first.
-
-    T only falls along a pixel, so "T after the entry > min_transmittance" keeps exactly
-    the prefix before the first entry that would take T to min_transmittance or below
-    (that entry is excluded too).
-    """
-    if min_transmittance <= 0 or alpha.numel() == 0:
-        return torch.ones_like(pixel, dtype=torch.bool)
-    t_before, _ = _run_products(1.0 - alpha, _pixel_runs(pixel))
-    return t_before * (1.0 - alpha) > min_transmittance
-
-
 def _accumulate(
-    colors: Float[Tensor, "E D"],
+    colors: Float[Tensor, "N D"],
+    gaussian: Int[Tensor, " E"],
     alpha: Float[Tensor, " E"],
     pixel: Int[Tensor, " E"],
     num_pixels: int,
+    min_transmittance: float,
 ) -> tuple[Float[Tensor, "P D"], Float[Tensor, " P"]]:
     """sum_i c_i a_i T_i and the final T per pixel, T_i the exclusive product of (1 - a_j)
-    along the pixel (entries grouped by pixel, front first); differentiable."""
+    along the pixel (entries grouped by pixel, front first); differentiable.
+
+    gsplat's early termination: T only falls along a pixel, so "T after the entry >
+    min_transmittance" keeps exactly the prefix before the first entry that would take T to
+    min_transmittance or below (that entry is excluded too).  The products of the kept prefix
+    are those of the whole run, so one pass serves both: the decision (piecewise constant, no
+    gradient), the kept entries' weights, and the final T, which is the exclusive product at
+    the first excluded entry.
+    """
     premult = colors.new_zeros(num_pixels, colors.shape[1])
     trans = alpha.new_ones(num_pixels)
     if alpha.numel() == 0:
         return premult, trans
     runs = _pixel_runs(pixel)
     t_before, t_final = _run_products(1.0 - alpha, runs)
-    premult = premult.index_add(0, pixel, (alpha * t_before)[:, None] * colors)
-    return premult, trans.index_put((runs.pixel,), t_final)
+    weight = alpha * t_before
+    if min_transmittance > 0:
+        kept = (t_before * (1.0 - alpha)).detach() > min_transmittance
+        num_kept = torch.zeros_like(runs.length).index_add_(0, runs.run, kept.long())
+        ended = num_kept < runs.length
+        first_out = (torch.cumsum(runs.length, 0) - runs.length + num_kept)[ended]
+        t_final = t_final.index_copy(0, torch.nonzero(ended)[:, 0], t_before.index_select(0, first_out))
+        index = torch.nonzero(kept)[:, 0]
+        gaussian, weight, pixel = gaussian[index], weight.index_select(0, index), pixel[index]
+    premult = premult.index_add(0, pixel, weight[:, None] * colors.index_select(0, gaussian))
+    return premult, trans.index_copy(0, runs.pixel, t_final)
 
 
 def rasterize(
@@ -252,16 +260,15 @@ def _rasterize_band(
     row, xs = _ranges(rows.x_lo, rows.x_hi, rows.x_hi - rows.x_lo)
     g, ys = rows.gaussian[row], rows.y[row]
     dtype = geometry.dtype
-    alpha, valid = _alpha(geometry[g], xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
+    alpha, valid = _alpha(geometry.index_select(0, g), xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
     if pixel_mask is not None:
         with torch.no_grad():
             valid = valid & pixel_mask(g, xs, ys)
     # Candidates come in front-to-back order; a stable sort by pixel keeps it per pixel.
     pixel = (ys - y0) * w + (xs - x0)
     by_pixel = torch.sort(torch.where(valid, pixel, h * w), stable=True).indices[: int(valid.sum())]
-    alpha, pixel = alpha[by_pixel], pixel[by_pixel]
-    kept = _kept_by_termination(alpha.detach(), pixel, settings.min_transmittance)
-    premult, trans = _accumulate(colors[g[by_pixel[kept]]], alpha[kept], pixel[kept], h * w)
+    alpha, pixel = alpha.index_select(0, by_pixel), pixel[by_pixel]
+    premult, trans = _accumulate(colors, g[by_pixel], alpha, pixel, h * w, settings.min_transmittance)
     return premult.reshape(h, w, -1), trans.reshape(h, w, 1)
 
 
