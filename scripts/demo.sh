@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the bundled default scene: install, generate a small synthetic city, train
 # retina-gs, render a video with ns-render, evaluate with ns-eval, print PSNR and the paths.
-# Runs on CPU (about 8 minutes on 2 cores after install) and uses the GPU when there is one.
+# Runs on CPU (about 9 minutes on 2 cores after install) and uses the GPU when there is one.
 # Overrides: STEPS, NUM_IMAGES, WIDTH, HEIGHT, MAX_GAUSSIANS, VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$(cd "${VENV:-.venv}/bin" && pwd):$PATH"
 device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-if [ "$device" = cuda ]; then steps=${STEPS:-3000}; else steps=${STEPS:-1400}; fi
+if [ "$device" = cuda ]; then steps=${STEPS:-3000}; else steps=${STEPS:-1600}; fi
 scene=data/demo-city
 run_dir=outputs/demo-city
 echo "== synthetic city -> $scene"
