@@ -48,7 +48,10 @@ def unbroken_then_resumed(config, n: int = N, k: int = K, prepare=lambda trainer
 
 
 def full_state(trainer) -> dict:
-    """Parameters, buffers, densification statistics and Adam moments."""
+    """Parameters, buffers, densification statistics and Adam moments (with offload, of every
+    Gaussian: the model holds them all again first)."""
+    if hasattr(trainer.pipeline.model, "hold_every_row"):
+        trainer.pipeline.model.hold_every_row()
     state = model_state(trainer)
     strategy = getattr(trainer.pipeline.model, "strategy_state", {})
     state.update({f"strategy.{k}": v.clone() for k, v in strategy.items() if isinstance(v, torch.Tensor)})
@@ -82,6 +85,16 @@ def test_retina_gs_resume_is_bit_exact(micro_city, tmp_path, deterministic):
     assert trainer.pipeline.model.num_points > 400, "the refinement at step 12 should have grown Gaussians"
     # the camera queue was part of it: 13 steps are one epoch of 8 cameras and 5 of the next
     assert len(trainer.pipeline.resume_state()["queue"]) == 3
+
+
+def test_retina_gs_offload_stream_resume_is_bit_exact(micro_city, tmp_path, deterministic):
+    """With offload stream the checkpoint holds every Gaussian (host memory), and the resumed run
+    streams on from it as the unbroken run does."""
+    config = retina_config(micro_city, tmp_path / "out", RETINA_N, visible_adam=True, offload="stream", offload_stream_depth=1)
+    unbroken, resumed, trainer = unbroken_then_resumed(config, RETINA_N, RETINA_K, prepare=densify_readily)
+    assert_identical(unbroken, resumed)
+    model = trainer.pipeline.model
+    assert model.num_points > 400 and model.offload_store.stream.streamed_batches == RETINA_N
 
 
 def test_landmark_grid_resume_is_bit_exact(micro_city, tmp_path, deterministic):
