@@ -15,6 +15,9 @@ go travel back the same way: their copy to pinned memory is queued on that strea
 the store at the next ``stage`` (or before anything else reads the store), so neither direction
 waits for the GPU.
 
+With ``offload stream`` the store does not stage batches: ``gaussians/stream.py`` holds one subtree
+at a time through ``hold_leaves`` / ``send_ahead`` (the same upload, write-back and copy stream).
+
 Steps that need every Gaussian (refinement, opacity reset, ownership refresh, tree rebuild) and
 checkpoints ``materialize`` the store in host memory: the model holds every row there (gsplat's
 strategy and the row helpers are device-agnostic torch) until the next batch stages; the
