@@ -61,6 +61,7 @@ class OffloadStore:
         self._stream = None  # CUDA: the copy stream of prefetches and write-backs
         self._changed = False  # stream: a step changed the held rows since they were uploaded
         self._stale = False  # stream: ... and their leaves' bounds since
+        self._render_only = False  # stream: the held rows came without moments and statistics
         self.stream = None  # offload stream: the frame's passes (``gaussians/stream.py``)
 
     @property
@@ -71,7 +72,7 @@ class OffloadStore:
         """Forget the host copy (the model's rows were replaced, e.g. by loading a checkpoint)."""
         self.rows = self.layout = self.leaf_ids = self.bounds = self.index = self._prefetched = None
         self._pending = []
-        self._changed = self._stale = False
+        self._changed = self._stale = self._render_only = False
 
     # ---- moving rows ------------------------------------------------------------------------
     def _optimizers(self) -> Optional[Dict]:
@@ -94,9 +95,10 @@ class OffloadStore:
         return rows
 
     def _write_back(self) -> None:
-        """Every held row replaces its host copy."""
+        """Every held row replaces its host copy (rows held for rendering only are the store's)."""
         self._flush()
-        self.rows[self.index] = self._held_rows().to(self.rows.device)
+        if not self._render_only:
+            self.rows[self.index] = self._held_rows().to(self.rows.device)
 
     def _copy_stream(self, device: torch.device):
         if self._stream is None:
@@ -218,10 +220,13 @@ class OffloadStore:
 
     def hold_leaves(self, leaves: Tensor, changing: bool = False) -> None:
         """Hold exactly the rows of ``leaves`` [L].  Rows a step changed go back to the store
-        first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped."""
+        first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped.  Rows
+        held only to render travel without their moments and statistics (zeros on the device,
+        never written back): a third of the bytes with SH degree 3."""
         self.begin_stream()
         index = torch.nonzero(leaves[self.leaf_ids]).flatten()
-        if index.numel() == self.index.numel() and torch.equal(index, self.index):
+        same = index.numel() == self.index.numel() and torch.equal(index, self.index)
+        if same and not (changing and self._render_only):
             self._changed |= changing
             self._stale |= changing
             return
@@ -233,17 +238,24 @@ class OffloadStore:
         if self._pending and bool(self._pending_rows()[index].any()):
             self._flush()
         device = self.model.device
-        self._set(self._upload(index, device), self.leaf_ids[index].to(device))  # from ``send_ahead`` where it can
+        columns = None if changing else self._param_columns()
+        self._set(self._upload(index, device, columns), self.leaf_ids[index].to(device))  # from ``send_ahead`` where it can
         self.index = index
         self._changed = self._stale = changing
+        self._render_only = not changing
 
-    def send_ahead(self, leaves: Tensor) -> None:
+    def send_ahead(self, leaves: Tensor, changing: bool = False) -> None:
         """Start copying the rows of ``leaves`` [L] to the device (``prefetch``'s copy), for the
-        ``hold_leaves`` after the one in progress."""
+        ``hold_leaves(leaves, changing)`` after the one in progress."""
         wanted = leaves[self.leaf_ids]
         if self._pending:
             wanted &= ~self._pending_rows()
-        self._send(torch.nonzero(wanted).flatten())
+        self._send(torch.nonzero(wanted).flatten(), None if changing else self._param_columns())
+
+    def _param_columns(self) -> Tensor:
+        """The columns of the parameters in the store's rows (what a render reads)."""
+        spans = [s for (_, kind), s in layout_columns(self.layout).items() if kind == "param"]
+        return torch.cat([torch.arange(s.start, s.stop) for s in spans])
 
     def _refresh_bounds(self, held_rows: Optional[Tensor] = None) -> None:
         """The held leaves' bounds from their rows as they are now (a step moved them)."""
@@ -268,17 +280,26 @@ class OffloadStore:
             wanted &= ~pending
         self._send(torch.nonzero(wanted).flatten())
 
-    def _send(self, index: Tensor) -> None:
-        """Copy the host rows ``index`` to the device ahead of their use (``_upload`` takes them)."""
+    def _host_rows(self, index: Tensor, columns: Optional[Tensor]) -> Tensor:
+        rows = self.rows[index]
+        return rows if columns is None else rows[:, columns]
+
+    def _send(self, index: Tensor, columns: Optional[Tensor] = None) -> None:
+        """Copy the host rows ``index`` (their ``columns``; None: all) to the device ahead of
+        their use (``_upload`` takes them)."""
         self._prefetched = None
         device = self.model.device
         if index.numel() == 0:
             return
         if device.type != "cuda":
-            self._prefetched = (index, self.rows[index], None)
+            self._prefetched = (index, self._host_rows(index, columns), None, columns)
             return
-        buffer = torch.empty((index.numel(), self.rows.shape[1]), dtype=self.rows.dtype, pin_memory=True)
-        torch.index_select(self.rows, 0, index, out=buffer)
+        width = self.rows.shape[1] if columns is None else columns.numel()
+        buffer = torch.empty((index.numel(), width), dtype=self.rows.dtype, pin_memory=True)
+        if columns is None:
+            torch.index_select(self.rows, 0, index, out=buffer)
+        else:
+            buffer.copy_(self._host_rows(index, columns))
         stream = self._copy_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -286,27 +307,34 @@ class OffloadStore:
             done = torch.cuda.Event()
             done.record(stream)
         rows.record_stream(torch.cuda.current_stream(device))  # read on the main stream at the next stage
-        self._prefetched = (index, rows, done)
+        self._prefetched = (index, rows, done, columns)
 
-    def _upload(self, upload: Tensor, device: torch.device) -> Tensor:
+    def _upload(self, upload: Tensor, device: torch.device, columns: Optional[Tensor] = None) -> Tensor:
         """[len(upload), D] the host rows ``upload`` on ``device``: from the prefetch where it has
-        them, the rest copied now."""
+        them, the rest copied now; with ``columns`` only those are copied (the rest are zeros)."""
         pre, self._prefetched = self._prefetched, None
+        if pre is not None and (pre[3] is None) != (columns is None):
+            pre = None  # sent for the other use (a render or a step)
+        width = self.rows.shape[1] if columns is None else columns.numel()
+        out = torch.empty((upload.numel(), width), dtype=self.rows.dtype, device=device)
         if pre is None:
-            return self.rows[upload].to(device, non_blocking=True)
-        index, rows, done = pre
-        if done is not None:
-            torch.cuda.current_stream(device).wait_event(done)
-        where = torch.full((self.rows.shape[0],), -1, dtype=torch.int64)
-        where[index] = torch.arange(index.numel())
-        at = where[upload]
-        have = at >= 0
-        out = torch.empty((upload.numel(), self.rows.shape[1]), dtype=self.rows.dtype, device=device)
-        out[have.to(device)] = rows[at[have].to(rows.device)].to(device)
-        if not bool(have.all()):
-            out[(~have).to(device)] = self.rows[upload[~have]].to(device)
-        self.prefetched_rows.append(int(have.sum()))
-        return out
+            out.copy_(self._host_rows(upload, columns), non_blocking=True)
+        else:
+            index, rows, done, _ = pre
+            if done is not None:
+                torch.cuda.current_stream(device).wait_event(done)
+            where = torch.full((self.rows.shape[0],), -1, dtype=torch.int64)
+            where[index] = torch.arange(index.numel())
+            at = where[upload]
+            have = at >= 0
+            out[have.to(device)] = rows[at[have].to(rows.device)].to(device)
+            if not bool(have.all()):
+                out[(~have).to(device)] = self._host_rows(upload[~have], columns).to(device)
+            self.prefetched_rows.append(int(have.sum()))
+        if columns is None:
+            return out
+        full = torch.zeros((upload.numel(), self.rows.shape[1]), dtype=self.rows.dtype, device=device)
+        return full.index_copy_(1, columns.to(device), out)
 
     def _cached(self, candidates, needed) -> Tensor:
         """[L] leaves among ``candidates`` (held, not needed) that stay held: the most recently

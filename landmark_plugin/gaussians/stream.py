@@ -86,7 +86,7 @@ class LeafStream:
         """Hold group ``order[k]`` and start sending ``order[k + 1]`` while it renders."""
         self.store.hold_leaves(self._mask(order[k]), changing)
         if k + 1 < len(order):
-            self.store.send_ahead(self._mask(order[k + 1]))
+            self.store.send_ahead(self._mask(order[k + 1]), changing)
 
     def _mask(self, group: int) -> Tensor:
         _, first, count = self.groups[group]
