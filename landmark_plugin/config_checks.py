@@ -67,9 +67,6 @@ def check_offload(model: Any) -> None:
     if model.strategy.kind != "default":
         raise ConfigError(f"--pipeline.model.offload {offload} works with the default strategy only (MCMC moves "
                           "every Gaussian at every step)")
-    if offload == "stream" and getattr(model, "mode", "plain") == "clip":
-        raise ConfigError("--pipeline.model.offload stream renders in plain mode: add --pipeline.model.mode plain "
-                          "(clip mode draws copies of other subtrees' Gaussians in a subtree's render)")
 
 
 def check_before_start(config: Any, world_size: int) -> None:
@@ -77,6 +74,9 @@ def check_before_start(config: Any, world_size: int) -> None:
     check_world_size_fits_tree(config, world_size)
     model = config.pipeline.model
     check_offload(model)
+    if getattr(model, "offload", "none") == "stream" and getattr(model, "mode", "auto") == "clip" and world_size > 1:
+        raise ConfigError("--pipeline.model.offload stream in clip mode runs on one process: use --pipeline.model.mode "
+                          "plain on several ranks")
     if hasattr(model, "parallel") and hasattr(model, "model_parallel_size"):  # landmark-grid
         from landmark_plugin.grid.parallel import check_parallel_config
 

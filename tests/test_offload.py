@@ -111,10 +111,10 @@ def _rows(model):
 
 
 def _train(data, out, offload: str, device: str = "cpu", budget_gb: float = 0.0, order: str = "random", stream_depth: int = 3,
-           no_termination: bool = False):
+           no_termination: bool = False, mode: str = "auto"):
     steps = STEPS if device == "cpu" else 8
     config = retina_config(data, out, steps, tree_depth=DEPTH, visible_adam=True, offload=offload, offload_budget_gb=budget_gb,
-                           offload_stream_depth=stream_depth)
+                           offload_stream_depth=stream_depth, mode=mode)
     config.pipeline.camera_order = order
     config.machine.device_type = device
     trainer = setup_trainer(config)
@@ -268,8 +268,24 @@ def test_stream_equals_in_memory_with_densification(street_city, tmp_path, devic
     assert state["pipeline"]["_model.gauss_params.means"].shape[0] == memory.num_points
 
 
-def test_stream_refuses_clip_mode(street_city, tmp_path):
-    from landmark_plugin.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="mode plain"):
-        setup_trainer(retina_config(street_city, tmp_path / "x", 2, offload="stream", visible_adam=True, mode="clip"))
+def test_stream_in_clip_mode_equals_in_memory(street_city, tmp_path):
+    """Clip mode (one process): a subtree's renders also draw the copies of other subtrees'
+    Gaussians that reach its leaves (the reach pass finds them), and a Gaussian takes its step
+    once every subtree's backward has added its gradient: 20 steps with densification equal
+    the in-memory clip run, and so do eval renders."""
+    memory, _, _ = _train(street_city, tmp_path / "memory", "none", no_termination=True, mode="clip")
+    streamed, _, trainer = _train(street_city, tmp_path / "stream", "stream", stream_depth=4, no_termination=True, mode="clip")
+    assert streamed.frame.clip and streamed.offload_store.stream.streamed_batches == STEPS
+    assert memory.num_points == streamed.num_points != MICRO_CITY["num_points"]
+    diff = float((_rows(memory) - _rows(streamed)).abs().max())
+    assert diff <= 1e-5, f"clip stream vs in memory: {diff:.3g}"
+    streamed.eval()
+    store = streamed.offload_store
+    cameras = trainer.pipeline.datamanager.train_dataset.cameras
+    with torch.no_grad():
+        for i in range(len(cameras)):
+            stream, store.stream = store.stream, None
+            want = streamed.get_outputs(cameras[i : i + 1])["rgb"]
+            store.stream = stream
+            got = streamed.get_outputs(cameras[i : i + 1])["rgb"]
+            assert float((want - got).abs().max()) <= 1e-9, f"eval render of camera {i}"

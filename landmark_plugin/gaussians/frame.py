@@ -134,8 +134,9 @@ class RetinaFrame:
         store = self.model.offload_store
         if store is None or store.stream is None or not store.staged:
             return None
-        if self.clip:
-            raise ConfigError("--pipeline.model.offload stream renders in plain mode: add --pipeline.model.mode plain")
+        if self.clip and not self.comm.is_single:
+            raise ConfigError("--pipeline.model.offload stream in clip mode runs on one process (copies between ranks "
+                              "and subtrees are not streamed together): use --pipeline.model.mode plain on several ranks")
         return store.stream
 
     def render_set(self) -> Tuple[Gaussians, Tensor]:

@@ -164,14 +164,16 @@ class OffloadStore:
         were not held are uploaded, only leaves let go are written back."""
         self.step += 1
         self._flush()  # the last stage's write-backs: copied while that batch trained
-        if self.index is None:
-            self._capture()
+        if self.index is None or self._render_only:  # rows a stream held to render are the store's as they are
+            if self.index is None:
+                self._capture()
             held_rows, held = None, torch.zeros(self.num_leaves, dtype=torch.bool)
+            self._render_only = False
         else:
             held_rows = self._held_rows()
             held_leaf, held = self.leaf_ids[self.index], self._held_leaves()
             device_leaf = held_leaf.to(held_rows.device)
-            self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), held)  # they moved on the device
+            self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), self._whole(held))  # they moved
         needed = self.leaves_needed(views)
         self.last_needed[needed] = self.step
         keep = needed | self._cached(held & ~needed, needed)
@@ -218,13 +220,20 @@ class OffloadStore:
             self._capture()
             self.index = torch.arange(self.rows.shape[0])
 
-    def hold_leaves(self, leaves: Tensor, changing: bool = False) -> None:
-        """Hold exactly the rows of ``leaves`` [L].  Rows a step changed go back to the store
-        first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped.  Rows
-        held only to render travel without their moments and statistics (zeros on the device,
-        never written back): a third of the bytes with SH degree 3."""
+    def rows_of(self, leaves: Tensor) -> Tensor:
+        """[n] host rows (ascending) of the leaves marked in ``leaves`` [L]."""
         self.begin_stream()
-        index = torch.nonzero(leaves[self.leaf_ids]).flatten()
+        return torch.nonzero(leaves[self.leaf_ids]).flatten()
+
+    def hold_leaves(self, leaves: Tensor, changing: bool = False) -> None:
+        self.hold_rows(self.rows_of(leaves), changing)
+
+    def hold_rows(self, index: Tensor, changing: bool = False) -> None:
+        """Hold exactly the host rows ``index`` (ascending).  Rows a step changed go back to the
+        store first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped.
+        Rows held only to render travel without their moments and statistics (zeros on the
+        device, never written back): a third of the bytes with SH degree 3."""
+        self.begin_stream()
         same = index.numel() == self.index.numel() and torch.equal(index, self.index)
         if same and not (changing and self._render_only):
             self._changed |= changing
@@ -244,13 +253,12 @@ class OffloadStore:
         self._changed = self._stale = changing
         self._render_only = not changing
 
-    def send_ahead(self, leaves: Tensor, changing: bool = False) -> None:
-        """Start copying the rows of ``leaves`` [L] to the device (``prefetch``'s copy), for the
-        ``hold_leaves(leaves, changing)`` after the one in progress."""
-        wanted = leaves[self.leaf_ids]
+    def send_ahead(self, index: Tensor, changing: bool = False) -> None:
+        """Start copying the host rows ``index`` to the device (``prefetch``'s copy), for the
+        ``hold_rows(index, changing)`` after the one in progress."""
         if self._pending:
-            wanted &= ~self._pending_rows()
-        self._send(torch.nonzero(wanted).flatten(), None if changing else self._param_columns())
+            index = index[~self._pending_rows()[index]]
+        self._send(index, None if changing else self._param_columns())
 
     def _param_columns(self) -> Tensor:
         """The columns of the parameters in the store's rows (what a render reads)."""
@@ -261,8 +269,14 @@ class OffloadStore:
         """The held leaves' bounds from their rows as they are now (a step moved them)."""
         held_rows = self._held_rows() if held_rows is None else held_rows
         device_leaf = self.leaf_ids[self.index].to(held_rows.device)
-        self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), self._held_leaves())
+        self.bounds.update_(_cpu_bounds(self._bounds_of(held_rows, device_leaf)), self._whole(self._held_leaves()))
         self._stale = False
+
+    def _whole(self, held: Tensor) -> Tensor:
+        """[L] the leaves of ``held`` whose every row is held (a clip stream's render holds other
+        leaves' rows too: their bounds would shrink to those few)."""
+        count = torch.bincount(self.leaf_ids, minlength=self.num_leaves)
+        return held & (torch.bincount(self.leaf_ids[self.index], minlength=self.num_leaves) == count)
 
     def prefetch(self, views) -> None:
         """Start uploading the rows of the leaves the next batch's ``views`` need that the model

@@ -21,8 +21,14 @@ and a training step makes three passes over the groups a batch can draw (``leave
 The composite of a part's groups equals its one render (partials of contiguous leaf runs,
 the rule several ranks already rely on), so with visible Adam a streamed run is the
 in-memory run.  The Gaussian groups' optimisers then have no gradient left to step.
-Clip mode needs copies of other groups' Gaussians in a group's render, which this rule does
-not stream: ``offload stream`` renders in plain mode (``config_checks.check_offload``).
+
+Clip mode (one process): a group's leaves also draw copies of other groups' Gaussians.  A reach
+pass first runs the sharing rule (``reached_leaves``) group by group, so every group's renders
+hold its own rows and those reaching it (drawn with ``leaf_mask``: only copies in its leaves).
+A Gaussian's gradient is then complete only after every group's backward, so pass 2 splits:
+each group's renders backpropagate into host accumulators (parameter and screen gradients),
+then each group's own rows take their statistics and step from them.  On several ranks, copies
+would also cross ranks (``sharing.share_rows``); that is not streamed: plain mode there.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import Tensor
 
 from landmark_plugin.core.composite import composite, paste_partial
 from landmark_plugin.core.render import Partial, project, render_partial
+from landmark_plugin.core.render_clip import ClipLeaves, reached_leaves, render_partial_clipped
 from landmark_plugin.core.schedule import content_rect
 from landmark_plugin.core.visible_adam import visible_adam_step_
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
@@ -55,7 +62,9 @@ class StreamedBatch:
 
     views: list
     with_depth: bool
-    cameras: Dict[int, List[int]]  # group -> the cameras the cull keeps it for
+    cameras: Dict[int, List[int]]  # group -> the cameras it renders for
+    rows: Dict[int, Tensor]  # group -> the host rows its renders draw (clip: copies from other groups too)
+    radii: Optional[Tensor] = None  # clip: [B, N] projection radii of every host row (the reach pass)
     crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
 
 
@@ -82,11 +91,11 @@ class LeafStream:
             groups += [(s, f, size) for f in range(first, first + count, size)]
         return groups
 
-    def _hold(self, order: List[int], k: int, changing: bool = False) -> None:
-        """Hold group ``order[k]`` and start sending ``order[k + 1]`` while it renders."""
-        self.store.hold_leaves(self._mask(order[k]), changing)
-        if k + 1 < len(order):
-            self.store.send_ahead(self._mask(order[k + 1]), changing)
+    def _hold(self, rows: List[Tensor], k: int, changing: bool = False) -> None:
+        """Hold the host rows ``rows[k]`` and start sending ``rows[k + 1]`` while they render."""
+        self.store.hold_rows(rows[k], changing)
+        if k + 1 < len(rows):
+            self.store.send_ahead(rows[k + 1], changing)
 
     def _mask(self, group: int) -> Tensor:
         _, first, count = self.groups[group]
@@ -104,26 +113,39 @@ class LeafStream:
                 out[i] = cams
         return out
 
-    def _render(self, v, with_depth: bool) -> Partial:
-        """The held group's partial for view ``v`` (the frame's plain rule)."""
+    def _render(self, v, with_depth: bool, group: int) -> Partial:
+        """The held rows' partial of ``group`` for view ``v``: plain, the held rows are the group's;
+        clip, they include other groups' Gaussians that reach its leaves, and only copies in its
+        leaves are drawn (the sharing rule decides over every leaf, as in the whole render)."""
         frame, model = self.frame, self.frame.model
         g = model.activated_gaussians()
+        absgrad = model.strategy.absgrad and frame.backend == "gsplat"
+        if frame.clip:
+            return render_partial_clipped(
+                g, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height, frame.sh_degree(),
+                frame.settings, with_depth=with_depth, backend=frame.backend, absgrad=absgrad, allow_fallback=True,
+                leaf_mask=self._mask(group).to(model.device),
+            )
         return render_partial(
             g, v.positions[model.leaf_ids], v.viewmat, v.K, v.width, v.height, frame.sh_degree(), frame.settings,
-            with_depth=with_depth, backend=frame.backend, absgrad=model.strategy.absgrad and frame.backend == "gsplat",
-            num_leaf_positions=2**model.config.tree_depth,
+            with_depth=with_depth, backend=frame.backend, absgrad=absgrad, num_leaf_positions=2**model.config.tree_depth,
         )
 
     # ---- pass 1 -----------------------------------------------------------------------------
     def render_parts(self, views, visible: Tensor, with_depth: bool, training: bool) -> Dict[Tuple[int, int], Partial]:
         """(camera, part) -> the part's partial, composited from its groups' crops (module doc, 1)."""
-        batch = StreamedBatch(views, with_depth, self._cameras(views, visible))
+        cameras = self._cameras(views, visible)
+        if self.frame.clip:
+            batch = self._reach(views, visible, cameras, with_depth)
+        else:
+            batch = StreamedBatch(views, with_depth, cameras, {i: self.store.rows_of(self._mask(i)) for i in cameras})
         order = list(batch.cameras)
+        rows = [batch.rows[i] for i in order]
         for k, (i, cams) in enumerate(batch.cameras.items()):
-            self._hold(order, k)
+            self._hold(rows, k)
             with torch.no_grad():
                 for b in cams:
-                    p = self._render(views[b], with_depth)
+                    p = self._render(views[b], with_depth, i)
                     x0, y0, x1, y1 = content_rect(p.color, p.transmittance)
                     if x1 <= x0:
                         continue
@@ -149,15 +171,46 @@ class LeafStream:
         return Partial(color, trans, like.new_zeros(1, 0, 2), like.new_zeros(1, 0))
 
     @torch.no_grad()
+    def _reach(self, views, visible: Tensor, cameras: Dict[int, List[int]], with_depth: bool) -> StreamedBatch:
+        """Clip mode: which groups each culled-in group's Gaussians reach per camera (the sharing
+        rule, ``reached_leaves``), hence the rows and cameras of every group's renders, and the
+        projection radii of every row (what densification and visible Adam count)."""
+        frame, model, store = self.frame, self.frame.model, self.store
+        group_of_leaf = torch.full((store.num_leaves,), -1, dtype=torch.int64)
+        for i, (_, first, count) in enumerate(self.groups):
+            group_of_leaf[first : first + count] = i
+        total = store.rows_of(torch.ones(store.num_leaves, dtype=torch.bool)).numel()
+        radii = torch.zeros(len(views), total, dtype=torch.int32)
+        reached = {i: torch.zeros(total, dtype=torch.bool) for i in range(len(self.groups))}
+        drawn: Dict[int, set] = {}
+        order = list(cameras)
+        own = [store.rows_of(self._mask(i)) for i in order]
+        for k, j in enumerate(order):
+            self._hold(own, k)
+            g = model.activated_gaussians()
+            for b in cameras[j]:
+                v = views[b]
+                copies, r = reached_leaves(g, model.clip_boxes, v.viewmat, v.K, v.width, v.height, frame.settings, frame.backend)
+                radii[b, own[k]] = r.cpu().to(torch.int32)
+                target, rows = group_of_leaf[copies.leaf.cpu()], own[k][copies.gaussian.cpu()]
+                for i in torch.unique(target).tolist():
+                    if i >= 0 and bool(visible[b, self.groups[i][0]]):
+                        drawn.setdefault(i, set()).add(b)
+                        reached[i][rows[target == i]] = True
+        groups = sorted(drawn)
+        return StreamedBatch(views, with_depth, {i: sorted(drawn[i]) for i in groups},
+                             {i: torch.nonzero(reached[i]).flatten() for i in groups}, radii)
+
+    @torch.no_grad()
     def visibility(self, views) -> Tensor:
         """[P, S] whether this rank's part s draws something for view p (radius > 0), group by group."""
         frame = self.frame
         visible = torch.zeros(len(views), len(frame.parts), dtype=torch.int64)
         everything = torch.ones(len(views), len(frame.parts), dtype=torch.bool)
         groups = self._cameras(views, everything)
-        order = list(groups)
+        rows = [self.store.rows_of(self._mask(i)) for i in groups]
         for k, (i, cams) in enumerate(groups.items()):
-            self._hold(order, k)
+            self._hold(rows, k)
             g = frame.model.activated_gaussians()
             for b in cams:
                 v = views[b]
@@ -172,23 +225,28 @@ class LeafStream:
         batch, self.pending = self.pending, None
         if batch is None:
             return False
+        if batch.radii is not None:
+            self._backward_clip(batch, step)
+            self.streamed_batches += 1
+            return True
         model = self.frame.model
         views = batch.views
         adam_step = None
         # Backward walks the groups in reverse: the forward's last group is still held.
         order = list(reversed(list(batch.cameras)))
+        rows = [batch.rows[i] for i in order]
         for k, i in enumerate(order):
             cams = batch.cameras[i]
             # Every camera the cull keeps, also where the partial is empty: a Gaussian with a
             # radius there counts for densification and takes visible Adam's step, as in memory.
-            self._hold(order, k, changing=True)
+            self._hold(rows, k, changing=True)
             n = model.num_points
             record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
                                 sizes=[(v.width, v.height) for v in views], training=True)
             outs, grads = [], []
             with torch.enable_grad():
                 for b in cams:
-                    p = self._render(views[b], batch.with_depth)
+                    p = self._render(views[b], batch.with_depth, i)
                     note_render(record, model, p, torch.arange(n, device=model.device), b, n)
                     crop = batch.crops.get((i, b))
                     if crop is not None and crop.color.grad is not None:
@@ -205,6 +263,72 @@ class LeafStream:
             adam_step = _visible_adam_(model, visible_rows(record, model), adam_step)
         self.streamed_batches += 1
         return True
+
+
+    def _backward_clip(self, batch: StreamedBatch, step: int) -> None:
+        """Clip mode: a Gaussian also draws in the groups its copies reach, so its gradient is
+        complete only after every group rendered.  Each group's renders backpropagate into
+        host accumulators (parameter gradients, screen gradients per camera), then each group's
+        own rows take their step from them."""
+        model, store, views = self.frame.model, self.store, batch.views
+        total, num = store.rows.shape[0], len(views)
+        grads = {name: torch.zeros(total, p[0].numel(), dtype=p.dtype) for name, p in model.gauss_params.items()}
+        screen = torch.zeros(total, num, 4, dtype=model.means.dtype)
+        order = list(reversed(list(batch.cameras)))
+        rows = [batch.rows[i] for i in order]
+        for k, i in enumerate(order):
+            self._hold(rows, k)
+            held, renders, outs, wanted = store.index, [], [], []
+            with torch.enable_grad():
+                for b in batch.cameras[i]:
+                    crop = batch.crops.get((i, b))
+                    if crop is None or crop.color.grad is None:
+                        continue
+                    p = self._render(views[b], batch.with_depth, i)
+                    p.means2d.retain_grad()
+                    x0, y0, x1, y1 = crop.rect
+                    outs += [p.color[y0:y1, x0:x1], p.transmittance[y0:y1, x0:x1]]
+                    wanted += [crop.color.grad, crop.trans.grad]
+                    renders.append((p.means2d, b))
+                if outs:
+                    torch.autograd.backward(outs, wanted)
+            for name, param in model.gauss_params.items():
+                if param.grad is not None:
+                    grads[name].index_add_(0, held, param.grad.detach().reshape(held.numel(), -1).cpu())
+                param.grad = None
+            for means2d, b in renders:
+                for half, value in ((0, means2d.grad), (2, getattr(means2d, "absgrad", None))):
+                    if value is not None:
+                        screen[held, b, half : half + 2] += value[0].detach().cpu().to(screen)
+        self._step_clip(batch, step, grads, screen)
+
+    def _step_clip(self, batch: StreamedBatch, step: int, grads: Dict[str, Tensor], screen: Tensor) -> None:
+        """Each group's own rows: statistics from the accumulated screen gradients and the reach
+        pass's radii, then visible Adam on the accumulated gradients."""
+        model, store, views = self.frame.model, self.store, batch.views
+        own = [store.rows_of(self._mask(i)) for i in range(len(self.groups))]
+        own = [r for r in own if r.numel() and bool((batch.radii[:, r] > 0).any())]
+        adam_step = None
+        for k in range(len(own)):
+            self._hold(own, k, changing=True)
+            held, device = store.index, model.device
+            for name, param in model.gauss_params.items():
+                param.grad = grads[name][held].to(device).reshape(param.shape).to(param.dtype)
+            n = held.numel()
+            record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
+                                sizes=[(v.width, v.height) for v in views], training=True)
+            for b in range(len(views)):
+                stand_in = model.means.new_zeros(1, n, 2)
+                stand_in.grad = screen[held, b, :2][None].to(device, stand_in.dtype)
+                stand_in.absgrad = screen[held, b, 2:][None].to(device, stand_in.dtype)
+                record.means2d.append((stand_in, torch.arange(n, device=device), b))
+                record.radii[b] = batch.radii[b, held].to(device)
+            state = model.strategy_state
+            for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
+                if state.get(key) is None:
+                    state[key] = torch.zeros(n, dtype=dtype, device=device)
+            model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
+            adam_step = _visible_adam_(model, visible_rows(record, model), adam_step)
 
 
 def _visible_adam_(model, visible: Tensor, step: Optional[int]) -> int:
