@@ -2,7 +2,7 @@
 """retina-gs out of core (issue 18's benchmark): the largest Gaussian count one GPU trains with
 every Gaussian in GPU memory, with ``--pipeline.model.offload host`` and with ``offload stream``,
 and their throughput at a count all train, under the same GPU memory cap.  Every mode renders in
-plain mode (the one stream supports), so that they train the same model.
+``--render-mode`` (default auto: clip with the csrc/ kernel, as retina-gs trains by default).
 
 The phases run as their own processes through scripts/bench_retina_dist.py's machinery (its
 generated 1080p city, its ``Bench`` training context and its train phase: images/s over timed
@@ -78,6 +78,7 @@ def parse(argv=None):
     p.add_argument("--stream-probes", type=float, nargs="+", default=[20e6, 40e6, 60e6, 80e6, 100e6],
                    help="counts probed with offload stream, ascending")
     p.add_argument("--stream-depth", type=int, default=4, help="--pipeline.model.offload-stream-depth")
+    p.add_argument("--render-mode", choices=("auto", "clip", "plain"), default="auto", help="--pipeline.model.mode of every mode")
     p.add_argument("--offload-budget-gb", type=float, default=2.0, help="--pipeline.model.offload-budget-gb")
     p.add_argument("--visible-fractions", action="store_true",
                    help="CPU only: per camera and batch, the fraction of rows offload would stage (see above)")
@@ -113,7 +114,7 @@ class OffloadBench(brd.Bench):
     def configure(self, config) -> None:
         model = config.pipeline.model
         model.visible_adam = True
-        model.mode = "plain"
+        model.mode = self.args.render_mode
         model.offload = OFFLOAD[self.args.mode]
         model.offload_budget_gb = self.args.offload_budget_gb
         model.offload_stream_depth = self.args.stream_depth

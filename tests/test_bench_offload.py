@@ -1,7 +1,7 @@
 """scripts/bench_offload.py --smoke: issue 18's capped-memory benchmark's whole code path on CPU.
 
 Driver, scene generation, the in-memory, offload and stream phases (visible Adam, locality order,
-plain mode, the Gaussians of the offload phases made in host memory, staged by leaf or streamed by
+the default render mode, the Gaussians of the offload phases made in host memory, staged by leaf or streamed by
 subtree), the summary, the plot and the table.  CPU has no memory cap to run out of: the counts only show that every probe trains.
 """
 
