@@ -17,6 +17,7 @@ strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``-
 budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
 ``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-visible``
 (visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order),
+``retina-gs-stream`` (visible Adam, ``offload stream``: subtrees streamed through each frame),
 ``retina-gs-torch`` (the torch reference rasteriser in plain mode: densification on the plain screen
 gradient and its own threshold, to compare with gsplat's absgrad: count and PSNR;
 ``--retina-mode plain`` gives the gsplat side the same mode).  On ``city-appearance`` every method also reports the
@@ -89,6 +90,7 @@ VARIANTS = {
     "retina-gs-affine": ("retina-gs", "affine"),
     "retina-gs-visible": ("retina-gs", "visible"),
     "retina-gs-offload": ("retina-gs", "offload"),
+    "retina-gs-stream": ("retina-gs", "stream"),
     "retina-gs-torch": ("retina-gs", "torch"),
 }
 
@@ -156,6 +158,8 @@ def apply_variant(config, change: str, cap: int) -> None:
     elif change == "offload":  # streamed from host memory by leaf, locality order, 1 GB of held leaves
         model.visible_adam, model.offload, model.offload_budget_gb = True, "host", 1.0
         config.pipeline.camera_order = "locality"
+    elif change == "stream":  # streamed subtree by subtree inside the frame (depth 2 of retina-gs's tree)
+        model.visible_adam, model.offload, model.offload_stream_depth = True, "stream", 1
     elif change == "torch":  # the torch reference rasteriser on the GPU: plain screen gradient, its threshold
         model.backend, model.mode = "torch", "plain"  # (the clip twin is several times slower than plain)
     elif change == "capped":

@@ -48,3 +48,5 @@ def test_bench_gaussians_variants_change_one_thing(tmp_path):
     assert (torch_ref.backend, torch_ref.mode) == ("torch", "plain")
     visible = bench.method_config("retina-gs-visible", parser, 10, tmp_path, retina_mode="clip").pipeline.model
     assert visible.visible_adam and not base.visible_adam and visible.mode == "clip"
+    stream = bench.method_config("retina-gs-stream", parser, 10, tmp_path, retina_mode="clip").pipeline.model
+    assert (stream.offload, stream.visible_adam, stream.mode) == ("stream", True, "clip")
