@@ -64,7 +64,7 @@ class StreamedBatch:
     with_depth: bool
     cameras: Dict[int, List[int]]  # group -> the cameras it renders for
     rows: Dict[int, Tensor]  # group -> the host rows its renders draw (clip: copies from other groups too)
-    radii: Optional[Tensor] = None  # clip: [B, N] projection radii of every host row (the reach pass)
+    own: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None  # clip: group -> (own rows, [B, n] their radii)
     crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
 
 
@@ -179,27 +179,27 @@ class LeafStream:
         group_of_leaf = torch.full((store.num_leaves,), -1, dtype=torch.int64)
         for i, (_, first, count) in enumerate(self.groups):
             group_of_leaf[first : first + count] = i
-        total = store.rows_of(torch.ones(store.num_leaves, dtype=torch.bool)).numel()
-        radii = torch.zeros(len(views), total, dtype=torch.int32)
-        reached = {i: torch.zeros(total, dtype=torch.bool) for i in range(len(self.groups))}
+        reached: Dict[int, List[Tensor]] = {}
         drawn: Dict[int, set] = {}
         order = list(cameras)
         own = [store.rows_of(self._mask(i)) for i in order]
+        radii = {}
         for k, j in enumerate(order):
             self._hold(own, k)
             g = model.activated_gaussians()
+            radii[j] = (own[k], torch.zeros(len(views), own[k].numel(), dtype=torch.int32))
             for b in cameras[j]:
                 v = views[b]
                 copies, r = reached_leaves(g, model.clip_boxes, v.viewmat, v.K, v.width, v.height, frame.settings, frame.backend)
-                radii[b, own[k]] = r.cpu().to(torch.int32)
+                radii[j][1][b] = r.cpu().to(torch.int32)
                 target, rows = group_of_leaf[copies.leaf.cpu()], own[k][copies.gaussian.cpu()]
                 for i in torch.unique(target).tolist():
                     if i >= 0 and bool(visible[b, self.groups[i][0]]):
                         drawn.setdefault(i, set()).add(b)
-                        reached[i][rows[target == i]] = True
+                        reached.setdefault(i, []).append(rows[target == i])
         groups = sorted(drawn)
         return StreamedBatch(views, with_depth, {i: sorted(drawn[i]) for i in groups},
-                             {i: torch.nonzero(reached[i]).flatten() for i in groups}, radii)
+                             {i: torch.unique(torch.cat(reached[i])) for i in groups}, radii)
 
     @torch.no_grad()
     def visibility(self, views) -> Tensor:
@@ -225,7 +225,7 @@ class LeafStream:
         batch, self.pending = self.pending, None
         if batch is None:
             return False
-        if batch.radii is not None:
+        if batch.own is not None:
             self._backward_clip(batch, step)
             self.streamed_batches += 1
             return True
@@ -271,14 +271,15 @@ class LeafStream:
         host accumulators (parameter gradients, screen gradients per camera), then each group's
         own rows take their step from them."""
         model, store, views = self.frame.model, self.store, batch.views
-        total, num = store.rows.shape[0], len(views)
-        grads = {name: torch.zeros(total, p[0].numel(), dtype=p.dtype) for name, p in model.gauss_params.items()}
-        screen = torch.zeros(total, num, 4, dtype=model.means.dtype)
+        touched = torch.unique(torch.cat(list(batch.rows.values())))  # accumulators only for these rows
+        grads = {name: torch.zeros(touched.numel(), p[0].numel(), dtype=p.dtype) for name, p in model.gauss_params.items()}
+        screen = torch.zeros(touched.numel(), len(views), 4, dtype=model.means.dtype)
         order = list(reversed(list(batch.cameras)))
         rows = [batch.rows[i] for i in order]
         for k, i in enumerate(order):
             self._hold(rows, k)
             held, renders, outs, wanted = store.index, [], [], []
+            at = torch.searchsorted(touched, held)
             with torch.enable_grad():
                 for b in batch.cameras[i]:
                     crop = batch.crops.get((i, b))
@@ -294,35 +295,39 @@ class LeafStream:
                     torch.autograd.backward(outs, wanted)
             for name, param in model.gauss_params.items():
                 if param.grad is not None:
-                    grads[name].index_add_(0, held, param.grad.detach().reshape(held.numel(), -1).cpu())
+                    grads[name].index_add_(0, at, param.grad.detach().reshape(held.numel(), -1).cpu())
                 param.grad = None
             for means2d, b in renders:
                 for half, value in ((0, means2d.grad), (2, getattr(means2d, "absgrad", None))):
                     if value is not None:
-                        screen[held, b, half : half + 2] += value[0].detach().cpu().to(screen)
-        self._step_clip(batch, step, grads, screen)
+                        screen[at, b, half : half + 2] += value[0].detach().cpu().to(screen)
+        self._step_clip(batch, step, touched, grads, screen)
 
-    def _step_clip(self, batch: StreamedBatch, step: int, grads: Dict[str, Tensor], screen: Tensor) -> None:
-        """Each group's own rows: statistics from the accumulated screen gradients and the reach
-        pass's radii, then visible Adam on the accumulated gradients."""
+    def _step_clip(self, batch: StreamedBatch, step: int, touched: Tensor, grads: Dict[str, Tensor], screen: Tensor) -> None:
+        """Each group's own rows: statistics from the accumulated screen gradients (rows of
+        ``touched``) and the reach pass's radii, then visible Adam on the accumulated gradients."""
         model, store, views = self.frame.model, self.store, batch.views
-        own = [store.rows_of(self._mask(i)) for i in range(len(self.groups))]
-        own = [r for r in own if r.numel() and bool((batch.radii[:, r] > 0).any())]
+        seen = [(rows, radii) for rows, radii in batch.own.values() if bool((radii > 0).any())]
+        own = [rows for rows, _ in seen]
         adam_step = None
-        for k in range(len(own)):
+        for k, (_, radii) in enumerate(seen):
             self._hold(own, k, changing=True)
             held, device = store.index, model.device
+            at = torch.searchsorted(touched, held).clamp(max=max(touched.numel() - 1, 0))
+            hit = (touched[at] == held)[:, None] if touched.numel() else torch.zeros(held.numel(), 1, dtype=torch.bool)
             for name, param in model.gauss_params.items():
-                param.grad = grads[name][held].to(device).reshape(param.shape).to(param.dtype)
+                value = torch.where(hit, grads[name][at], 0.0) if touched.numel() else grads[name].new_zeros(held.numel(), grads[name].shape[1])
+                param.grad = value.to(device).reshape(param.shape).to(param.dtype)
             n = held.numel()
             record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
                                 sizes=[(v.width, v.height) for v in views], training=True)
             for b in range(len(views)):
                 stand_in = model.means.new_zeros(1, n, 2)
-                stand_in.grad = screen[held, b, :2][None].to(device, stand_in.dtype)
-                stand_in.absgrad = screen[held, b, 2:][None].to(device, stand_in.dtype)
+                values = torch.where(hit, screen[at, b], 0.0) if touched.numel() else screen.new_zeros(n, 4)
+                stand_in.grad = values[None, :, :2].to(device, stand_in.dtype)
+                stand_in.absgrad = values[None, :, 2:].to(device, stand_in.dtype)
                 record.means2d.append((stand_in, torch.arange(n, device=device), b))
-                record.radii[b] = batch.radii[b, held].to(device)
+                record.radii[b] = radii[b].to(device)
             state = model.strategy_state
             for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
                 if state.get(key) is None:
