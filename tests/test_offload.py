@@ -289,3 +289,11 @@ def test_stream_in_clip_mode_equals_in_memory(street_city, tmp_path):
             store.stream = stream
             got = streamed.get_outputs(cameras[i : i + 1])["rgb"]
             assert float((want - got).abs().max()) <= 1e-9, f"eval render of camera {i}"
+
+
+def test_auto_offload_streams_what_does_not_fit():
+    from landmark_plugin.gaussians.offload import auto_offload
+
+    assert auto_offload(10, 20, False) == "none" and auto_offload(10, 20, True) == "none"
+    assert auto_offload(30, 20, False) == "stream", "streaming is what scales past one batch's view"
+    assert auto_offload(30, 20, True) == "host", "clip mode on several ranks does not stream"

@@ -405,8 +405,8 @@ def offload_store(model) -> Optional[OffloadStore]:
 
 
 def _auto_choice(model) -> str:
-    """host when this rank's training footprint (parameters, gradients and two moments, and as
-    much again for the render's intermediates) would pass the GPU's free memory."""
+    """``auto_offload`` for this rank's training footprint (parameters, gradients and two moments,
+    and as much again for the render's intermediates) and the GPU's free memory."""
     model.config.offload = "none"  # decided once
     if model.device.type != "cuda":
         return "none"
@@ -414,12 +414,22 @@ def _auto_choice(model) -> str:
     per_row = sum(p[0].numel() * p.element_size() for p in model.gauss_params.values()) * 4 * 2
     predicted = model.num_points * per_row
     free, _ = torch.cuda.mem_get_info(model.device)
+    frame = model.frame
+    choice = auto_offload(predicted, free, frame.clip and not frame.comm.is_single)
+    if choice != "none":
+        CONSOLE.print(f"retina-gs: offload auto -> {choice} (predicted footprint {predicted / 2**30:.1f} GiB, "
+                      f"GPU free {free / 2**30:.1f} GiB)")
+    model.config.offload = choice
+    return choice
+
+
+def auto_offload(predicted: int, free: int, clip_on_several_ranks: bool) -> str:
+    """none when the predicted footprint fits the free GPU memory; else stream (a city camera
+    sees most of the city, so staging whole batches, host, gains little: BENCHMARKS.md), or host
+    where stream cannot run (clip mode on several ranks)."""
     if predicted <= free:
         return "none"
-    CONSOLE.print(f"retina-gs: offload auto -> host (predicted footprint {predicted / 2**30:.1f} GiB, "
-                  f"GPU free {free / 2**30:.1f} GiB)")
-    model.config.offload = "host"
-    return "host"
+    return "host" if clip_on_several_ranks else "stream"
 
 
 def _to_host(rows: Tensor, pin: bool) -> Tensor:
