@@ -74,9 +74,6 @@ def check_before_start(config: Any, world_size: int) -> None:
     check_world_size_fits_tree(config, world_size)
     model = config.pipeline.model
     check_offload(model)
-    if getattr(model, "offload", "none") == "stream" and getattr(model, "mode", "auto") == "clip" and world_size > 1:
-        raise ConfigError("--pipeline.model.offload stream in clip mode runs on one process: use --pipeline.model.mode "
-                          "plain on several ranks")
     if hasattr(model, "parallel") and hasattr(model, "model_parallel_size"):  # landmark-grid
         from landmark_plugin.grid.parallel import check_parallel_config
 

@@ -294,6 +294,5 @@ def test_stream_in_clip_mode_equals_in_memory(street_city, tmp_path):
 def test_auto_offload_streams_what_does_not_fit():
     from landmark_plugin.gaussians.offload import auto_offload
 
-    assert auto_offload(10, 20, False) == "none" and auto_offload(10, 20, True) == "none"
-    assert auto_offload(30, 20, False) == "stream", "streaming is what scales past one batch's view"
-    assert auto_offload(30, 20, True) == "host", "clip mode on several ranks does not stream"
+    assert auto_offload(10, 20) == "none" and auto_offload(20, 20) == "none"
+    assert auto_offload(30, 20) == "stream", "streaming is what scales past one batch's view"

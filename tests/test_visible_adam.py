@@ -115,8 +115,9 @@ def _worker(comm, visible_adam: bool = True, offload: str = "none", mode: str = 
     params = {n: p.detach().clone() for n, p in model.gauss_params.items()}
     store = model.offload_store
     streamed = store.stream.streamed_batches if store is not None and store.stream is not None else 0
+    guests = store.stream.guests_received if store is not None and store.stream is not None else 0
     return {"ids": ids, "params": params, "unseen": unseen, "unseen_changed": unseen_changed, "seen_moved": seen_moved,
-            "streamed": streamed}
+            "streamed": streamed, "guests": guests}
 
 
 @pytest.mark.slow
@@ -134,14 +135,18 @@ def test_visible_adam_leaves_unseen_gaussians_alone_and_two_ranks_equal_one_proc
 
 
 @pytest.mark.slow
-def test_offload_stream_on_two_ranks_equals_one_process_in_memory(tmp_path):
-    """Plain mode: 2 ranks streaming their subtrees (one leaf at a time) train as one process
-    holding every Gaussian."""
-    (one,) = run_ranks(_worker, 1, tmp_path / "one", args=(True, "none", "plain"), timeout_s=180, **FAST_START)
+@pytest.mark.parametrize("mode", ["plain", "clip"])
+def test_offload_stream_on_two_ranks_equals_one_process_in_memory(tmp_path, mode):
+    """2 ranks streaming their subtrees (one leaf at a time) train as one process holding every
+    Gaussian; in clip mode the copies that cross subtrees and ranks (the stress scene's large and
+    elongated Gaussians) are drawn as guests and their gradients return to their owners."""
+    (one,) = run_ranks(_worker, 1, tmp_path / "one", args=(True, "none", mode), timeout_s=180, **FAST_START)
     assert one["seen_moved"] > 0
-    two = run_ranks(_worker, 2, tmp_path / "two", args=(True, "stream", "plain"), timeout_s=240, **FAST_START)
+    two = run_ranks(_worker, 2, tmp_path / "two", args=(True, "stream", mode), timeout_s=240, **FAST_START)
     assert all(r["streamed"] == len(CAMERA_SEQUENCE) for r in two), "every step streamed on every rank"
-    _assert_same_params(one, two, "2 ranks streaming subtrees")
+    if mode == "clip":
+        assert sum(r["guests"] for r in two) > 0, "the scene must send Gaussians across ranks, or the test proves nothing"
+    _assert_same_params(one, two, f"2 ranks streaming subtrees ({mode})")
 
 
 def _assert_same_params(one, ranks, what: str) -> None:

@@ -57,7 +57,6 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.errors import ConfigError
 from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
 from landmark_plugin.gaussians.mcmc import regularisation
@@ -134,9 +133,6 @@ class RetinaFrame:
         store = self.model.offload_store
         if store is None or store.stream is None or not store.staged:
             return None
-        if self.clip and not self.comm.is_single:
-            raise ConfigError("--pipeline.model.offload stream in clip mode runs on one process (copies between ranks "
-                              "and subtrees are not streamed together): use --pipeline.model.mode plain on several ranks")
         return store.stream
 
     def render_set(self) -> Tuple[Gaussians, Tensor]:

@@ -86,9 +86,8 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     """host: this rank's Gaussians and Adam moments live in host memory; a training batch holds
     only the kd-tree leaves its cameras can draw (exact); needs visible_adam and the default
     strategy.  stream: as host, but the GPU holds one subtree (offload_stream_depth) at a time,
-    each frame rendered and re-rendered in backward subtree by subtree (clip on one process).  auto:
-    stream (host for clip on several ranks) when the predicted training footprint exceeds the
-    GPU's free memory (said once)."""
+    each frame rendered and re-rendered in backward subtree by subtree.  auto: stream when the
+    predicted training footprint exceeds the GPU's free memory (said once)."""
     offload_stream_depth: int = 3
     """With offload stream: subtrees of this depth stream (clamped to the tree and a rank's parts)."""
     offload_budget_gb: float = 0.0

@@ -27,7 +27,7 @@ statistics of that step's batch are gathered on the staged rows first.  Renders 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ class OffloadStore:
         self._changed = False  # stream: a step changed the held rows since they were uploaded
         self._stale = False  # stream: ... and their leaves' bounds since
         self._render_only = False  # stream: the held rows came without moments and statistics
+        self._guests = 0  # stream, clip on several ranks: other ranks' rows held after this rank's
         self.stream = None  # offload stream: the frame's passes (``gaussians/stream.py``)
 
     @property
@@ -73,6 +74,7 @@ class OffloadStore:
         self.rows = self.layout = self.leaf_ids = self.bounds = self.index = self._prefetched = None
         self._pending = []
         self._changed = self._stale = self._render_only = False
+        self._guests = 0
 
     # ---- moving rows ------------------------------------------------------------------------
     def _optimizers(self) -> Optional[Dict]:
@@ -151,6 +153,7 @@ class OffloadStore:
         leaf_ids = self.leaf_ids if index is None else self.leaf_ids[index]
         self._set(rows.to(device, non_blocking=True), leaf_ids.to(device))
         self.index = index
+        self._guests = 0
 
     def _set(self, rows: Tensor, leaf_ids: Tensor) -> None:
         model = self.model
@@ -228,13 +231,16 @@ class OffloadStore:
     def hold_leaves(self, leaves: Tensor, changing: bool = False) -> None:
         self.hold_rows(self.rows_of(leaves), changing)
 
-    def hold_rows(self, index: Tensor, changing: bool = False) -> None:
+    def hold_rows(self, index: Tensor, changing: bool = False, guests: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         """Hold exactly the host rows ``index`` (ascending).  Rows a step changed go back to the
         store first (queued, as ``stage``'s); ``changing``: the new rows are about to be stepped.
         Rows held only to render travel without their moments and statistics (zeros on the
-        device, never written back): a third of the bytes with SH degree 3."""
+        device, never written back): a third of the bytes with SH degree 3.  ``guests``: (rows
+        [M, D], leaves [M]) of another rank's Gaussians, held after this rank's to render only."""
         self.begin_stream()
-        same = index.numel() == self.index.numel() and torch.equal(index, self.index)
+        if guests is not None and changing:
+            raise ValueError("another rank's Gaussians are held to render only")
+        same = guests is None and not self._guests and index.numel() == self.index.numel() and torch.equal(index, self.index)
         if same and not (changing and self._render_only):
             self._changed |= changing
             self._stale |= changing
@@ -248,7 +254,11 @@ class OffloadStore:
             self._flush()
         device = self.model.device
         columns = None if changing else self._param_columns()
-        self._set(self._upload(index, device, columns), self.leaf_ids[index].to(device))  # from ``send_ahead`` where it can
+        rows, leaves = self._upload(index, device, columns), self.leaf_ids[index].to(device)  # from ``send_ahead`` where it can
+        if guests is not None:
+            rows, leaves = torch.cat([rows, guests[0].to(rows)]), torch.cat([leaves, guests[1].to(leaves)])
+        self._set(rows, leaves)
+        self._guests = 0 if guests is None else int(guests[0].shape[0])
         self.index = index
         self._changed = self._stale = changing
         self._render_only = not changing
@@ -414,8 +424,7 @@ def _auto_choice(model) -> str:
     per_row = sum(p[0].numel() * p.element_size() for p in model.gauss_params.values()) * 4 * 2
     predicted = model.num_points * per_row
     free, _ = torch.cuda.mem_get_info(model.device)
-    frame = model.frame
-    choice = auto_offload(predicted, free, frame.clip and not frame.comm.is_single)
+    choice = auto_offload(predicted, free)
     if choice != "none":
         CONSOLE.print(f"retina-gs: offload auto -> {choice} (predicted footprint {predicted / 2**30:.1f} GiB, "
                       f"GPU free {free / 2**30:.1f} GiB)")
@@ -423,13 +432,10 @@ def _auto_choice(model) -> str:
     return choice
 
 
-def auto_offload(predicted: int, free: int, clip_on_several_ranks: bool) -> str:
-    """none when the predicted footprint fits the free GPU memory; else stream (a city camera
-    sees most of the city, so staging whole batches, host, gains little: BENCHMARKS.md), or host
-    where stream cannot run (clip mode on several ranks)."""
-    if predicted <= free:
-        return "none"
-    return "host" if clip_on_several_ranks else "stream"
+def auto_offload(predicted: int, free: int) -> str:
+    """none when the predicted footprint fits the free GPU memory, else stream (a city camera
+    sees most of the city, so staging whole batches, host, gains little: BENCHMARKS.md)."""
+    return "none" if predicted <= free else "stream"
 
 
 def _to_host(rows: Tensor, pin: bool) -> Tensor:

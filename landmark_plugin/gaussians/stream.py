@@ -22,13 +22,11 @@ The composite of a part's groups equals its one render (partials of contiguous l
 the rule several ranks already rely on), so with visible Adam a streamed run is the
 in-memory run.  The Gaussian groups' optimisers then have no gradient left to step.
 
-Clip mode (one process): a group's leaves also draw copies of other groups' Gaussians.  A reach
-pass first runs the sharing rule (``reached_leaves``) group by group, so every group's renders
-hold its own rows and those reaching it (drawn with ``leaf_mask``: only copies in its leaves).
-A Gaussian's gradient is then complete only after every group's backward, so pass 2 splits:
-each group's renders backpropagate into host accumulators (parameter and screen gradients),
-then each group's own rows take their statistics and step from them.  On several ranks, copies
-would also cross ranks (``sharing.share_rows``); that is not streamed: plain mode there.
+Clip mode (``gaussians/stream_clip.py``): a group's leaves also draw copies of Gaussians held in
+other groups and, on several ranks, on other ranks.  A reach pass runs the sharing rule group by
+group and exchanges the rows that cross ranks (as guests, parameters only); backward gathers
+every group's gradients in host accumulators, returns the guests' to their owners, and then
+steps each group's own rows.
 """
 
 from __future__ import annotations
@@ -41,10 +39,11 @@ from torch import Tensor
 
 from landmark_plugin.core.composite import composite, paste_partial
 from landmark_plugin.core.render import Partial, project, render_partial
-from landmark_plugin.core.render_clip import ClipLeaves, reached_leaves, render_partial_clipped
+from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.core.schedule import content_rect
 from landmark_plugin.core.visible_adam import visible_adam_step_
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
+from landmark_plugin.gaussians.stream_clip import Guests, backward_clip, clip_visibility, reach
 
 
 @dataclass
@@ -65,6 +64,7 @@ class StreamedBatch:
     cameras: Dict[int, List[int]]  # group -> the cameras it renders for
     rows: Dict[int, Tensor]  # group -> the host rows its renders draw (clip: copies from other groups too)
     own: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None  # clip: group -> (own rows, [B, n] their radii)
+    guests: Optional["Guests"] = None  # clip on several ranks: other ranks' Gaussians drawn here
     crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
 
 
@@ -77,6 +77,7 @@ class LeafStream:
         self.pending: Optional[StreamedBatch] = None
         self.groups = self._groups()
         self.streamed_batches = 0  # training batches stepped group by group (for the tests)
+        self.guests_received = 0  # clip on several ranks: other ranks' rows drawn here, all batches
 
     def _groups(self) -> List[Tuple[int, int, int]]:
         """(part, first leaf, number of leaves) of every group of this rank: each part cut into
@@ -91,9 +92,10 @@ class LeafStream:
             groups += [(s, f, size) for f in range(first, first + count, size)]
         return groups
 
-    def _hold(self, rows: List[Tensor], k: int, changing: bool = False) -> None:
-        """Hold the host rows ``rows[k]`` and start sending ``rows[k + 1]`` while they render."""
-        self.store.hold_rows(rows[k], changing)
+    def _hold(self, rows: List[Tensor], k: int, changing: bool = False, guests=None) -> None:
+        """Hold the host rows ``rows[k]`` (and ``guests``, another rank's rows) and start sending
+        ``rows[k + 1]`` while they render."""
+        self.store.hold_rows(rows[k], changing, guests)
         if k + 1 < len(rows):
             self.store.send_ahead(rows[k + 1], changing)
 
@@ -136,13 +138,13 @@ class LeafStream:
         """(camera, part) -> the part's partial, composited from its groups' crops (module doc, 1)."""
         cameras = self._cameras(views, visible)
         if self.frame.clip:
-            batch = self._reach(views, visible, cameras, with_depth)
+            batch = reach(self, views, visible, cameras, with_depth)
         else:
             batch = StreamedBatch(views, with_depth, cameras, {i: self.store.rows_of(self._mask(i)) for i in cameras})
         order = list(batch.cameras)
         rows = [batch.rows[i] for i in order]
         for k, (i, cams) in enumerate(batch.cameras.items()):
-            self._hold(rows, k)
+            self._hold(rows, k, guests=batch.guests.held(i) if batch.guests is not None else None)
             with torch.no_grad():
                 for b in cams:
                     p = self._render(views[b], with_depth, i)
@@ -171,40 +173,12 @@ class LeafStream:
         return Partial(color, trans, like.new_zeros(1, 0, 2), like.new_zeros(1, 0))
 
     @torch.no_grad()
-    def _reach(self, views, visible: Tensor, cameras: Dict[int, List[int]], with_depth: bool) -> StreamedBatch:
-        """Clip mode: which groups each culled-in group's Gaussians reach per camera (the sharing
-        rule, ``reached_leaves``), hence the rows and cameras of every group's renders, and the
-        projection radii of every row (what densification and visible Adam count)."""
-        frame, model, store = self.frame, self.frame.model, self.store
-        group_of_leaf = torch.full((store.num_leaves,), -1, dtype=torch.int64)
-        for i, (_, first, count) in enumerate(self.groups):
-            group_of_leaf[first : first + count] = i
-        reached: Dict[int, List[Tensor]] = {}
-        drawn: Dict[int, set] = {}
-        order = list(cameras)
-        own = [store.rows_of(self._mask(i)) for i in order]
-        radii = {}
-        for k, j in enumerate(order):
-            self._hold(own, k)
-            g = model.activated_gaussians()
-            radii[j] = (own[k], torch.zeros(len(views), own[k].numel(), dtype=torch.int32))
-            for b in cameras[j]:
-                v = views[b]
-                copies, r = reached_leaves(g, model.clip_boxes, v.viewmat, v.K, v.width, v.height, frame.settings, frame.backend)
-                radii[j][1][b] = r.cpu().to(torch.int32)
-                target, rows = group_of_leaf[copies.leaf.cpu()], own[k][copies.gaussian.cpu()]
-                for i in torch.unique(target).tolist():
-                    if i >= 0 and bool(visible[b, self.groups[i][0]]):
-                        drawn.setdefault(i, set()).add(b)
-                        reached.setdefault(i, []).append(rows[target == i])
-        groups = sorted(drawn)
-        return StreamedBatch(views, with_depth, {i: sorted(drawn[i]) for i in groups},
-                             {i: torch.unique(torch.cat(reached[i])) for i in groups}, radii)
-
-    @torch.no_grad()
     def visibility(self, views) -> Tensor:
-        """[P, S] whether this rank's part s draws something for view p (radius > 0), group by group."""
+        """[P, S] whether this rank's part s draws something for view p (radius > 0), group by group;
+        in clip mode whether a copy of this rank's Gaussians lands in part s."""
         frame = self.frame
+        if frame.clip:
+            return clip_visibility(self, views)
         visible = torch.zeros(len(views), len(frame.parts), dtype=torch.int64)
         everything = torch.ones(len(views), len(frame.parts), dtype=torch.bool)
         groups = self._cameras(views, everything)
@@ -226,7 +200,7 @@ class LeafStream:
         if batch is None:
             return False
         if batch.own is not None:
-            self._backward_clip(batch, step)
+            backward_clip(self, batch, step)
             self.streamed_batches += 1
             return True
         model = self.frame.model
@@ -260,83 +234,12 @@ class LeafStream:
                 if state.get(key) is None:
                     state[key] = torch.zeros(n, dtype=dtype, device=model.device)
             model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
-            adam_step = _visible_adam_(model, visible_rows(record, model), adam_step)
+            adam_step = visible_adam_group_(model, visible_rows(record, model), adam_step)
         self.streamed_batches += 1
         return True
 
 
-    def _backward_clip(self, batch: StreamedBatch, step: int) -> None:
-        """Clip mode: a Gaussian also draws in the groups its copies reach, so its gradient is
-        complete only after every group rendered.  Each group's renders backpropagate into
-        host accumulators (parameter gradients, screen gradients per camera), then each group's
-        own rows take their step from them."""
-        model, store, views = self.frame.model, self.store, batch.views
-        touched = torch.unique(torch.cat(list(batch.rows.values())))  # accumulators only for these rows
-        grads = {name: torch.zeros(touched.numel(), p[0].numel(), dtype=p.dtype) for name, p in model.gauss_params.items()}
-        screen = torch.zeros(touched.numel(), len(views), 4, dtype=model.means.dtype)
-        order = list(reversed(list(batch.cameras)))
-        rows = [batch.rows[i] for i in order]
-        for k, i in enumerate(order):
-            self._hold(rows, k)
-            held, renders, outs, wanted = store.index, [], [], []
-            at = torch.searchsorted(touched, held)
-            with torch.enable_grad():
-                for b in batch.cameras[i]:
-                    crop = batch.crops.get((i, b))
-                    if crop is None or crop.color.grad is None:
-                        continue
-                    p = self._render(views[b], batch.with_depth, i)
-                    p.means2d.retain_grad()
-                    x0, y0, x1, y1 = crop.rect
-                    outs += [p.color[y0:y1, x0:x1], p.transmittance[y0:y1, x0:x1]]
-                    wanted += [crop.color.grad, crop.trans.grad]
-                    renders.append((p.means2d, b))
-                if outs:
-                    torch.autograd.backward(outs, wanted)
-            for name, param in model.gauss_params.items():
-                if param.grad is not None:
-                    grads[name].index_add_(0, at, param.grad.detach().reshape(held.numel(), -1).cpu())
-                param.grad = None
-            for means2d, b in renders:
-                for half, value in ((0, means2d.grad), (2, getattr(means2d, "absgrad", None))):
-                    if value is not None:
-                        screen[at, b, half : half + 2] += value[0].detach().cpu().to(screen)
-        self._step_clip(batch, step, touched, grads, screen)
-
-    def _step_clip(self, batch: StreamedBatch, step: int, touched: Tensor, grads: Dict[str, Tensor], screen: Tensor) -> None:
-        """Each group's own rows: statistics from the accumulated screen gradients (rows of
-        ``touched``) and the reach pass's radii, then visible Adam on the accumulated gradients."""
-        model, store, views = self.frame.model, self.store, batch.views
-        seen = [(rows, radii) for rows, radii in batch.own.values() if bool((radii > 0).any())]
-        own = [rows for rows, _ in seen]
-        adam_step = None
-        for k, (_, radii) in enumerate(seen):
-            self._hold(own, k, changing=True)
-            held, device = store.index, model.device
-            at = torch.searchsorted(touched, held).clamp(max=max(touched.numel() - 1, 0))
-            hit = (touched[at] == held)[:, None] if touched.numel() else torch.zeros(held.numel(), 1, dtype=torch.bool)
-            for name, param in model.gauss_params.items():
-                value = torch.where(hit, grads[name][at], 0.0) if touched.numel() else grads[name].new_zeros(held.numel(), grads[name].shape[1])
-                param.grad = value.to(device).reshape(param.shape).to(param.dtype)
-            n = held.numel()
-            record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
-                                sizes=[(v.width, v.height) for v in views], training=True)
-            for b in range(len(views)):
-                stand_in = model.means.new_zeros(1, n, 2)
-                values = torch.where(hit, screen[at, b], 0.0) if touched.numel() else screen.new_zeros(n, 4)
-                stand_in.grad = values[None, :, :2].to(device, stand_in.dtype)
-                stand_in.absgrad = values[None, :, 2:].to(device, stand_in.dtype)
-                record.means2d.append((stand_in, torch.arange(n, device=device), b))
-                record.radii[b] = radii[b].to(device)
-            state = model.strategy_state
-            for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
-                if state.get(key) is None:
-                    state[key] = torch.zeros(n, dtype=dtype, device=device)
-            model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
-            adam_step = _visible_adam_(model, visible_rows(record, model), adam_step)
-
-
-def _visible_adam_(model, visible: Tensor, step: Optional[int]) -> int:
+def visible_adam_group_(model, visible: Tensor, step: Optional[int]) -> int:
     """Visible Adam on the held group's Gaussian parameters, as ``VisibleAdam.step`` would take it
     for the whole batch: one step count per batch (``step``: the count of this batch, None on its
     first group), the gradients then dropped so that the trainer's step has none to take."""
