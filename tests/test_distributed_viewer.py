@@ -47,8 +47,12 @@ MEAN_COLOUR_TOL = 0.06
 """Mean RGB (0..1) of the render area vs the model's render: JPEG at the viewer's quality and
 bilinear upscaling shift the mean by well under a percent; a blank or wrong frame is off by far more."""
 RENDER_TOL = dict(rtol=0.0, atol=1e-5)
-COMPOSITE_TOL = dict(rtol=0.0, atol=1e-5)
-"""The 2-rank composite vs the one-process render (float32; the same Gaussians, partials joined in leaf order)."""
+COMPOSITE_TOL = dict(rtol=0.0, atol=1e-4)
+"""The 2-rank composite vs the one-process render (float32; the same Gaussians, partials joined in leaf order).
+On the CPU the model renders in plain mode, where gsplat's early termination acts per part: at a pixel whose
+transmittance falls below 1e-4 within the front part, the back part still adds up to that transmittance.  Which
+model state the live view catches depends on timing, and such pixels gave differences of 1.05e-5 and 1.2e-5 on
+2 of 93,312 values in runs of the same code; a wrong order, partial or frame is off by 1e-2 or more."""
 
 
 # ---- the mailbox, in process --------------------------------------------------------------------
