@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled default scene: install, generate a small synthetic city, train
 # retina-gs, render a video with ns-render, evaluate with ns-eval, print PSNR and the paths.
-# Runs on CPU (about 9 minutes on 2 cores after install) and uses the GPU when there is one.
+# Runs on CPU (about 8 minutes on 2 cores after install) and uses the GPU when there is one.
 # Overrides: STEPS, NUM_IMAGES, WIDTH, HEIGHT, MAX_GAUSSIANS, VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
