@@ -108,3 +108,18 @@ def strategy_info(record: StepRecord, model) -> Optional[Dict]:
         "means2d": stand_in, "radii": radii, "width": record.width, "height": record.height,
         "n_cameras": num, "gaussian_ids": None,
     }
+
+
+def ensure_statistics(model) -> None:
+    """gsplat creates the statistics with the default dtype but adds float32 counts and screen
+    gradients of the model's dtype: a float64 model needs them made here."""
+    state = model.strategy_state
+    for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
+        if state.get(key) is None:
+            state[key] = torch.zeros(model.num_points, dtype=dtype, device=model.device)
+
+
+def gather_statistics(model, record: StepRecord, step: int) -> None:
+    """The statistics of ``record``'s renders added to the model's strategy state (the rows it holds)."""
+    ensure_statistics(model)
+    model.strategy.gather_statistics(model.gauss_params, model.strategy_state, step, strategy_info(record, model))

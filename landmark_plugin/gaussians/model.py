@@ -34,6 +34,7 @@ from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import make_grids
 from landmark_plugin.gaussians.frame import RetinaFrame
+from landmark_plugin.gaussians.frame_stats import ensure_statistics
 from landmark_plugin.gaussians.layout import RetinaEditLayout
 from landmark_plugin.gaussians.offload import OffloadStore, offload_store
 from landmark_plugin.gaussians.strategy import RetinaStrategyConfig
@@ -342,14 +343,13 @@ class RetinaGSModel(SplatfactoModel):
             store.stage(self._views(cameras))
 
     def prefetch_leaves(self, cameras: Cameras) -> None:
-        """With offload: start uploading the leaves the next batch's cameras need (``OffloadStore.prefetch``)."""
+        """With offload host: ``OffloadStore.prefetch`` of the next batch's cameras."""
         store = self.offload_store
         if store is not None and store.staged:
             store.prefetch(self._views(cameras))
 
     def step_streamed_(self) -> bool:
-        """With offload stream: each group's backward and visible Adam step
-        (``LeafStream.backward_step_``); True when the Gaussians were stepped so."""
+        """With offload stream: ``LeafStream.backward_step_``; True when the Gaussians were stepped so."""
         store = self.offload_store
         return store is not None and store.stream is not None and store.stream.backward_step_(self.step)
 
@@ -358,14 +358,12 @@ class RetinaGSModel(SplatfactoModel):
 
     @property
     def total_points(self) -> int:
-        """This rank's Gaussians, those an offload store keeps in host memory included
-        (``num_points`` counts the ones the model holds)."""
+        """This rank's Gaussians, those an offload store keeps in host memory included."""
         store = self.offload_store
         return int(store.rows.shape[0]) if store is not None and store.staged else self.num_points
 
     def hold_every_row(self, on_host: bool = False) -> None:
-        """With offload: hold every Gaussian of this rank again, on the model's device (eval) or
-        in host memory (``on_host``: checkpoints, refinement)."""
+        """With offload: hold every Gaussian of this rank again, on the device or (``on_host``) the host."""
         if self.offload_store is not None:
             self.offload_store.materialize(on_host)
 
@@ -417,11 +415,7 @@ class RetinaGSModel(SplatfactoModel):
         elif info is not None:
             self.info = info
             state = self.strategy_state
-            # gsplat creates them with the default dtype, but adds float32 counts and screen
-            # gradients of the model's dtype: a float64 model needs them made here.
-            for key, dtype in (("grad2d", self.means.dtype), ("count", torch.float32)):
-                if state.get(key) is None:
-                    state[key] = torch.zeros(self.num_points, dtype=dtype, device=self.device)
+            ensure_statistics(self)
             if staged and (refresh or self.strategy.touches_every_row(step)):
                 # Statistics on the staged Gaussians, refinement with all of them in host memory.
                 self.strategy.gather_statistics(self.gauss_params, state, step, info)

@@ -31,7 +31,6 @@ steps each group's own rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -41,31 +40,9 @@ from landmark_plugin.core.composite import composite, paste_partial
 from landmark_plugin.core.render import Partial, project, render_partial
 from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.core.schedule import content_rect
-from landmark_plugin.core.visible_adam import visible_adam_step_
-from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
-from landmark_plugin.gaussians.stream_clip import Guests, backward_clip, clip_visibility, reach
-
-
-@dataclass
-class GroupCrop:
-    """One group's partial for one camera, cropped to where it is not empty."""
-
-    rect: Tuple[int, int, int, int]
-    color: Tensor  # [h, w, D]; a leaf tensor in training (its .grad is what backward_step_ reads)
-    trans: Tensor  # [h, w, 1]
-
-
-@dataclass
-class StreamedBatch:
-    """What the forward pass leaves for ``backward_step_``."""
-
-    views: list
-    with_depth: bool
-    cameras: Dict[int, List[int]]  # group -> the cameras it renders for
-    rows: Dict[int, Tensor]  # group -> the host rows its renders draw (clip: copies from other groups too)
-    own: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None  # clip: group -> (own rows, [B, n] their radii)
-    guests: Optional["Guests"] = None  # clip on several ranks: other ranks' Gaussians drawn here
-    crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
+from landmark_plugin.gaussians.frame_stats import StepRecord, gather_statistics, note_render, visible_rows
+from landmark_plugin.gaussians.stream_batch import GroupCrop, StreamedBatch, visible_adam_group_
+from landmark_plugin.gaussians.stream_clip import backward_clip, clip_visibility, reach
 
 
 class LeafStream:
@@ -229,35 +206,7 @@ class LeafStream:
                         grads += [crop.color.grad, crop.trans.grad]
                 if outs:
                     torch.autograd.backward(outs, grads)
-            state = model.strategy_state
-            for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
-                if state.get(key) is None:
-                    state[key] = torch.zeros(n, dtype=dtype, device=model.device)
-            model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
+            gather_statistics(model, record, step)
             adam_step = visible_adam_group_(model, visible_rows(record, model), adam_step)
         self.streamed_batches += 1
         return True
-
-
-def visible_adam_group_(model, visible: Tensor, step: Optional[int]) -> int:
-    """Visible Adam on the held group's Gaussian parameters, as ``VisibleAdam.step`` would take it
-    for the whole batch: one step count per batch (``step``: the count of this batch, None on its
-    first group), the gradients then dropped so that the trainer's step has none to take."""
-    optimizers = model.optimizers
-    for name, param in model.gauss_params.items():
-        if param.grad is None:  # nothing drawn: the visible rows still take their momentum step
-            param.grad = torch.zeros_like(param)
-        optimizer = optimizers[name]
-        state = optimizer.state[param]
-        if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        if step is None:
-            step = int(state["step"].item()) + 1
-        state["step"] = torch.full((), float(step), dtype=torch.float32)
-        group = optimizer.param_groups[0]
-        visible_adam_step_(param, param.grad, state["exp_avg"], state["exp_avg_sq"], visible.to(param.device),
-                           step, group["lr"], group["betas"], group["eps"])
-        param.grad = None
-    return step

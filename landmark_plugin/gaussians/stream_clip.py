@@ -21,7 +21,8 @@ from torch import Tensor
 
 from landmark_plugin.core.render_clip import reached_leaves
 from landmark_plugin.distributed.collectives import all_to_all_rows
-from landmark_plugin.gaussians.frame_stats import StepRecord, strategy_info, visible_rows
+from landmark_plugin.gaussians.frame_stats import StepRecord, gather_statistics, visible_rows
+from landmark_plugin.gaussians.stream_batch import StreamedBatch, visible_adam_group_
 
 
 @dataclass
@@ -54,8 +55,6 @@ def reach(stream, views, visible: Tensor, cameras: Dict[int, List[int]], with_de
     """The batch of a clip-mode stream: per group, the cameras it renders for, this rank's rows
     it draws, its own rows' projection radii (what densification and visible Adam count), and
     on several ranks the guests (module doc)."""
-    from landmark_plugin.gaussians.stream import StreamedBatch
-
     frame, model, store = stream.frame, stream.frame.model, stream.store
     group_of_leaf = torch.full((store.num_leaves,), -1, dtype=torch.int64)
     for i, (_, first, count) in enumerate(stream.groups):
@@ -193,8 +192,6 @@ def _return_guests(stream, guests: Guests, touched, grads, screen, guest_grads, 
 def _step_clip(stream, batch, step: int, touched: Tensor, grads: Dict[str, Tensor], screen: Tensor) -> None:
     """Each group's own rows: statistics from the accumulated screen gradients (rows of
     ``touched``) and the reach pass's radii, then visible Adam on the accumulated gradients."""
-    from landmark_plugin.gaussians.stream import visible_adam_group_
-
     model, store, views = stream.frame.model, stream.store, batch.views
     seen = [(rows, radii) for rows, radii in batch.own.values() if bool((radii > 0).any())]
     own = [rows for rows, _ in seen]
@@ -216,11 +213,7 @@ def _step_clip(stream, batch, step: int, touched: Tensor, grads: Dict[str, Tenso
             stand_in.absgrad = values[None, :, 2:].to(device, stand_in.dtype)
             record.means2d.append((stand_in, torch.arange(n, device=device), b))
             record.radii[b] = radii[b].to(device)
-        state = model.strategy_state
-        for key, dtype in (("grad2d", model.means.dtype), ("count", torch.float32)):
-            if state.get(key) is None:
-                state[key] = torch.zeros(n, dtype=dtype, device=device)
-        model.strategy.gather_statistics(model.gauss_params, state, step, strategy_info(record, model))
+        gather_statistics(model, record, step)
         adam_step = visible_adam_group_(model, visible_rows(record, model), adam_step)
 
 
