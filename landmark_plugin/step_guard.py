@@ -43,18 +43,25 @@ class NonFinite:
         return " and ".join(parts) + " not finite (NaN / Inf)"
 
 
-def find_nonfinite(loss_dict: Dict[str, torch.Tensor], optimizers: Dict[str, torch.optim.Optimizer]) -> NonFinite:
+def find_nonfinite(
+    loss_dict: Dict[str, torch.Tensor],
+    optimizers: Dict[str, torch.optim.Optimizer],
+    gradients: Optional[Dict[str, List[torch.Tensor]]] = None,
+) -> NonFinite:
     """The loss terms and optimiser groups (by name) holding NaN / Inf; one device sync.
 
     The parameters are read from the optimisers themselves: densification replaces parameter
-    tensors, and what the optimiser would step is what matters.
+    tensors, and what the optimiser would step is what matters.  ``gradients`` names other
+    gradients the step will be made from (retina-gs streaming: the image gradients its
+    subtrees' parameter gradients come from after this check).
     """
     names, flags = [], []
     for name, value in loss_dict.items():
         names.append(("loss", name))
         flags.append(torch.isfinite(value.detach()).all())
-    for name, optimizer in optimizers.items():
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    groups = [(name, [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None])
+              for name, opt in optimizers.items()]
+    for name, grads in groups + list((gradients or {}).items()):
         if grads:
             names.append(("grad", name))
             # One fused launch per group instead of two per tensor: an L1 norm is NaN / Inf

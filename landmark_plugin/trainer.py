@@ -322,15 +322,25 @@ class LandmarkTrainer(Trainer):
         if self.nonfinite.limit <= 0:
             return False
         check_gradients = not self.grad_scaler.is_enabled()  # else overflow is the scaler's business
-        found = find_nonfinite(loss_dict, self.optimizers.optimizers if check_gradients else {})
+        found = find_nonfinite(loss_dict, self.optimizers.optimizers if check_gradients else {},
+                               self.pending_gradients() if check_gradients else None)
         if not self._on_any_rank(found.any):
             self.nonfinite.passed()
             return False
         self.optimizers.zero_grad_all()
+        self.discard_pending_step()
         message = self.nonfinite.skipped(step, found)  # raises once too many are in a row
         CONSOLE.print(f"[bold yellow]{message}")
         writer.put_scalar(name="Skipped steps (non-finite)", scalar=self.nonfinite.total, step=step)
         return True
+
+    def pending_gradients(self) -> Dict[str, List[torch.Tensor]]:
+        """Gradients, besides the optimisers' parameters', that the optimiser step will be made
+        from (none here; retina-gs streaming has its image gradients)."""
+        return {}
+
+    def discard_pending_step(self) -> None:
+        """Forget what the skipped step left for the optimiser step (nothing here)."""
 
     def _on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (all ranks must skip together)."""

@@ -3,6 +3,8 @@ and is reported; too many in a row stop the run naming the step and the paramete
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _trainers import grid_config, micro_city, model_state, retina_config, setup_trainer  # noqa: F401 (fixture)
@@ -125,3 +127,83 @@ def test_landmark_grid_skips_a_nan_loss_step(micro_city, tmp_path, deterministic
     trainer.run_steps(2, 1)
     assert trainer.nonfinite.total == 1 and trainer.nonfinite.consecutive == 0
     assert not all(torch.equal(v, model_state(trainer)[k]) for k, v in params.items())
+
+
+def _streaming(micro_city, tmp_path):
+    """retina-gs streaming its subtrees (``offload stream``), one training step taken."""
+    config = retina_config(micro_city, tmp_path / "out", 10, tree_depth=3, visible_adam=True, offload="stream",
+                           offload_stream_depth=1)
+    trainer = setup_trainer(config)
+    trainer.run_steps(0, 1)
+    store = trainer.pipeline.model.offload_store
+    assert store.stream is not None and store.stream.streamed_batches == 1
+    return trainer, store
+
+
+def _host_rows(store) -> torch.Tensor:
+    """Every row (parameters, moments, statistics) in the store's order; the model holds them
+    all again (the next batch streams from there)."""
+    from landmark_plugin.gaussians.rows import gaussian_rows
+
+    model = store.model
+    model.hold_every_row()
+    return gaussian_rows(model, model.optimizers, model.strategy_state)[0].clone()
+
+
+def test_streamed_retina_gs_skips_a_step_whose_image_gradient_is_nan(micro_city, tmp_path, deterministic, monkeypatch):
+    """With offload stream the Gaussians' gradients are made after the trainer's check, from
+    the subtree crops' image gradients: a NaN there (the loss finite) skips the whole step."""
+    from landmark_plugin.gaussians.stream import LeafStream
+
+    trainer, store = _streaming(micro_city, tmp_path)
+    before = _host_rows(store)
+    real = LeafStream.render_parts
+
+    def nan_image_gradient(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.pending is not None:
+            for crop in self.pending.crops.values():
+                crop.color.register_hook(lambda grad: grad * NAN)
+        return out
+
+    monkeypatch.setattr(LeafStream, "render_parts", nan_image_gradient)
+    losses = trainer.run_steps(1, 1)
+    assert losses[0] == losses[0], "the loss itself is finite"
+    assert trainer.nonfinite.total == 1 and store.stream.pending is None
+    assert store.stream.streamed_batches == 1, "the skipped batch was not stepped"
+    after = _host_rows(store)
+    assert torch.equal(before, after), "a Gaussian changed on a skipped step"
+    monkeypatch.undo()
+    trainer.run_steps(2, 1)
+    assert trainer.nonfinite.consecutive == 0 and store.stream.streamed_batches == 2
+    assert torch.isfinite(_host_rows(store)).all() and not torch.equal(after, _host_rows(store))
+
+
+def test_streamed_retina_gs_does_not_step_a_subtree_whose_own_gradient_is_nan(micro_city, tmp_path, deterministic,
+                                                                              monkeypatch):
+    """A NaN born inside one subtree's backward re-render (after the trainer's check) leaves
+    that subtree's rows untouched; the others take their step."""
+    from landmark_plugin.gaussians.stream import LeafStream
+
+    trainer, store = _streaming(micro_city, tmp_path)
+    stream = store.stream
+    before = _host_rows(store)
+    real, poisoned = LeafStream._render, []
+
+    def nan_in_one_group(self, v, with_depth, group):
+        p = real(self, v, with_depth, group)
+        if torch.is_grad_enabled() and (not poisoned or poisoned[0] == group):
+            poisoned[:] = [group, self.store.index.clone()]  # plain mode: the held rows are the group's
+            p = dataclasses.replace(p, color=p.color * NAN)
+        return p
+
+    monkeypatch.setattr(LeafStream, "_render", nan_in_one_group)
+    trainer.run_steps(1, 1)
+    assert poisoned and stream.nonfinite_groups == 1 and stream.streamed_batches == 2
+    after = _host_rows(store)
+    assert torch.isfinite(after).all(), "no NaN reached a parameter, moment or statistic"
+    rows = poisoned[1]
+    others = torch.ones(after.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert rows.numel() > 0 and torch.equal(before[rows], after[rows]), "the NaN subtree was stepped"
+    assert not torch.equal(before[others], after[others]), "the other subtrees were not stepped"

@@ -41,7 +41,7 @@ from landmark_plugin.core.render import Partial, project, render_partial
 from landmark_plugin.core.render_clip import ClipLeaves, render_partial_clipped
 from landmark_plugin.core.schedule import content_rect
 from landmark_plugin.gaussians.frame_stats import StepRecord, gather_statistics, note_render, visible_rows
-from landmark_plugin.gaussians.stream_batch import GroupCrop, StreamedBatch, visible_adam_group_
+from landmark_plugin.gaussians.stream_batch import GroupCrop, StreamedBatch, nonfinite_group_, visible_adam_group_
 from landmark_plugin.gaussians.stream_clip import backward_clip, clip_visibility, reach
 
 
@@ -55,6 +55,7 @@ class LeafStream:
         self.groups = self._groups()
         self.streamed_batches = 0  # training batches stepped group by group (for the tests)
         self.guests_received = 0  # clip on several ranks: other ranks' rows drawn here, all batches
+        self.nonfinite_groups = 0  # groups not stepped for a NaN / Inf gradient, all batches
 
     def _groups(self) -> List[Tuple[int, int, int]]:
         """(part, first leaf, number of leaves) of every group of this rank: each part cut into
@@ -206,6 +207,9 @@ class LeafStream:
                         grads += [crop.color.grad, crop.trans.grad]
                 if outs:
                     torch.autograd.backward(outs, grads)
+            if nonfinite_group_(model, step, f"subtree at leaf {self.groups[i][1]}"):
+                self.nonfinite_groups += 1
+                continue
             gather_statistics(model, record, step)
             adam_step = visible_adam_group_(model, visible_rows(record, model), adam_step)
         self.streamed_batches += 1

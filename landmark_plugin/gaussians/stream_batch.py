@@ -9,7 +9,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from nerfstudio.utils.rich_utils import CONSOLE
+
 from landmark_plugin.core.visible_adam import visible_adam_step_
+from landmark_plugin.step_guard import find_nonfinite
 
 
 @dataclass
@@ -33,6 +36,25 @@ class StreamedBatch:
     guests: Optional[Any] = None  # ``stream_clip.Guests``  # clip on several ranks: other ranks' Gaussians drawn here
     crops: Dict[Tuple[int, int], GroupCrop] = field(default_factory=dict)  # (group, camera) -> crop, if not empty
 
+    def image_gradients(self) -> List[Tensor]:
+        """The crops' gradients after the trainer's backward: what the Gaussians' gradients are
+        made from in ``backward_step_``, so the trainer's non-finite check reads these."""
+        return [t.grad for c in self.crops.values() for t in (c.color, c.trans) if t.grad is not None]
+
+
+def nonfinite_group_(model, step: int, group: str) -> bool:
+    """Whether the held group's Gaussian gradients hold a NaN / Inf; if so they are dropped, so
+    the group is not stepped (its rows keep their values and moments).  The trainer's check ran
+    before any group was re-rendered and saw only the image gradients (``image_gradients``): a
+    NaN born in a group's own backward is caught here, group by group, since earlier groups
+    are already written back."""
+    found = find_nonfinite({}, {name: model.optimizers[name] for name in model.gauss_params})
+    if not found.any:
+        return False
+    for param in model.gauss_params.values():
+        param.grad = None
+    CONSOLE.print(f"[bold yellow]step {step}: streamed {group}: {found.describe()}; its rows are not stepped")
+    return True
 
 
 def visible_adam_group_(model, visible: Tensor, step: Optional[int]) -> int:

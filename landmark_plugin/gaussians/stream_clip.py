@@ -22,7 +22,7 @@ from torch import Tensor
 from landmark_plugin.core.render_clip import reached_leaves
 from landmark_plugin.distributed.collectives import all_to_all_rows
 from landmark_plugin.gaussians.frame_stats import StepRecord, gather_statistics, visible_rows
-from landmark_plugin.gaussians.stream_batch import StreamedBatch, visible_adam_group_
+from landmark_plugin.gaussians.stream_batch import StreamedBatch, nonfinite_group_, visible_adam_group_
 
 
 @dataclass
@@ -204,6 +204,9 @@ def _step_clip(stream, batch, step: int, touched: Tensor, grads: Dict[str, Tenso
         for name, param in model.gauss_params.items():
             value = torch.where(hit, grads[name][at], 0.0) if touched.numel() else grads[name].new_zeros(n, grads[name].shape[1])
             param.grad = value.to(device).reshape(param.shape).to(param.dtype)
+        if nonfinite_group_(model, step, f"group {k} of this rank's own rows"):
+            stream.nonfinite_groups += 1
+            continue
         record = StepRecord(num_cameras=len(views), width=views[0].width, height=views[0].height,
                             sizes=[(v.width, v.height) for v in views], training=True)
         for b in range(len(views)):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Type
 
 from nerfstudio.utils.rich_utils import CONSOLE
+from torch import Tensor
 
 from landmark_plugin.checkpoints import (
     Candidate,
@@ -76,6 +77,21 @@ class RetinaTrainer(LandmarkTrainer):
 
     def gradient_sync(self):
         return self.pipeline.sync_gradients_
+
+    def pending_gradients(self) -> Dict[str, List[Tensor]]:
+        """With offload stream: the image gradients of the batch's subtree crops, from which
+        ``sync_gradients_`` makes (and steps) the Gaussians' gradients after this check."""
+        batch = self._streamed_batch()
+        return {} if batch is None else {"streamed subtree images": batch.image_gradients()}
+
+    def discard_pending_step(self) -> None:
+        """A skipped step leaves no streamed batch to step."""
+        if self._streamed_batch() is not None:
+            self.pipeline.model.offload_store.stream.pending = None
+
+    def _streamed_batch(self):
+        store = self.pipeline.model.offload_store
+        return store.stream.pending if store is not None and store.stream is not None else None
 
     # ---- saving ---------------------------------------------------------------------------
     def checkpoint_state(self, step: int) -> dict:
