@@ -296,3 +296,37 @@ def test_auto_offload_streams_what_does_not_fit():
 
     assert auto_offload(10, 20) == "none" and auto_offload(20, 20) == "none"
     assert auto_offload(30, 20) == "stream", "streaming is what scales past one batch's view"
+
+
+def test_the_host_store_never_holds_the_shard_twice(street_city, tmp_path):
+    """The host store (``HostRows``) is ``gaussian_rows``' matrix held per layout entry: gathering
+    and writing rows equal the matrix's, capturing a shard that lives in host memory takes its
+    tensors as they are (no second copy of the shard), and holding every row again on the host
+    gives them back to the model."""
+    from landmark_plugin.gaussians.host_rows import HostRows
+    from landmark_plugin.gaussians.rows import gaussian_rows, layout_columns
+
+    trainer = setup_trainer(retina_config(street_city, tmp_path / "host", 4, tree_depth=3, visible_adam=True, offload="stream"))
+    trainer.run_steps(0, 3)  # moments exist for the Gaussians the steps drew
+    model = trainer.pipeline.model
+    model.hold_every_row(on_host=True)
+    matrix, layout = gaussian_rows(model, model.optimizers, model.strategy_state)
+    means = model.means.detach()
+    store = HostRows.capture(model, model.optimizers, model.strategy_state)
+    assert store.layout == layout and store.shape == tuple(matrix.shape)
+    means_span = layout_columns(layout)[("means", "param")]
+    assert store.entry(means_span).data_ptr() == means.data_ptr(), "capturing copied the host shard"
+    index = torch.tensor([5, 0, 17, 3])
+    assert torch.equal(store[index], matrix[index])
+    spans = [s for (_, kind), s in layout_columns(layout).items() if kind == "param"]
+    columns = torch.cat([torch.arange(s.start, s.stop) for s in spans])
+    assert torch.equal(store.gather(index, columns), matrix[index][:, columns])
+    with pytest.raises(ValueError, match="whole layout entries"):
+        store.gather(index, columns[1:])
+    new = torch.randn(len(index), matrix.shape[1], dtype=matrix.dtype)
+    store[index] = new
+    matrix[index] = new
+    assert torch.equal(store[torch.arange(matrix.shape[0])], matrix)
+    store.hold_all(model, model.optimizers, model.strategy_state, torch.device("cpu"))
+    assert model.means.data_ptr() == store.entry(means_span).data_ptr(), "holding every row on the host copied them"
+    assert torch.equal(gaussian_rows(model, model.optimizers, model.strategy_state)[0], matrix)

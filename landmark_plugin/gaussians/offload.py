@@ -2,7 +2,8 @@
 memory, and each training batch stages only the leaves its cameras can draw.
 
 The store keeps every row of the shard (parameters, Adam moments, densification statistics: the
-``rows.gaussian_rows`` matrix, in pinned memory on CUDA) and the leaf of every row.  Before a
+``rows.gaussian_rows`` columns, held per layout entry by ``host_rows.HostRows`` so that the shard
+is never in host memory twice) and the leaf of every row.  Before a
 batch renders, ``stage`` writes the rows the model holds back to the store and gives the model the
 rows of the leaves ``core.frustum.leaves_in_view`` keeps for any camera of the batch.  A leaf
 left behind holds no Gaussian the projection keeps, so the image, the loss and every gradient are
@@ -10,7 +11,7 @@ the in-memory run's; with visible Adam (which offload requires) a Gaussian no ca
 stepped, so the rows left on the host are exactly what the in-memory run has too.
 
 While a batch renders, ``prefetch`` copies the next batch's leaves that are not held to the GPU on
-a second CUDA stream (from pinned memory); ``stage`` then takes them from there.  Rows a batch lets
+a second CUDA stream (through a pinned buffer of those rows); ``stage`` then takes them from there.  Rows a batch lets
 go travel back the same way: their copy to pinned memory is queued on that stream and lands in
 the store at the next ``stage`` (or before anything else reads the store), so neither direction
 waits for the GPU.
@@ -36,6 +37,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from landmark_plugin.core.frustum import LeafBounds, leaves_in_view
 from landmark_plugin.config_checks import check_offload
+from landmark_plugin.gaussians.host_rows import HostRows
 from landmark_plugin.gaussians.rows import gaussian_rows, layout_columns, set_gaussian_rows_
 
 
@@ -44,7 +46,7 @@ class OffloadStore:
 
     def __init__(self, model):
         self.model = model
-        self.rows: Optional[Tensor] = None  # [N, D] host, every row of the shard while staged
+        self.rows: Optional[HostRows] = None  # [N, D] host, every row of the shard while staged
         self.layout = None
         self.leaf_ids: Optional[Tensor] = None  # [N] host
         self.bounds: Optional[LeafBounds] = None
@@ -83,8 +85,8 @@ class OffloadStore:
     def _capture(self) -> None:
         """The model holds every row: copy them all to the host."""
         model = self.model
-        rows, self.layout = gaussian_rows(model, self._optimizers(), model.strategy_state)
-        self.rows = _to_host(rows, pin=model.device.type == "cuda")
+        self.rows = HostRows.capture(model, self._optimizers(), model.strategy_state)
+        self.layout = self.rows.layout
         self.leaf_ids = model.leaf_ids.detach().cpu()
         self.bounds = self._bounds_of(self.rows, self.leaf_ids)
 
@@ -138,9 +140,11 @@ class OffloadStore:
             mask[index] = True
         return mask
 
-    def _bounds_of(self, rows: Tensor, leaf_ids: Tensor) -> LeafBounds:
+    def _bounds_of(self, rows, leaf_ids: Tensor) -> LeafBounds:
+        """Bounds of the leaves of ``rows`` (the store's ``HostRows`` or held [n, D] rows)."""
         columns = layout_columns(self.layout)
-        means, scales = rows[:, columns[("means", "param")]], torch.exp(rows[:, columns[("scales", "param")]])
+        take = rows.entry if isinstance(rows, HostRows) else (lambda span: rows[:, span])
+        means, scales = take(columns[("means", "param")]), torch.exp(take(columns[("scales", "param")]))
         return LeafBounds.of(means, scales, leaf_ids, self.num_leaves)
 
     @property
@@ -149,9 +153,11 @@ class OffloadStore:
 
     def _hold(self, index: Optional[Tensor], device: torch.device) -> None:
         """The model holds the rows ``index`` of the host copy (None: all of them) on ``device``."""
-        rows = self.rows if index is None else self.rows[index]
-        leaf_ids = self.leaf_ids if index is None else self.leaf_ids[index]
-        self._set(rows.to(device, non_blocking=True), leaf_ids.to(device))
+        if index is None:
+            self.rows.hold_all(self.model, self._optimizers(), self.model.strategy_state, device)
+            self.model.leaf_ids = self.leaf_ids.to(device)
+        else:
+            self._set(self.rows[index].to(device, non_blocking=True), self.leaf_ids[index].to(device))
         self.index = index
         self._guests = 0
 
@@ -305,8 +311,7 @@ class OffloadStore:
         self._send(torch.nonzero(wanted).flatten())
 
     def _host_rows(self, index: Tensor, columns: Optional[Tensor]) -> Tensor:
-        rows = self.rows[index]
-        return rows if columns is None else rows[:, columns]
+        return self.rows.gather(index, columns)
 
     def _send(self, index: Tensor, columns: Optional[Tensor] = None) -> None:
         """Copy the host rows ``index`` (their ``columns``; None: all) to the device ahead of
@@ -320,10 +325,7 @@ class OffloadStore:
             return
         width = self.rows.shape[1] if columns is None else columns.numel()
         buffer = torch.empty((index.numel(), width), dtype=self.rows.dtype, pin_memory=True)
-        if columns is None:
-            torch.index_select(self.rows, 0, index, out=buffer)
-        else:
-            buffer.copy_(self._host_rows(index, columns))
+        self.rows.gather(index, columns, out=buffer)
         stream = self._copy_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -436,11 +438,3 @@ def auto_offload(predicted: int, free: int) -> str:
     """none when the predicted footprint fits the free GPU memory, else stream (a city camera
     sees most of the city, so staging whole batches, host, gains little: BENCHMARKS.md)."""
     return "none" if predicted <= free else "stream"
-
-
-def _to_host(rows: Tensor, pin: bool) -> Tensor:
-    """A host copy of ``rows``, pinned when it feeds a CUDA device (asynchronous uploads)."""
-    host = rows.detach().cpu()
-    if pin:
-        return host.pin_memory()
-    return host.clone() if host is rows else host

@@ -51,28 +51,38 @@ def _set_param(model, optimizers: Optional[Dict], name: str, value: Tensor, mome
         opt.state[new] = state
 
 
+def gaussian_blocks(model, optimizers: Optional[Dict], strategy_state: Optional[Dict]) -> Tuple[List[Optional[Tensor]], Layout]:
+    """Every per-Gaussian quantity of the shard as one [N, w] tensor per layout entry (views of
+    the model's own tensors, no copy), None where a moment or statistic does not exist yet."""
+    blocks: List[Optional[Tensor]] = []
+    layout: Layout = []
+    n = model.num_points
+    for name, param in model.gauss_params.items():
+        tail = tuple(param.shape[1:])
+        blocks.append(param.detach().reshape(n, -1))
+        layout.append((name, "param", tail))
+        state = optimizers[name].state.get(param, {}) if optimizers and name in optimizers else {}
+        for kind in MOMENTS:
+            value = state.get(kind)
+            blocks.append(value.detach().reshape(n, -1) if value is not None else None)
+            layout.append((name, kind, tail))
+    for key in STRATEGY_STATS:
+        if strategy_state is not None and key in strategy_state:
+            value = strategy_state[key]
+            blocks.append(value.reshape(n, 1) if value is not None else None)
+            layout.append((key, "stat", ()))
+    return blocks, layout
+
+
 def gaussian_rows(model, optimizers: Optional[Dict], strategy_state: Optional[Dict]) -> Tuple[Tensor, Layout]:
     """Every per-Gaussian quantity of the shard as one [N, D] matrix (model dtype) and its layout.
 
     Missing moments / statistics are zeros, so every rank has the same layout.
     """
-    columns, layout = [], []
-    n = model.num_points
-    for name, param in model.gauss_params.items():
-        tail = tuple(param.shape[1:])
-        columns.append(param.detach().reshape(n, -1))
-        layout.append((name, "param", tail))
-        state = optimizers[name].state.get(param, {}) if optimizers and name in optimizers else {}
-        for kind in MOMENTS:
-            value = state.get(kind)
-            columns.append((value if value is not None else torch.zeros_like(param)).detach().reshape(n, -1))
-            layout.append((name, kind, tail))
-    for key in STRATEGY_STATS:
-        if strategy_state is not None and key in strategy_state:
-            value = strategy_state[key]
-            columns.append((value if value is not None else torch.zeros(n, device=model.device)).reshape(n, 1))
-            layout.append((key, "stat", ()))
-    dtype = model.means.dtype
+    blocks, layout = gaussian_blocks(model, optimizers, strategy_state)
+    n, dtype, device = model.num_points, model.means.dtype, model.means.device
+    columns = [b if b is not None else torch.zeros(n, math.prod(tail), dtype=dtype, device=device)
+               for b, (_, _, tail) in zip(blocks, layout)]
     return torch.cat([c.to(dtype) for c in columns], dim=1), layout
 
 
@@ -99,18 +109,25 @@ def split_columns(rows: Tensor, tails: Sequence[Tuple[int, ...]]) -> List[Tensor
 
 def set_gaussian_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], rows: Tensor, layout: Layout) -> None:
     """Inverse of ``gaussian_rows``: the shard becomes exactly ``rows``."""
-    n = rows.shape[0]
-    columns = split_columns(rows, [tail for _, _, tail in layout])
-    values: Dict[Tuple[str, str], Tensor] = {(name, kind): c for (name, kind, _), c in zip(layout, columns)}
+    set_gaussian_blocks_(model, optimizers, strategy_state, split_columns(rows, [tail for _, _, tail in layout]), layout)
+
+
+def set_gaussian_blocks_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], blocks: Sequence[Tensor],
+                         layout: Layout) -> None:
+    """Inverse of ``gaussian_blocks``: the shard becomes exactly ``blocks`` (one [N, *tail] or
+    [N, w] tensor per layout entry; contiguous ones of the right dtype are taken without a copy)."""
+    values: Dict[Tuple[str, str], Tensor] = {(name, kind): b.reshape((b.shape[0], *tail))
+                                              for (name, kind, tail), b in zip(layout, blocks)}
     for name in list(model.gauss_params.keys()):
         moments = {kind: values[(name, kind)] for kind in MOMENTS if (name, kind) in values}
         has_state = optimizers is not None and name in optimizers and bool(optimizers[name].state)
         _set_param(model, optimizers, name, values[(name, "param")], moments if has_state else {})
     for key in STRATEGY_STATS:
         if strategy_state is not None and (key, "stat") in values:
+            value = values[(key, "stat")]
             # gsplat adds float32 counts, and screen gradients / radii in the model's dtype.
-            dtype = torch.float32 if key == "count" else rows.dtype
-            strategy_state[key] = values[(key, "stat")].reshape(n).to(dtype).contiguous()
+            dtype = torch.float32 if key == "count" else model.means.dtype
+            strategy_state[key] = value.reshape(value.shape[0]).to(dtype).contiguous()
 
 
 def select_rows_(model, optimizers: Optional[Dict], strategy_state: Optional[Dict], index: Tensor) -> None:

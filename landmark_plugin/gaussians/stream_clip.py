@@ -99,7 +99,7 @@ def _exchange_guests(stream, views, visible, group_of_leaf, leaf_rank, sent_rows
     order = torch.argsort(dest, stable=True)  # the order ``all_to_all_rows`` sends them in
     rows, dest = rows[order], dest[order]
     columns = store._param_columns()
-    payload = torch.cat([store.rows[rows][:, columns], store.leaf_ids[rows, None].to(store.rows.dtype)], dim=1)
+    payload = torch.cat([store.rows.gather(rows, columns), store.leaf_ids[rows, None].to(store.rows.dtype)], dim=1)
     received, source = all_to_all_rows(frame.comm, payload.to(model.device), dest.to(model.device))
     received, source = received.cpu(), source.cpu()
     full = torch.zeros(received.shape[0], store.rows.shape[1], dtype=store.rows.dtype)
