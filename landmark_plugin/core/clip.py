@@ -288,6 +288,7 @@ def rasterize_clipped(
     settings: RasterSettings = RasterSettings(),
     leaf_position: Optional[Int[Tensor, " L"]] = None,
     window: Optional[Window] = None,
+    absgrad: Optional[Tensor] = None,
 ) -> tuple[Float[Tensor, "H W D"], Float[Tensor, "H W 1"]]:
     """One partial of box-clipped copies, sorted per pixel by (leaf position, depth): the
     torch twin of the CUDA kernel's one-pass multi-leaf mode.
@@ -304,6 +305,8 @@ def rasterize_clipped(
         leaf_position: [L] place of each leaf in the camera's leaf order (default: the
             leaf id); copies are sorted by it, then by depth.
         window: optional pixel rectangle (see ``raster_ref.rasterize``).
+        absgrad: optional [N, 2] buffer for the N Gaussians' absgrad, every copy's added to its
+            Gaussian's (see ``raster_ref.rasterize``).
 
     Returns:
         [h, w, D] premultiplied colour and [h, w, 1] transmittance; gradients of all copies
@@ -314,7 +317,7 @@ def rasterize_clipped(
     mask = clip_mask(copies, sub.depths, boxes, camera)
     return rasterize(
         sub, colors[copies.gaussian], opacities[copies.gaussian], width, height, settings,
-        group=position, window=window, pixel_mask=mask,
+        group=position, window=window, pixel_mask=mask, absgrad=absgrad, absgrad_rows=copies.gaussian,
     )
 
 

@@ -25,6 +25,8 @@ windows are processed in bands of pixel rows, each recomputed in backward, to bo
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -183,6 +185,8 @@ def rasterize(
     group: Optional[Int[Tensor, " N"]] = None,
     window: Optional[Window] = None,
     pixel_mask: Optional[PixelMask] = None,
+    absgrad: Optional[Tensor] = None,
+    absgrad_rows: Optional[Int[Tensor, " N"]] = None,
 ) -> tuple[Float[Tensor, "H W D"], Float[Tensor, "H W 1"]]:
     """Alpha-composite projected Gaussians front to back (gsplat's per-pixel rule).
 
@@ -199,6 +203,11 @@ def rasterize(
         pixel_mask: optional rule (Gaussian index, pixel x, pixel y) -> bool; entries where
             it is False are skipped like alpha < alpha_min, before early termination
             (the box clip of ``core/clip.py``).  Evaluated without gradients.
+        absgrad: optional [M, 2] buffer that backward adds gsplat's ``absgrad`` to: per
+            Gaussian, the sum over pixels of the absolute value of each pixel's gradient with
+            respect to its screen mean (what splatfacto's densification threshold is set for).
+        absgrad_rows: [N] row of ``absgrad`` of every projected Gaussian (default: the same
+            row), e.g. the Gaussian of every sharing copy.
 
     Returns:
         [h, w, D] premultiplied colour (no background) and [h, w, 1] transmittance, with
@@ -222,15 +231,18 @@ def rasterize(
     # bound only the temporaries.  With several bands each is recomputed in backward instead
     # (the same ops, so the same values): what stays saved is one band's rows, not its entries.
     recompute = len(bands) > 1 and torch.is_grad_enabled() and (geometry.requires_grad or colors.requires_grad)
+    # The absgrad buffer is written in backward: bound to the function, not an input that the
+    # recomputation would check for in-place changes.
+    band_fn = functools.partial(_rasterize_band, absgrad=absgrad, absgrad_rows=absgrad_rows)
     colors_out, trans_out = [], []
     for band_y0, band_y1 in bands:
         in_band = (rows.y >= band_y0) & (rows.y < band_y1)
         band_rows = _Rows(*(t[in_band] for t in rows))
         args = (geometry, colors, band_rows, (x0, band_y0, x1, band_y1), settings, pixel_mask)
         if recompute:
-            c, t = torch.utils.checkpoint.checkpoint(_rasterize_band, *args, use_reentrant=False)
+            c, t = torch.utils.checkpoint.checkpoint(band_fn, *args, use_reentrant=False)
         else:
-            c, t = _rasterize_band(*args)
+            c, t = band_fn(*args)
         colors_out.append(c)
         trans_out.append(t)
     premult, trans = torch.cat(colors_out), torch.cat(trans_out)
@@ -244,6 +256,8 @@ def _rasterize_band(
     band: Window,
     settings: RasterSettings,
     pixel_mask: Optional[PixelMask] = None,
+    absgrad: Optional[Tensor] = None,
+    absgrad_rows: Optional[Tensor] = None,
 ) -> tuple[Float[Tensor, "h w D"], Float[Tensor, "h w 1"]]:
     """Rasterise the candidate rows of one band of the window.
 
@@ -254,13 +268,20 @@ def _rasterize_band(
         band: (x0, y0, x1, y1) of the band.
         settings: rasterisation constants.
         pixel_mask: optional extra skip rule (see ``rasterize``).
+        absgrad, absgrad_rows: see ``rasterize``.
     """
     x0, y0, x1, y1 = band
     h, w = y1 - y0, x1 - x0
     row, xs = _ranges(rows.x_lo, rows.x_hi, rows.x_hi - rows.x_lo)
     g, ys = rows.gaussian[row], rows.y[row]
     dtype = geometry.dtype
-    alpha, valid = _alpha(geometry.index_select(0, g), xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
+    per_entry = geometry.index_select(0, g)
+    if absgrad is not None and per_entry.requires_grad:
+        # An entry is one (pixel, Gaussian) pair, so its gradient is that pixel's alone.  A hook
+        # on the original tensor fires once also when the band is recomputed in backward.
+        rows = g if absgrad_rows is None else absgrad_rows[g]
+        per_entry.register_hook(lambda grad: _add_absgrad(absgrad, rows, grad))
+    alpha, valid = _alpha(per_entry, xs.to(dtype) + 0.5, ys.to(dtype) + 0.5, settings)
     if pixel_mask is not None:
         with torch.no_grad():
             valid = valid & pixel_mask(g, xs, ys)
@@ -272,6 +293,11 @@ def _rasterize_band(
     alpha, pixel = alpha.index_select(0, by_pixel), pixel[by_pixel]
     premult, trans = _accumulate(colors, g[by_pixel], alpha, pixel, h * w, settings.min_transmittance)
     return premult.reshape(h, w, -1), trans.reshape(h, w, 1)
+
+
+def _add_absgrad(absgrad: Tensor, rows: Tensor, grad: Tensor) -> None:
+    """Backward hook of the per-entry geometry: |d loss / d mean2d| of each entry into its row."""
+    absgrad.index_add_(0, rows, grad[:, :2].abs().to(absgrad.dtype))
 
 
 def rasterize_groups(

@@ -84,7 +84,7 @@ def render_partial(
         K: [3, 3] pinhole intrinsics for a ``width`` x ``height`` image.
         sh_degree: SH degree to evaluate, or None when ``gaussians.sh`` holds plain colours [N, 1, 3].
         with_depth: append the camera-z channel (its composite / (1 - T) is the expected depth).
-        absgrad: gsplat only: also accumulate |per-pixel gradient| into ``means2d.absgrad``.
+        absgrad: also accumulate |per-pixel gradient| into ``means2d.absgrad`` (both backends).
         num_leaf_positions: an upper bound on ``leaf_position`` (e.g. the number of leaves);
             given, it spares a device->host sync per render.
     """
@@ -96,7 +96,7 @@ def render_partial(
             gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad,
             num_leaf_positions,
         )
-    return _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth)
+    return _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad)
 
 
 def _colors(gaussians: Gaussians, campos: Tensor, sh_degree: Optional[int]) -> Tensor:
@@ -128,16 +128,27 @@ def project(
     return Projection(means2d[0], conics[0], depths[0], radii[0], None if compensations is None else compensations[0])
 
 
-def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth):
+def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth,
+                          absgrad=False):
     proj = project(gaussians, viewmat, K, width, height, settings, "torch")
     means2d = proj.means2d[None]  # the tensor whose gradient densification reads
     proj = proj._replace(means2d=means2d[0])
+    buffer = absgrad_buffer(means2d) if absgrad else None
     colors = _colors(gaussians, camera_center(viewmat), sh_degree)
     if with_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
     opacities = proj.opacities(gaussians.opacities)
-    color, transmittance = rasterize(proj, colors, opacities, width, height, settings, group=leaf_position)
+    color, transmittance = rasterize(proj, colors, opacities, width, height, settings, group=leaf_position, absgrad=buffer)
     return Partial(color, transmittance, means2d, proj.radii[None])
+
+
+def absgrad_buffer(means2d: Tensor) -> Optional[Tensor]:
+    """[N, 2] zeros that the torch rasteriser's backward fills with gsplat's absgrad, set as
+    ``means2d.absgrad`` ([1, N, 2], where gsplat puts it); None when nothing is differentiated."""
+    if not (torch.is_grad_enabled() and means2d.requires_grad):
+        return None
+    means2d.absgrad = torch.zeros_like(means2d)
+    return means2d.absgrad[0]
 
 
 def _render_partial_gsplat(

@@ -30,6 +30,7 @@ from landmark_plugin.core.render import (
     Gaussians,
     Partial,
     _colors,
+    absgrad_buffer,
     _sort_by_tile_leaf_depth_torch,
     project,
     resolve_backend,
@@ -76,7 +77,7 @@ def render_partial_clipped(
         settings: rasterisation constants.
         with_depth: append camera z as a last channel.
         backend: ``gsplat`` (CUDA kernel), ``torch`` (twin) or ``auto`` (by device).
-        absgrad: CUDA only: fill ``means2d.absgrad`` for densification.
+        absgrad: fill ``means2d.absgrad`` for densification.
         allow_fallback: on CUDA, use the twin when the kernel cannot be built (warned once)
             instead of raising ``cuda.CudaUnavailable``.
         leaf_mask: [L] the leaves this partial draws (a rank's part); copies that land in the
@@ -94,7 +95,7 @@ def render_partial_clipped(
             return _clipped_cuda(
                 gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad, leaf_mask
             )
-    return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask)
+    return _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask, absgrad)
 
 
 @torch.no_grad()
@@ -155,10 +156,12 @@ def _keep_masked_entries(
     return kept_offsets, flatten_ids[keep].contiguous(), boxes[keep].contiguous()
 
 
-def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask) -> Partial:
+def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask,
+                   absgrad=False) -> Partial:
     proj = project(gaussians, viewmat, K, width, height, settings, "torch")
     means2d = proj.means2d[None]
     proj = proj._replace(means2d=means2d[0])
+    buffer = absgrad_buffer(means2d) if absgrad else None
     colors = _colors(gaussians, camera_center(viewmat), sh_degree)
     if with_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
@@ -169,7 +172,7 @@ def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, sett
         copies = copies.take(torch.nonzero(leaf_mask.to(copies.leaf.device)[copies.leaf]).flatten())
     color, trans = rasterize_clipped(
         proj, colors, opacities, copies, leaves.boxes, camera, width, height, settings,
-        leaf_position=leaves.leaf_position,
+        leaf_position=leaves.leaf_position, absgrad=buffer,
     )
     return Partial(color, trans, means2d, proj.radii[None])
 

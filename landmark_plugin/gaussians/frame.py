@@ -301,7 +301,7 @@ class RetinaFrame:
             drawn = join(g, record.shared.received)
         rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
         local: Dict[Tuple[int, int], Tensor] = {}
-        absgrad = model.strategy.absgrad and backend == "gsplat"
+        absgrad = model.strategy.absgrad
         for b, v in enumerate(views):
             for s, index in self.local_part_index(leaf_ids).items():
                 if streamed is not None:

@@ -42,11 +42,6 @@ from landmark_plugin.gaussians.visible_adam import bind_visibility
 from landmark_plugin.metrics import offline_safe_lpips, without_unavailable_lpips
 from landmark_plugin.viewer.controls import LayoutControls
 
-# Splatfacto's densification threshold assumes gsplat's absgrad; the torch reference has only
-# the plain gradient, whose norm is smaller (gradients of opposite sign cancel).  3DGS's own
-# threshold for the plain gradient is 2e-4.
-PLAIN_GRAD_DENSIFY_THRESH = 0.0002
-
 
 @dataclass
 class RetinaGSModelConfig(SplatfactoModelConfig):
@@ -306,17 +301,13 @@ class RetinaGSModel(SplatfactoModel):
         return self._auto_mode
 
     def _note_backend(self, backend: str) -> None:
-        """On the torch backend densify on the plain gradient (no absgrad there), and say so once."""
+        """Say once when the torch reference rasteriser renders (it densifies as gsplat does: the
+        same absgrad statistic and threshold)."""
         if self._backend_checked:
             return
         self._backend_checked = True
-        if backend == "torch" and self.strategy.absgrad:
-            self.strategy.absgrad = False
-            self.strategy.grow_grad2d = PLAIN_GRAD_DENSIFY_THRESH
-            CONSOLE.print(
-                "retina-gs: rendering with the torch reference rasteriser (no CUDA); densifying on the "
-                f"plain screen gradient with threshold {PLAIN_GRAD_DENSIFY_THRESH}"
-            )
+        if backend == "torch":
+            CONSOLE.print("retina-gs: rendering with the torch reference rasteriser (no CUDA)")
 
     # ---- optimiser and densification -------------------------------------------------------
     def get_param_groups(self) -> Dict[str, list]:

@@ -99,7 +99,7 @@ class LeafStream:
         leaves are drawn (the sharing rule decides over every leaf, as in the whole render)."""
         frame, model = self.frame, self.frame.model
         g = model.activated_gaussians()
-        absgrad = model.strategy.absgrad and frame.backend == "gsplat"
+        absgrad = model.strategy.absgrad
         if frame.clip:
             return render_partial_clipped(
                 g, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height, frame.sh_degree(),
