@@ -117,6 +117,13 @@ def _train(data, out, offload: str, device: str = "cpu", budget_gb: float = 0.0,
                            offload_stream_depth=stream_depth, mode=mode)
     config.pipeline.camera_order = order
     config.machine.device_type = device
+    if device == "cuda":
+        # float32 on the GPU: Adam's update is lr * g / |g| once |g| >> eps, so a gradient that
+        # is 0 up to rounding moves a parameter by a whole learning rate one way or the other.
+        # The same comparison in float32 on the CPU: 5e-3 apart after 8 steps with eps 1e-15,
+        # 3e-6 with 1e-5 (as tests/test_shared_gpu_ranks.py); an H200 run gave 2e-2 at 1e-15.
+        for name in ("means", "scales", "quats", "features_dc", "features_rest", "opacities"):
+            config.optimizers[name]["optimizer"].eps = 1e-5
     trainer = setup_trainer(config)
     model = trainer.pipeline.model
     if no_termination:  # a streamed pixel's later subtrees do not see the earlier ones' transmittance
@@ -156,7 +163,7 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     memory, _, _ = _train(street_city, tmp_path / "memory", "none", device, order=order)
     streamed, staged, trainer = _train(street_city, tmp_path / "host", "host", device, budget_gb, order)
     assert memory.num_points == streamed.num_points
-    assert memory.num_points != MICRO_CITY["num_points"], "densification must have changed the count"
+    assert device == "cuda" or memory.num_points != MICRO_CITY["num_points"], "20 steps densify"
     total = streamed.num_points
     assert sum(n < of for n, of in staged) >= 3, f"batches held almost every Gaussian ({staged}): nothing streamed"
     a, b = _rows(memory), _rows(streamed)
@@ -229,18 +236,19 @@ def test_a_leaf_no_camera_can_draw_keeps_every_byte(street_city, tmp_path):
 def test_stream_equals_in_memory_with_densification(street_city, tmp_path, device, stream_depth):
     """``offload stream``: the GPU side holds one subtree at a time, each frame composites the
     subtrees' partials and backward re-renders each subtree; the run equals the in-memory run
-    (visible Adam, plain mode, densification on) in every parameter, moment and statistic, and
-    so do eval renders and the checkpoint.  gsplat's early termination (a pixel ends once its
-    transmittance falls below 1e-4) acts per subtree, as it acts per part on several ranks in
-    plain mode: the comparison turns it off, so that it measures the streaming.  On CUDA (gsplat,
-    float32, pinned copies on the copy stream) it stays on: a looser bound."""
+    (visible Adam, densification on; plain mode on the CPU, mode auto -> clip with the csrc/
+    kernel on CUDA) in every parameter, moment and statistic, and so do eval renders and the
+    checkpoint.  gsplat's early termination (a pixel ends once its transmittance falls below
+    1e-4) acts per subtree, as it acts per part on several ranks in plain mode: the comparison
+    turns it off, so that it measures the streaming.  On CUDA: float32, 8 steps, pinned copies
+    on the copy stream, Adam's eps above float32 noise (``_train``)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (the CPU cases run the same streaming code)")
     memory, _, _ = _train(street_city, tmp_path / "memory", "none", device, no_termination=True)
     streamed, _, trainer = _train(street_city, tmp_path / "stream", "stream", device, stream_depth=stream_depth, no_termination=True)
     store = streamed.offload_store
     assert store.stream.streamed_batches == (STEPS if device == "cpu" else 8), "every step was stepped group by group"
-    tol = 1e-5 if device == "cpu" else 1e-2
+    tol = 1e-5 if device == "cpu" else 1e-4
     assert memory.num_points == streamed.num_points
     assert device == "cuda" or streamed.num_points != MICRO_CITY["num_points"], "20 steps densify"
     a, b = _rows(memory), _rows(streamed)
@@ -260,7 +268,7 @@ def test_stream_equals_in_memory_with_densification(street_city, tmp_path, devic
             store.stream = stream
             got = streamed.get_outputs(cameras[i : i + 1])
             for key, bound in (("rgb", 1e-9), ("accumulation", 1e-9), ("depth", 1e-8)):  # depth: world units over (1 - T)
-                bound = bound if device == "cpu" else 1e-2
+                bound = bound if device == "cpu" else 1e-4
                 assert float((want[key] - got[key]).abs().max()) <= bound, f"eval {key} of camera {i}"
             largest = max(largest, streamed.num_points)
     assert largest <= memory.num_points // 2, f"an eval render held {largest} of {memory.num_points} Gaussians"
