@@ -128,27 +128,36 @@ def project(
     return Projection(means2d[0], conics[0], depths[0], radii[0], None if compensations is None else compensations[0])
 
 
-def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth,
-                          absgrad=False):
+class TorchInputs(NamedTuple):
+    """What the torch renders (plain and clipped) hand their rasteriser."""
+
+    proj: Projection  # its means2d is ``means2d[0]``
+    means2d: Tensor  # [1, N, 2] the tensor whose gradient (and ``.absgrad``) densification reads
+    colors: Tensor  # [N, D] colours, camera z appended with depth
+    opacities: Tensor  # [N] (antialiased: times the compensation)
+    absgrad: Optional[Tensor]  # [N, 2] ``means2d.absgrad[0]``, filled in backward; None when not asked
+
+
+def _torch_inputs(gaussians, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad) -> TorchInputs:
     proj = project(gaussians, viewmat, K, width, height, settings, "torch")
-    means2d = proj.means2d[None]  # the tensor whose gradient densification reads
+    means2d = proj.means2d[None]
     proj = proj._replace(means2d=means2d[0])
-    buffer = absgrad_buffer(means2d) if absgrad else None
+    buffer = None
+    if absgrad and torch.is_grad_enabled() and means2d.requires_grad:
+        means2d.absgrad = torch.zeros_like(means2d)  # where gsplat puts it
+        buffer = means2d.absgrad[0]
     colors = _colors(gaussians, camera_center(viewmat), sh_degree)
     if with_depth:
         colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
-    opacities = proj.opacities(gaussians.opacities)
-    color, transmittance = rasterize(proj, colors, opacities, width, height, settings, group=leaf_position, absgrad=buffer)
-    return Partial(color, transmittance, means2d, proj.radii[None])
+    return TorchInputs(proj, means2d, colors, proj.opacities(gaussians.opacities), buffer)
 
 
-def absgrad_buffer(means2d: Tensor) -> Optional[Tensor]:
-    """[N, 2] zeros that the torch rasteriser's backward fills with gsplat's absgrad, set as
-    ``means2d.absgrad`` ([1, N, 2], where gsplat puts it); None when nothing is differentiated."""
-    if not (torch.is_grad_enabled() and means2d.requires_grad):
-        return None
-    means2d.absgrad = torch.zeros_like(means2d)
-    return means2d.absgrad[0]
+def _render_partial_torch(gaussians, leaf_position, viewmat, K, width, height, sh_degree, settings, with_depth,
+                          absgrad=False):
+    t = _torch_inputs(gaussians, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad)
+    color, transmittance = rasterize(t.proj, t.colors, t.opacities, width, height, settings, group=leaf_position,
+                                     absgrad=t.absgrad)
+    return Partial(color, transmittance, t.means2d, t.proj.radii[None])
 
 
 def _render_partial_gsplat(

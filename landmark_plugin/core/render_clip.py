@@ -29,9 +29,8 @@ from landmark_plugin.core.render import (
     Backend,
     Gaussians,
     Partial,
-    _colors,
-    absgrad_buffer,
     _sort_by_tile_leaf_depth_torch,
+    _torch_inputs,
     project,
     resolve_backend,
 )
@@ -158,23 +157,16 @@ def _keep_masked_entries(
 
 def _clipped_torch(gaussians, leaves, viewmat, K, width, height, sh_degree, settings, with_depth, leaf_mask,
                    absgrad=False) -> Partial:
-    proj = project(gaussians, viewmat, K, width, height, settings, "torch")
-    means2d = proj.means2d[None]
-    proj = proj._replace(means2d=means2d[0])
-    buffer = absgrad_buffer(means2d) if absgrad else None
-    colors = _colors(gaussians, camera_center(viewmat), sh_degree)
-    if with_depth:
-        colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
+    t = _torch_inputs(gaussians, viewmat, K, width, height, sh_degree, settings, with_depth, absgrad)
     camera = clip_camera(viewmat, K).to(gaussians.means.device)
-    opacities = proj.opacities(gaussians.opacities)
-    copies = sharing_copies(proj, opacities, camera, leaves.boxes, width, height, settings)
+    copies = sharing_copies(t.proj, t.opacities, camera, leaves.boxes, width, height, settings)
     if leaf_mask is not None:
         copies = copies.take(torch.nonzero(leaf_mask.to(copies.leaf.device)[copies.leaf]).flatten())
     color, trans = rasterize_clipped(
-        proj, colors, opacities, copies, leaves.boxes, camera, width, height, settings,
-        leaf_position=leaves.leaf_position, absgrad=buffer,
+        t.proj, t.colors, t.opacities, copies, leaves.boxes, camera, width, height, settings,
+        leaf_position=leaves.leaf_position, absgrad=t.absgrad,
     )
-    return Partial(color, trans, means2d, proj.radii[None])
+    return Partial(color, trans, t.means2d, t.proj.radii[None])
 
 
 def clip_intersections(

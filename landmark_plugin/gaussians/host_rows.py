@@ -29,7 +29,6 @@ class HostRows:
         self.blocks = blocks
         self.layout = layout
         self.spans = list(layout_columns(layout).values())
-        self._dtype = blocks[0].dtype
 
     @classmethod
     def capture(cls, model, optimizers, strategy_state) -> "HostRows":
@@ -51,7 +50,7 @@ class HostRows:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dtype
+        return self.blocks[0].dtype
 
     @property
     def device(self) -> torch.device:
