@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Tuple
 
 import pytest
 import torch
@@ -110,6 +111,26 @@ def _rows(model):
     return gaussian_rows(model, model.optimizers, model.strategy_state)[0]
 
 
+def _compare(memory, streamed, device: str, cpu_tol: float = 1e-6) -> Tuple[bool, str]:
+    """Whether every row of the two runs agrees, and a report of the worst column group.
+
+    float64 on the CPU: ``cpu_tol`` absolute.  float32 on CUDA (gsplat's backward sums with atomics, in
+    another order for another grouping of the same Gaussians): 1e-4 of each column group's own
+    scale, as moments and densification statistics are not of the parameters' magnitude."""
+    from landmark_plugin.gaussians.rows import gaussian_rows, layout_columns
+
+    (a, layout), (b, _) = (gaussian_rows(m, m.optimizers, m.strategy_state) for m in (memory, streamed))
+    assert a.shape == b.shape
+    worst, report, ok = -1.0, "", True
+    for (name, kind), cols in layout_columns(layout).items():
+        diff, scale = float((a[:, cols] - b[:, cols]).abs().max()), float(a[:, cols].abs().max())
+        tol = cpu_tol if device == "cpu" else 1e-4 * max(1.0, scale)
+        ok = ok and diff <= tol
+        if diff / tol > worst:
+            worst, report = diff / tol, f"{name}/{kind}: {diff:.3g} apart, scale {scale:.3g}, bound {tol:.3g}"
+    return ok, report
+
+
 def _train(data, out, offload: str, device: str = "cpu", budget_gb: float = 0.0, order: str = "random", stream_depth: int = 3,
            no_termination: bool = False, mode: str = "auto"):
     steps = STEPS if device == "cpu" else 8
@@ -165,12 +186,13 @@ def test_offload_equals_in_memory_with_densification(street_city, tmp_path, devi
     assert memory.num_points == streamed.num_points
     assert device == "cuda" or memory.num_points != MICRO_CITY["num_points"], "20 steps densify"
     total = streamed.num_points
-    assert sum(n < of for n, of in staged) >= 3, f"batches held almost every Gaussian ({staged}): nothing streamed"
-    a, b = _rows(memory), _rows(streamed)
-    assert a.shape == b.shape
-    diff = float((a - b).abs().max())
+    # 20 CPU steps from a random order; 8 CUDA steps in locality order under a budget that keeps
+    # leaves held, so there a single partial batch shows that leaves were let go
+    partial = sum(n < of for n, of in staged)
+    assert partial >= (3 if device == "cpu" else 1), f"batches held almost every Gaussian ({staged}): nothing streamed"
+    ok, report = _compare(memory, streamed, device)
+    assert ok, f"offload vs in memory, worst {report}"
     tol = 1e-6 if device == "cpu" else 1e-4
-    assert diff <= tol, f"offload vs in memory: {diff:.3g}"
     if budget_gb > 0:
         assert sum(trainer.uploaded) < sum(n for n, _ in staged), "held leaves were uploaded again"
     assert sum(trainer.prefetched) > 0, "the next batch's leaves were sent ahead (during the previous batch)"
@@ -251,11 +273,10 @@ def test_stream_equals_in_memory_with_densification(street_city, tmp_path, devic
     tol = 1e-5 if device == "cpu" else 1e-4
     assert memory.num_points == streamed.num_points
     assert device == "cuda" or streamed.num_points != MICRO_CITY["num_points"], "20 steps densify"
-    a, b = _rows(memory), _rows(streamed)
-    diff = float((a - b).abs().max())
     # A subtree composite rounds differently from one render (1e-16), and Adam's normalised step
     # makes such noise in a near-zero gradient visible: float64 keeps it far below a real error.
-    assert diff <= tol, f"stream vs in memory: {diff:.3g}"
+    ok, report = _compare(memory, streamed, device, cpu_tol=tol)
+    assert ok, f"stream vs in memory, worst {report}"
     # Eval renders stream too: the same model rendered in one part (offload host's staging) is
     # the reference, so the comparison does not depend on the training's rounding.
     streamed.eval()
