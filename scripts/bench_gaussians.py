@@ -18,9 +18,8 @@ budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a be
 ``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-visible``
 (visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order),
 ``retina-gs-stream`` (visible Adam, ``offload stream``: subtrees streamed through each frame),
-``retina-gs-torch`` (the torch reference rasteriser in plain mode: densification on the plain screen
-gradient and its own threshold, to compare with gsplat's absgrad: count and PSNR;
-``--retina-mode plain`` gives the gsplat side the same mode).  On ``city-appearance`` every method also reports the
+``retina-gs-torch`` (the torch reference rasteriser, in the bench's mode, densifying on gsplat's absgrad
+statistic and threshold: its count and PSNR should agree with retina-gs's).  On ``city-appearance`` every method also reports the
 colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own).
 """
 
@@ -156,8 +155,8 @@ def apply_variant(config, change: str, cap: int) -> None:
         config.pipeline.camera_order = "locality"
     elif change == "stream":  # streamed subtree by subtree inside the frame (depth 2 of retina-gs's tree)
         model.visible_adam, model.offload, model.offload_stream_depth = True, "stream", 1
-    elif change == "torch":  # the torch reference rasteriser on the GPU: plain screen gradient, its threshold
-        model.backend, model.mode = "torch", "plain"  # (the clip twin is several times slower than plain)
+    elif change == "torch":  # the torch reference rasteriser on the GPU (one process: the ordinary render)
+        model.backend = "torch"
     elif change == "capped":
         model.strategy.max_gaussians = cap
     elif change == "mcmc":

@@ -48,7 +48,10 @@ def _worker(comm, depth: int, max_gaussians: int = 0):
     shard_(comm, model, Parts.of(depth, comm.world_size))
     frame = RetinaFrame(comm, model, no_termination())
     model.frame = frame
-    model.optimizers = make_optimizers(model)
+    # One process draws its one part ordinarily; the ranks draw clipped copies: equal up to float64
+    # rounding, which splatfacto's eps (1e-15) would turn into whole Adam steps on near-zero gradients
+    # (1e-3 apart after 50 steps); 1e-12 keeps Adam's steps for every gradient above the rounding.
+    model.optimizers = make_optimizers(model, eps=1e-12)
     events, counts = {"_grow_gs": [], "_prune_gs": []}, []
     for name, seen in events.items():  # what gsplat's strategy did at each refinement
 

@@ -13,7 +13,8 @@ training batches and evaluation all render through it.  Per batch of cameras:
    (``sharing.share_rows``, one exchange per batch);
 4. every rank renders one partial per (camera, own visible part): plain, its Gaussians sorted
    by (leaf position, depth); clip, its own and received Gaussians clipped to the part's
-   leaves.  Partials for another rank are cropped to ``content_rect`` (outside it a partial is
+   leaves, except that one part (one process) has no boundary to clip at and renders ordinarily
+   (``RetinaFrame.clips``).  Partials for another rank are cropped to ``content_rect`` (outside it a partial is
    exactly empty), and the rectangles are summed over ranks into the plan;
 5. ``exchange_partials`` moves the crops to the owners (autograd-aware); an owner pastes them
    into full frames, composites them in the camera's part order with ``composite``, adds the
@@ -101,6 +102,13 @@ class RetinaFrame:
     @property
     def clip(self) -> bool:
         return self.model.render_mode(self.backend) == "clip"
+
+    @property
+    def clips(self) -> bool:
+        """Whether partials are clipped: clip mode with several parts.  One part's region is all of
+        space, with no boundary to clip at: its clipped render is the ordinary render of its
+        Gaussians (DESIGN.md section 3), drawn as one, without copies, at gsplat's cost."""
+        return self.clip and len(self.parts) > 1
 
     # ---- the Gaussians this rank renders ----------------------------------------------------
     def local_part_index(self, leaf_ids: Tensor) -> Dict[int, Tensor]:
@@ -216,7 +224,7 @@ class RetinaFrame:
         if stream is not None:
             return all_reduce_ints(self.comm, stream.visibility(views), "visibility") > 0
         g, leaf_ids = self.render_set()
-        if self.clip:
+        if self.clips:
             return parts_reached(self, g, views)
         visible = torch.zeros(len(cameras), len(self.parts), dtype=torch.int64)
         for p, v in enumerate(views):
@@ -281,7 +289,7 @@ class RetinaFrame:
         [B, S, 4] table."""
         model = self.model
         model._note_backend(self.backend)
-        clip, backend = self.clip, self.backend
+        clip, backend, ordinary = self.clips, self.backend, self.clip and not self.clips
         stream = self.stream()
         record = StepRecord(
             num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views],
@@ -321,10 +329,11 @@ class RetinaFrame:
                 else:
                     whole = index.numel() == n  # one part per rank: no gather needed
                     part = g if whole else Gaussians(*(t[index] for t in g))
+                    positions = torch.zeros_like(index) if ordinary else v.positions[leaf_ids[index]]
                     partial = render_partial(
-                        part, v.positions[leaf_ids[index]], v.viewmat, v.K, v.width, v.height, self.sh_degree(),
-                        self.settings, with_depth=with_depth, backend=backend, absgrad=absgrad,
-                        num_leaf_positions=2**model.config.tree_depth,
+                        part, positions, v.viewmat, v.K, v.width, v.height, self.sh_degree(), self.settings,
+                        with_depth=with_depth, backend=backend, absgrad=absgrad,
+                        num_leaf_positions=1 if ordinary else 2**model.config.tree_depth,
                     )
                     rows = index
                 if streamed is None:
@@ -370,8 +379,7 @@ class RetinaFrame:
         full_background = torch.cat([background, background.new_zeros(channels - 3)])
         image, transmittance = composite(colors, trans, full_background)
         alpha = 1.0 - transmittance
-        out = {"rgb": torch.clamp(image[..., :3], 0.0, 1.0), "accumulation": alpha, "background": background}
-        out["depth"] = None
+        out = {"rgb": torch.clamp(image[..., :3], 0.0, 1.0), "accumulation": alpha, "background": background, "depth": None}
         if with_depth:
             # The depth channel composites like colour, over a zero background.
             depth = expected_depth(image[..., 3:4], transmittance)
@@ -406,13 +414,8 @@ class RetinaFrame:
         return {"rgb": image[..., :3], "accumulation": image[..., 3:4], "depth": image[..., 4:5], "background": packed[-3:]}
 
     # ---- loss -----------------------------------------------------------------------------
-    def batch_loss(
-        self,
-        cameras: Cameras,
-        visible: Tensor,
-        owners: Tensor,
-        batch_of: Callable[[int], Dict[str, Tensor]],
-    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[int, Dict[str, Tensor]]]:
+    def batch_loss(self, cameras: Cameras, visible: Tensor, owners: Tensor, batch_of: Callable[[int], Dict[str, Tensor]]
+                   ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[int, Dict[str, Tensor]]]:
         """Loss of a batch: mean over its B cameras of splatfacto's per-camera loss.
 
         Each owner sums its cameras' losses; the returned ``main_loss`` carries the global
@@ -436,10 +439,7 @@ class RetinaFrame:
             local = local + model.get_loss_dict(out, data)["main_loss"] / size
             psnr = psnr + model.get_metrics_dict(out, data)["psnr"].detach().to(psnr) / size
         total_loss, total_psnr, count = all_reduce_sum(
-            self.comm,
-            [local.detach(), psnr, psnr.new_full((), float(model.total_points))],
-            "loss and metrics",
-        )
+            self.comm, [local.detach(), psnr, psnr.new_full((), float(model.total_points))], "loss and metrics")
         main_loss = local + (total_loss - local.detach())  # value: global; gradient: local
         losses = {"main_loss": main_loss}
         tv = tv_loss(model)

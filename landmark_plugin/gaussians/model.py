@@ -59,9 +59,10 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     shared with every leaf it can reach, so the render equals the unpartitioned render of all
     Gaussians (boundaries are invisible); CUDA kernel of csrc/ on GPU (built on first use), its
     torch twin with backend torch; on several ranks, Gaussians reaching another rank's leaves are
-    sent there for the batch.  auto: clip where it is fast -- rendering with the csrc/ kernel, on
-    any number of ranks -- and plain on the torch backend (the clip twin is several times slower)
-    and without the kernels.  plain stays the default until a whole clip training step costs at
+    sent there for the batch.  On one process (one part, no boundary to clip at) clip is the
+    ordinary render of all Gaussians, on either backend.  auto: clip where it is fast -- one
+    process, or the csrc/ kernel on any number of ranks -- and plain on several ranks with the
+    torch backend (the clip twin is several times slower) or without the kernels.  plain stays the default until a whole clip training step costs at
     most 1.10x splatfacto's (BENCHMARKS.md has the measured ratio)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
@@ -169,7 +170,7 @@ class RetinaGSModel(SplatfactoModel):
         self.strategy.split_normals = self._split_normals
         self.strategy.gather = self._gather_rows
         self._backend_checked = False
-        self._auto_mode: Optional[str] = None
+        self._auto_mode: Optional[Tuple[Tuple[str, bool], str]] = None
         self.frame = RetinaFrame(Comm.single(), self)
         """The frame path; the distributed pipeline replaces it with one over its ranks."""
         self.offload_store: Optional[OffloadStore] = None
@@ -291,14 +292,16 @@ class RetinaGSModel(SplatfactoModel):
         """The rule renders use: ``config.mode``, with ``auto`` resolved (see its docstring)."""
         if self.config.mode != "auto":
             return self.config.mode
-        if self._auto_mode is None:
+        one_part = len(self.frame.parts) == 1  # the distributed pipeline replaces the frame
+        if self._auto_mode is None or self._auto_mode[0] != (backend, one_part):
             from landmark_plugin import cuda
 
-            clip = backend == "gsplat" and cuda.require(allow_fallback=True) is not None
-            self._auto_mode = "clip" if clip else "plain"
-            why = {"clip": "exact render, csrc/ kernel", "plain": "no csrc/ kernel (torch backend or no build)"}
-            CONSOLE.print(f"retina-gs: mode auto -> {self._auto_mode} ({why[self._auto_mode]})")
-        return self._auto_mode
+            kernels = backend == "gsplat" and cuda.require(allow_fallback=True) is not None
+            mode = "clip" if one_part or kernels else "plain"
+            why = "one part: the ordinary render" if one_part else "csrc/ kernel" if kernels else "no csrc/ kernel"
+            CONSOLE.print(f"retina-gs: mode auto -> {mode} ({why})")
+            self._auto_mode = ((backend, one_part), mode)
+        return self._auto_mode[1]
 
     def _note_backend(self, backend: str) -> None:
         """Say once when the torch reference rasteriser renders (it densifies as gsplat does: the
