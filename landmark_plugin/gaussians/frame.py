@@ -14,8 +14,8 @@ training batches and evaluation all render through it.  Per batch of cameras:
 4. every rank renders one partial per (camera, own visible part): plain, its Gaussians sorted
    by (leaf position, depth); clip, its own and received Gaussians clipped to the part's
    leaves, except that one part (one process) has no boundary to clip at and renders ordinarily
-   (``RetinaFrame.clips``).  Partials for another rank are cropped to ``content_rect`` (outside it a partial is
-   exactly empty), and the rectangles are summed over ranks into the plan;
+   (``RetinaFrame.clips``).  Partials for another rank are cropped to ``content_rect`` (outside
+   it a partial is exactly empty), and the rectangles are summed over ranks into the plan;
 5. ``exchange_partials`` moves the crops to the owners (autograd-aware); an owner pastes them
    into full frames, composites them in the camera's part order with ``composite``, adds the
    background and computes splatfacto's loss.
