@@ -44,7 +44,7 @@ def test_auto_mode_is_clip_only_where_exact_and_fast(monkeypatch):
     def resolved(mode, backend, ranks, kernels):
         monkeypatch.setattr(cuda, "require", lambda allow_fallback: object() if kernels else None)
         parts = Parts.of(2, ranks)
-        model = SimpleNamespace(config=SimpleNamespace(mode=mode), _auto_mode=None, frame=SimpleNamespace(parts=parts))
+        model = SimpleNamespace(config=SimpleNamespace(mode=mode), _auto_mode=None, frame=SimpleNamespace(one_part=len(parts) == 1))
         return RetinaGSModel.render_mode(model, backend)
 
     assert resolved("auto", "gsplat", 1, kernels=True) == "clip"

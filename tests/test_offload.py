@@ -258,11 +258,12 @@ def test_a_leaf_no_camera_can_draw_keeps_every_byte(street_city, tmp_path):
 def test_stream_equals_in_memory_with_densification(street_city, tmp_path, device, stream_depth):
     """``offload stream``: the GPU side holds one subtree at a time, each frame composites the
     subtrees' partials and backward re-renders each subtree; the run equals the in-memory run
-    (visible Adam, densification on; plain mode on the CPU, mode auto -> clip with the csrc/
-    kernel on CUDA) in every parameter, moment and statistic, and so do eval renders and the
-    checkpoint.  gsplat's early termination (a pixel ends once its transmittance falls below
-    1e-4) acts per subtree, as it acts per part on several ranks in plain mode: the comparison
-    turns it off, so that it measures the streaming.  On CUDA: float32, 8 steps, pinned copies
+    (visible Adam, densification on; mode auto -> clip: in memory the ordinary render of one
+    part, streamed each subtree clipped, with the csrc/ kernel on CUDA) in every parameter,
+    moment and statistic, and so do eval renders and the checkpoint.  gsplat's early
+    termination (a pixel ends once its transmittance falls below 1e-4) acts per subtree, as it
+    acts per part on several ranks in plain mode: the comparison turns it off, so that it
+    measures the streaming.  On CUDA: float32, 8 steps, pinned copies
     on the copy stream, Adam's eps above float32 noise (``_train``)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (the CPU cases run the same streaming code)")

@@ -104,11 +104,15 @@ class RetinaFrame:
         return self.model.render_mode(self.backend) == "clip"
 
     @property
+    def one_part(self) -> bool:
+        """One part (one process): its region is all of space, with no boundary to clip at, so its
+        clipped render is the ordinary render of its Gaussians (DESIGN.md section 3)."""
+        return len(self.parts) == 1
+
+    @property
     def clips(self) -> bool:
-        """Whether partials are clipped: clip mode with several parts.  One part's region is all of
-        space, with no boundary to clip at: its clipped render is the ordinary render of its
-        Gaussians (DESIGN.md section 3), drawn as one, without copies, at gsplat's cost."""
-        return self.clip and len(self.parts) > 1
+        """Whether partials are clipped: clip mode with several parts."""
+        return not self.one_part and self.clip
 
     # ---- the Gaussians this rank renders ----------------------------------------------------
     def local_part_index(self, leaf_ids: Tensor) -> Dict[int, Tensor]:
@@ -289,7 +293,7 @@ class RetinaFrame:
         [B, S, 4] table."""
         model = self.model
         model._note_backend(self.backend)
-        clip, backend, ordinary = self.clips, self.backend, self.clip and not self.clips
+        clip, backend, ordinary = self.clips, self.backend, self.one_part and self.clip
         stream = self.stream()
         record = StepRecord(
             num_cameras=len(views), width=views[0].width, height=views[0].height, sizes=[(v.width, v.height) for v in views],

@@ -62,8 +62,9 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     sent there for the batch.  On one process (one part, no boundary to clip at) clip is the
     ordinary render of all Gaussians, on either backend.  auto: clip where it is fast -- one
     process, or the csrc/ kernel on any number of ranks -- and plain on several ranks with the
-    torch backend (the clip twin is several times slower) or without the kernels.  plain stays the default until a whole clip training step costs at
-    most 1.10x splatfacto's (BENCHMARKS.md has the measured ratio)."""
+    torch backend (the clip twin is several times slower) or without the kernels.  plain stays
+    the default until a whole clip training step costs at most 1.10x splatfacto's (BENCHMARKS.md
+    has the measured ratio)."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser: gsplat on CUDA, the pure-torch reference on CPU (auto), or forced."""
     affine_appearance: bool = False
@@ -292,7 +293,7 @@ class RetinaGSModel(SplatfactoModel):
         """The rule renders use: ``config.mode``, with ``auto`` resolved (see its docstring)."""
         if self.config.mode != "auto":
             return self.config.mode
-        one_part = len(self.frame.parts) == 1  # the distributed pipeline replaces the frame
+        one_part = self.frame.one_part  # the distributed pipeline replaces the frame
         if self._auto_mode is None or self._auto_mode[0] != (backend, one_part):
             from landmark_plugin import cuda
 
