@@ -67,6 +67,9 @@ def check_offload(model: Any) -> None:
     if model.strategy.kind != "default":
         raise ConfigError(f"--pipeline.model.offload {offload} works with the default strategy only (MCMC moves "
                           "every Gaussian at every step)")
+    if getattr(model, "appearance_features", 0) > 0:
+        raise ConfigError(f"--pipeline.model.offload {offload} does not stream per-Gaussian appearance yet: use "
+                          "--pipeline.model.appearance-features 0 (--pipeline.model.affine-appearance True streams)")
 
 
 def check_before_start(config: Any, world_size: int) -> None:

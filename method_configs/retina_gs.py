@@ -47,6 +47,13 @@ def gaussian_optimizers(max_steps: int) -> dict:
             "optimizer": AdamOptimizerConfig(lr=2e-3, eps=1e-15),
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
         },
+        # used with --pipeline.model.appearance-features N: the Gaussians' features, then the
+        # image embeddings and their MLP
+        "appearance_features": {"optimizer": adam(0.0025), "scheduler": None},
+        "appearance": {
+            "optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps),
+        },
         "camera_opt": {
             "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
             "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),

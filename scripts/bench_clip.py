@@ -239,7 +239,7 @@ def memcheck(args) -> None:
     from landmark_plugin.core.render_clip import render_partial_clipped
 
     gaussians, viewmat, K = make_scene(2000, 128, 96, "cuda", args.seed)
-    gaussians = type(gaussians)(*(t.requires_grad_(True) for t in gaussians))
+    gaussians = type(gaussians)(*(t.requires_grad_(True) for t in gaussians.fields()))
     _, clip_leaves = leaves_for(gaussians, viewmat, 2)
     part = render_partial_clipped(gaussians, clip_leaves, viewmat, K, 128, 96, None, with_depth=True, backend="gsplat",
                                   absgrad=True)

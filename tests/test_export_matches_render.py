@@ -60,21 +60,28 @@ def viewer_render(g, camera, background: torch.Tensor, settings) -> torch.Tensor
     return torch.clamp(color + trans * background, 0.0, 1.0)
 
 
-def _exported_and_model_renders(tmp_path: Path, mode: str, settings):
+def _exported_and_model_renders(tmp_path: Path, mode: str, settings, appearance: bool = False):
     from landmark_plugin.distributed.groups import Comm
-    from landmark_plugin.gaussians.export import GAUSS_PREFIX, write_gaussians_ply
+    from landmark_plugin.gaussians.export import APPEARANCE_PREFIX, GAUSS_PREFIX, write_gaussians_ply
     from landmark_plugin.gaussians.frame import RetinaFrame
 
-    model, cameras = stress_model(2), stress_cameras()
+    options = dict(appearance_features=6, appearance_embedding=4, eval_appearance="mean") if appearance else {}
+    model, cameras = stress_model(2, **options), stress_cameras()
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # the file stores float32: the model holds exactly what it will read
         for p in model.gauss_params.values():
             p.copy_(p.float().double())
+        for p in model.gaussian_appearance.parameters() if appearance else ():  # away from identity
+            p.copy_((p + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)).float().double())
     model.config.mode = mode
     model.frame = RetinaFrame(Comm.single(), model, settings)
     model.step = 10**6  # every SH degree
     model.eval()
     path = tmp_path / "splat.ply"
-    written = write_gaussians_ply(path, {GAUSS_PREFIX + k: v for k, v in model.gauss_params.items()})
+    state = {GAUSS_PREFIX + k: v for k, v in model.gauss_params.items()}
+    if appearance:
+        state.update({APPEARANCE_PREFIX + k: v for k, v in model.gaussian_appearance.state_dict().items()})
+    written = write_gaussians_ply(path, state)
     assert written == model.num_points
     g = read_viewer_gaussians(path)
     background = model._get_background_color().to(torch.float64)
@@ -106,3 +113,12 @@ def test_exported_ply_in_a_viewer_equals_the_clip_render(tmp_path, float64, term
 def test_exported_ply_in_a_viewer_differs_from_the_plain_render(tmp_path, float64):
     diffs = [float((ours - viewer).abs().max()) for ours, viewer in _exported_and_model_renders(tmp_path, "plain", no_termination())]
     assert max(diffs) > 1e-2, diffs
+
+
+def test_exported_ply_bakes_the_mean_appearance(tmp_path, float64):
+    """Per-Gaussian appearance is no 3DGS field: the file holds the colours of the mean training
+    appearance, so a viewer shows what eval_appearance mean renders."""
+    renders = _exported_and_model_renders(tmp_path, "clip", no_termination(), appearance=True)
+    for i, (ours, viewer) in enumerate(renders):
+        assert viewer.std() > 0.01, f"camera {i} sees nothing: the check would be empty"
+        torch.testing.assert_close(ours, viewer, **TOL, msg=lambda m: f"camera {i}: {m}")

@@ -67,7 +67,7 @@ def test_one_pass_partial_equals_composite_of_leaf_partials(depth):
     for leaf in order.tolist():
         mask = leaves == leaf
         part = render_partial(
-            Gaussians(*(t[mask] for t in gaussians)), position[mask], viewmat, K, 40, 30, 1, NO_TERMINATION,
+            gaussians.take(mask), position[mask], viewmat, K, 40, 30, 1, NO_TERMINATION,
             with_depth=True, backend="torch",
         )
         colors.append(part.color)
@@ -83,7 +83,7 @@ def test_one_pass_partial_equals_composite_of_leaf_partials(depth):
 def test_gsplat_backend_equals_torch_twin(depth):
     width, height = 300, 200
     gaussians = random_scene(5000, "cuda", seed=10 + depth, sh_degree=2)
-    gaussians = Gaussians(*(t.requires_grad_(True) for t in gaussians))
+    gaussians = Gaussians(*(t.requires_grad_(True) for t in gaussians.fields()))
     viewmat = look_at([2.2, -1.8, 1.0], [0.0, 0.0, 0.0], "cuda")
     K = intrinsics(width, height, 70.0, "cuda")
     _, position, _ = leaf_positions(gaussians, depth, viewmat)

@@ -24,14 +24,23 @@ ATOL = 1e-5
 
 def _model(kind: str = "bilateral"):
     torch.set_default_dtype(torch.float64)
-    if kind == "affine":
+    if kind == "gaussian":
+        model = stress_model(2, appearance_features=6, appearance_embedding=4)
+    elif kind == "affine":
         model = stress_model(2, affine_appearance=True)
     else:
         model = stress_model(2, use_bilateral_grid=True, grid_shape=(4, 4, 2))
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # away from identity, so every image's grid changes its render
-        model.bil_grids.grids += 0.1 * torch.randn(model.bil_grids.grids.shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():  # away from identity, so every image's appearance changes its render
+        for param in _appearance_params(model):
+            param += 0.1 * torch.randn(param.shape, generator=g, dtype=torch.float64)
     return model
+
+
+def _appearance_params(model) -> list:
+    """The per-image appearance's replicated parameters: grids, or embeddings and MLP."""
+    module = getattr(model, "gaussian_appearance", None)
+    return list(module.parameters()) if module is not None else [model.bil_grids.grids]
 
 
 def _render(model, cameras, index: int, image=None):
@@ -129,6 +138,7 @@ def test_an_appearance_edit_needs_per_image_appearance():
 
 def _worker(comm, kind: str = "bilateral"):
     from landmark_plugin.core.schedule import Parts
+    from landmark_plugin.distributed.collectives import all_reduce_grads_
     from landmark_plugin.gaussians.appearance import sync_grid_gradients_
     from landmark_plugin.gaussians.frame import RetinaFrame
     from landmark_plugin.gaussians.rows import owner_ranks, shard_
@@ -140,8 +150,10 @@ def _worker(comm, kind: str = "bilateral"):
     frame = RetinaFrame(comm, model, no_termination())
     model.frame = frame
     optimizers = make_optimizers(model)
-    grids = model.bil_grids.grids
-    grid_optimizer = torch.optim.Adam([grids], lr=2e-3, eps=1e-15)
+    if kind == "gaussian":
+        optimizers["appearance_features"] = torch.optim.Adam([model.gauss_params["appearance_features"]], lr=2e-3, eps=1e-15)
+    shared = _appearance_params(model)
+    grid_optimizer = torch.optim.Adam(shared, lr=2e-3, eps=1e-15)
     records = []
     for step in range(STEPS):
         model.step = step
@@ -153,18 +165,22 @@ def _worker(comm, kind: str = "bilateral"):
         losses, _, outputs = frame.batch_loss(batch_cameras, visible, owners, lambda b: {"image": target_image(batch[b])})
         assert ("tv_loss" in losses) == (kind == "bilateral"), "one-cell affine grids have no TV loss"
         sum(losses.values()).backward()
-        sync_grid_gradients_(model, comm, batch)  # what the pipeline's sync_gradients_ does for the grids
+        # what the pipeline's sync_gradients_ does for the grids, or the replicated MLP and embeddings
+        if kind == "gaussian":
+            all_reduce_grads_(comm, shared)
+        else:
+            sync_grid_gradients_(model, comm, batch)
         record = {"loss": float(losses["main_loss"]), "tv": float(losses.get("tv_loss", 0.0)),
                   "images": {batch[b]: o["rgb"].detach() for b, o in outputs.items()}}
         if step == 0:
             record["grads"] = {n: p.grad.detach().clone() for n, p in model.gauss_params.items()}
-            record["grid_grad"] = grids.grad.detach().clone()
+            record["grid_grad"] = torch.cat([p.grad.detach().flatten() for p in shared])
         records.append(record)
         step_optimizers(model, optimizers)
         grid_optimizer.step()
         grid_optimizer.zero_grad()
     params = {n: p.detach().clone() for n, p in model.gauss_params.items()}
-    return {"ids": ids, "records": records, "params": params, "grids": grids.detach().clone()}
+    return {"ids": ids, "records": records, "params": params, "grids": torch.cat([p.detach().flatten() for p in shared])}
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +189,7 @@ def _one_process(tmp_dir, kind: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["bilateral", "affine"])
+@pytest.mark.parametrize("kind", ["bilateral", "affine", "gaussian"])
 def test_appearance_on_two_ranks_equals_one_process(tmp_path, kind):
     results = run_ranks(_worker, 2, tmp_path / "appearance-2", args=(kind,), timeout_s=180, **FAST_START)
     one = _one_process(tmp_path.parent, kind)
@@ -210,5 +226,75 @@ def test_colour_corrected_metrics_measure_held_out_views_of_unknown_appearance()
         gt = (out["rgb"] * torch.tensor([0.8, 0.7, 0.9], dtype=torch.float64) + 0.05).clamp(0, 1)
         metrics, _ = model.get_image_metrics_and_images(out, {"image": gt})
         assert metrics["cc_psnr"] > metrics["psnr"] + 10.0, metrics
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------------- per-Gaussian appearance
+
+
+@pytest.mark.parametrize("degree", [None, 0, 1, 3])
+def test_recolor_sh_is_a_gain_and_offset_of_the_colour_in_every_direction(degree):
+    from landmark_plugin.core.sh import num_sh_bases, recolor_sh, sh_to_color
+
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    k = 1 if degree is None else num_sh_bases(3)
+    sh = torch.randn(n, k, 3, generator=g, dtype=torch.float64)
+    gain = torch.rand(n, 3, generator=g, dtype=torch.float64) + 0.5
+    offset = 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    dirs = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    recolored = recolor_sh(sh, gain, offset, plain=degree is None)
+    if degree is None:
+        before, after = sh[:, 0], recolored[:, 0]
+    else:  # gsplat's colour before its clamp: SH value + 0.5
+        before = sh_to_color(sh, dirs, degree) + 0.5
+        after = sh_to_color(recolored, dirs, degree) + 0.5
+    torch.testing.assert_close(after, gain * before + offset, rtol=0, atol=1e-12)
+
+
+def test_per_gaussian_appearance_renders_each_image_in_its_own_light():
+    try:
+        model, cameras = _model("gaussian"), stress_cameras()
+        module = model.gaussian_appearance
+        own = _render(model, cameras, 1, image=1)
+        other = _render(model, cameras, 1, image=4)
+        assert (own - other).abs().max() > 1e-2, "images' embeddings give different renders"
+        own.sum().backward()
+        touched = module.embeddings.grad.abs().amax(dim=1) > 0
+        assert touched.tolist() == [i == 1 for i in range(module.embeddings.shape[0])], "only image 1's embedding moves"
+        assert model.gauss_params["appearance_features"].grad.abs().max() > 0
+        assert module.mlp[0].weight.grad.abs().max() > 0
+        with torch.no_grad():
+            raw = _render(model, cameras, 1)  # no image: the Gaussians' own colours
+            model.gauss_params["appearance_features"].zero_()
+            module.mlp[-1].weight.zero_()
+            module.mlp[-1].bias.zero_()
+            identity = _render(model, cameras, 1, image=1)  # a zero last layer: gain 1, offset 0
+        torch.testing.assert_close(identity, raw, rtol=0, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_held_out_embedding_fitted_on_the_left_half_predicts_the_right_half():
+    """NeRF-W's protocol (``fit_embedding``): an image rendered in training image 3's light is
+    matched on its unseen right half by the embedding fitted to its left half, far better than by
+    the mean embedding it starts from."""
+    from landmark_plugin.gaussians.appearance import fit_embedding
+
+    try:
+        model, cameras = _model("gaussian"), stress_cameras()
+        with torch.no_grad():
+            model.gaussian_appearance.embeddings[3] += 1.5  # a light unlike the mean
+            target = _render(model, cameras, 2, image=3).detach()
+        model.config.eval_appearance = "mean"
+        width = target.shape[1]
+        left, right = slice(0, width // 2), slice(width // 2, width)
+        mean_error = float((_eval(model, cameras, 2)[:, right] - target[:, right]).abs().mean())
+        fitted = fit_embedding(model, cameras[2:3], target, left, steps=100, lr=0.1)
+        fit_error = float((_eval(model, cameras, 2)[:, right] - target[:, right]).abs().mean())
+        assert mean_error > 0.01 and fit_error < 0.2 * mean_error, (mean_error, fit_error)
+        assert all(p.requires_grad for p in model.gauss_params.values()), "the parameters thaw again"
+        assert model.training is False and torch.equal(model.eval_appearance_embedding, fitted)
     finally:
         torch.set_default_dtype(torch.float32)

@@ -130,7 +130,7 @@ def edit_gaussians(
         tree: the kd-tree (for the copies' leaves).
     """
     index, offset = edit_point_set(edits, gaussians.means)
-    picked = Gaussians(*(t[index] for t in gaussians))
+    picked = gaussians.take(index)
     moved = (offset != 0).any(dim=-1)
     means = picked.means + offset.to(picked.means)
     leaves = leaf_ids[index].clone()

@@ -40,6 +40,16 @@ class Gaussians(NamedTuple):
     scales: Float[Tensor, "N 3"]  # linear scales (exp of the log-scale parameters)
     opacities: Float[Tensor, "N"]  # in [0, 1]
     sh: Float[Tensor, "N K 3"]  # SH coefficients, or K=1 with plain colours when sh_degree is None
+    features: Optional[Float[Tensor, "N F"]] = None  # per-Gaussian appearance features, if the model has them
+
+    def fields(self) -> list:
+        """The tensors this set holds, in field order (``features`` only when present): what row
+        operations (selection, sends between ranks, concatenation) act on."""
+        return [t for t in self if t is not None]
+
+    def take(self, index: Tensor) -> "Gaussians":
+        """The Gaussians ``index`` (a [N] bool mask or row indices) selects."""
+        return Gaussians(*(t[index] for t in self.fields()))
 
 
 @dataclass

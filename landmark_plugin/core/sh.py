@@ -28,6 +28,19 @@ def rgb_to_sh_dc(rgb: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch 3"]:
     return (rgb - 0.5) / _C0
 
 
+def recolor_sh(
+    sh: Float[Tensor, "N K 3"], gain: Float[Tensor, "N 3"], offset: Float[Tensor, "N 3"], plain: bool = False
+) -> Float[Tensor, "N K 3"]:
+    """Coefficients whose colour is ``gain * colour + offset`` in every direction (before the
+    clamp at zero): every coefficient scales by ``gain`` and the degree-0 one absorbs what the
+    ``+ 0.5`` of the colour rule and ``offset`` add.  ``plain``: ``sh`` holds colours [N, 1, 3]."""
+    if plain:
+        return gain[:, None, :] * sh + offset[:, None, :]
+    scaled = gain[:, None, :] * sh
+    dc = scaled[:, :1, :] + ((gain - 1.0) * 0.5 + offset)[:, None, :] / _C0
+    return torch.cat([dc, scaled[:, 1:, :]], dim=1)
+
+
 def sh_bases(degree: int, dirs: Float[Tensor, "*batch 3"]) -> Float[Tensor, "*batch B"]:
     """The first ``(degree + 1)**2`` real SH bases at unit directions.
 

@@ -17,14 +17,26 @@ render.  The frame is the same on every world size:
 (exposure, white balance, a colour cast; what the affine models of large-scene papers fit), with no
 total variation to regularise (one cell has no neighbours).
 
+``appearance_features`` (> 0) is per-Gaussian appearance instead (the decoupled appearance of
+WildGaussians / GS-W): every Gaussian has a learned feature (a Gaussian parameter like its
+colour: densified, sent between ranks, saved with it), every training image an embedding, and a
+small MLP maps (feature, embedding) to a colour gain and offset per Gaussian, applied to its
+colour before rasterising (``core.sh.recolor_sh``).  Light that differs per surface (a low sun
+brightening some facades and darkening others) is representable, which no transform of the
+composite is.  The image's appearance acts per Gaussian, so the frame applies it to every part's
+Gaussians for that camera (copies received from other ranks carry their features) and the
+partition stays invisible.  The MLP and the embeddings are replicated; their gradients are summed
+over ranks with the other replicated parameters.
+
 Outside training (eval, ns-render, the viewer) the render shows the appearance a layout edit
 picks (``edits.Appearance``: one image's grid, or a blend of two), else ``eval_appearance``:
-``none`` (splatfacto's: the scene's own colours) or ``mean`` (the mean of all images' grids).
+``none`` (splatfacto's: the scene's own colours) or ``mean`` (the mean of all images' grids, or
+embeddings); ``fit_embedding`` fits a held-out image's embedding (the NeRF-W evaluation protocol).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float
@@ -32,6 +44,8 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.model_components.lib_bilagrid import BilateralGrid, slice, total_variation_loss
 from torch import Tensor
 
+from landmark_plugin.core.render import Gaussians
+from landmark_plugin.core.sh import recolor_sh
 from landmark_plugin.distributed.collectives import all_reduce_sum
 from landmark_plugin.errors import ConfigError
 
@@ -45,8 +59,10 @@ Mix = Tuple[Tuple[int, float], ...]
 def make_grids(config, num_images: int) -> Optional[BilateralGrid]:
     """One identity grid per training image (``config``: splatfacto's ``use_bilateral_grid``,
     ``grid_shape``; or ``affine_appearance``: one cell), or None when both options are off."""
-    if config.use_bilateral_grid and config.affine_appearance:
-        raise ConfigError("choose one per-image appearance: --pipeline.model.use-bilateral-grid or --pipeline.model.affine-appearance")
+    chosen = [name for name, on in (("use-bilateral-grid", config.use_bilateral_grid),
+              ("affine-appearance", config.affine_appearance), ("appearance-features", config.appearance_features > 0)) if on]
+    if len(chosen) > 1:
+        raise ConfigError("choose one per-image appearance, not " + " and ".join(f"--pipeline.model.{c}" for c in chosen))
     if config.affine_appearance:
         return BilateralGrid(num=num_images, grid_X=1, grid_Y=1, grid_W=1)
     if not config.use_bilateral_grid:
@@ -72,9 +88,58 @@ def eval_mix(model) -> Mix:
         image, to_image, t = picked
         return ((image, 1.0),) if to_image is None or t == 0.0 else ((image, 1.0 - t), (to_image, t))
     if model.config.eval_appearance == "mean":
-        count = model.bil_grids.grids.shape[0]
+        count = model.num_train_data
         return tuple((i, 1.0 / count) for i in range(count))
     return ()
+
+
+class GaussianAppearance(torch.nn.Module):
+    """Per-image embeddings and the MLP that maps (a Gaussian's feature, an image's embedding) to
+    that Gaussian's colour gain and offset in that image.  The last layer starts at zero, so
+    training starts from the Gaussians' own colours (gain 1, offset 0)."""
+
+    def __init__(self, num_images: int, feature_dim: int, embedding_dim: int, hidden: int = 64):
+        super().__init__()
+        self.embeddings = torch.nn.Parameter(0.1 * torch.randn(max(num_images, 1), embedding_dim))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(feature_dim + embedding_dim, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 6),
+        )
+        torch.nn.init.zeros_(self.mlp[-1].weight)
+        torch.nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, features: Float[Tensor, "N F"], embedding: Float[Tensor, " E"]) -> Tuple[Tensor, Tensor]:
+        """[N, 3] gains (positive) and [N, 3] offsets of N Gaussians in the image of ``embedding``."""
+        code = embedding.to(features)[None].expand(features.shape[0], -1)
+        out = self.mlp(torch.cat([features, code], dim=-1))
+        return torch.exp(out[:, :3]), out[:, 3:]
+
+
+def embedding_of(model, image: Optional[int]) -> Optional[Tensor]:
+    """The appearance embedding of a render: in training that of ``image``; outside it a fitted
+    one (``fit_embedding``), else ``eval_mix``'s blend.  None: the Gaussians' own colours."""
+    module: GaussianAppearance = model.gaussian_appearance
+    if model.training:
+        return None if image is None else module.embeddings[image]
+    fitted = getattr(model, "eval_appearance_embedding", None)
+    if fitted is not None:
+        return fitted
+    mix = eval_mix(model)
+    return _weighted(module.embeddings, mix) if mix else None
+
+
+def with_appearance(model, gaussians: Gaussians, image: Optional[int], plain: bool) -> Gaussians:
+    """``gaussians`` as the rasteriser draws them in a camera of training image ``image``: with
+    per-Gaussian appearance their colours through that image's appearance (``plain``: ``sh``
+    holds colours), the features dropped; unchanged without."""
+    if gaussians.features is None:
+        return gaussians
+    embedding = embedding_of(model, image)
+    if embedding is None:
+        return gaussians._replace(features=None)
+    gain, offset = model.gaussian_appearance(gaussians.features, embedding)
+    return gaussians._replace(sh=recolor_sh(gaussians.sh, gain, offset, plain), features=None)
 
 
 def apply_appearance(model, rgb: Float[Tensor, "H W 3"], image: Optional[int]) -> Float[Tensor, "H W 3"]:
@@ -150,3 +215,58 @@ def sync_grid_gradients_(model, comm, images: Sequence[int]) -> None:
             probe = weights.detach().requires_grad_(True)
             (tv_grad,) = torch.autograd.grad(TV_WEIGHT * total_variation_loss(probe), probe)
         weights.grad += tv_grad
+
+
+def fit_embedding(model, camera: Cameras, image: Tensor, columns: slice, steps: int = 200, lr: float = 0.05) -> Tensor:
+    """A held-out image's embedding, as NeRF-W evaluates appearance models: fitted to ``image``
+    ([H, W, 3] in [0, 1], its ground truth) over the pixel ``columns`` only (the left half; score
+    the other), from the mean of the training images', every other parameter frozen.  Renders
+    outside training use it until ``model.eval_appearance_embedding`` is set back to None."""
+    module: GaussianAppearance = model.gaussian_appearance
+    embedding = module.embeddings.detach().mean(dim=0).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([embedding], lr=lr)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    target = image[:, columns].to(embedding)
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.eval_appearance_embedding = embedding
+        with torch.enable_grad():
+            for _ in range(steps):
+                rgb = model.get_outputs(camera)["rgb"]
+                loss = torch.nn.functional.mse_loss(rgb[:, columns], target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    model.eval_appearance_embedding = embedding.detach()
+    return model.eval_appearance_embedding
+
+
+def bake_mean_appearance(gauss: Dict[str, Tensor], state: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """Gaussian parameters (``gauss``: name -> tensor, as saved) with the mean of the training
+    images' appearance baked into their colours, so that a viewer without the appearance model
+    (a 3DGS .ply) shows what ``eval_appearance mean`` renders; ``state`` holds the appearance
+    module under ``prefix``.  Unchanged without per-Gaussian appearance."""
+    features = gauss.get("appearance_features")
+    if features is None:
+        return gauss
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    module = GaussianAppearance(weights["embeddings"].shape[0], features.shape[1], weights["embeddings"].shape[1],
+                                hidden=weights["mlp.0.weight"].shape[0]).to(features)
+    module.load_state_dict({k: v.to(features) for k, v in weights.items()})
+    with torch.no_grad():
+        gain, offset = module(features, module.embeddings.mean(dim=0))
+        plain = gauss["features_rest"].shape[1] == 0  # sh_degree 0: the model's colours are sigmoid(features_dc)
+        if plain:
+            colors = recolor_sh(torch.sigmoid(gauss["features_dc"])[:, None], gain, offset, plain=True)[:, 0]
+            dc, rest = torch.logit(colors.clamp(1e-6, 1 - 1e-6)), gauss["features_rest"]
+        else:
+            sh = recolor_sh(torch.cat([gauss["features_dc"][:, None], gauss["features_rest"]], dim=1), gain, offset)
+            dc, rest = sh[:, 0], sh[:, 1:]
+    return {**gauss, "features_dc": dc, "features_rest": rest}

@@ -18,13 +18,21 @@ import tyro
 
 GAUSS_PREFIX = "_model.gauss_params."
 """Where a pipeline state dict keeps the Gaussian parameters."""
+APPEARANCE_PREFIX = "_model.gaussian_appearance."
+"""Where it keeps the per-Gaussian appearance model (``--pipeline.model.appearance-features``)."""
 
 
 def write_gaussians_ply(path: Path, pipeline_state: Dict[str, torch.Tensor]) -> int:
-    """Write the Gaussians of a pipeline state dict as a 3DGS .ply; returns their number N."""
+    """Write the Gaussians of a pipeline state dict as a 3DGS .ply; returns their number N.  A
+    model with per-Gaussian appearance is written with the mean training appearance baked into
+    its colours (what ``--pipeline.model.eval-appearance mean`` renders)."""
     from plyfile import PlyData, PlyElement
 
+    from landmark_plugin.gaussians.appearance import bake_mean_appearance
+
     g = {k[len(GAUSS_PREFIX) :]: v.detach().cpu().float() for k, v in pipeline_state.items() if k.startswith(GAUSS_PREFIX)}
+    state = {k: v.detach().cpu().float() for k, v in pipeline_state.items()}
+    g = bake_mean_appearance(g, state, APPEARANCE_PREFIX)  # per-Gaussian appearance is no 3DGS field
     n = g["means"].shape[0]
     columns = {"x": g["means"][:, 0], "y": g["means"][:, 1], "z": g["means"][:, 2]}
     for axis in ("nx", "ny", "nz"):

@@ -58,7 +58,7 @@ from landmark_plugin.distributed.collectives import (
     exchange_partials,
 )
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss
+from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss, with_appearance
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
 from landmark_plugin.gaussians.mcmc import regularisation
 from landmark_plugin.gaussians.rows import split_columns
@@ -164,16 +164,16 @@ class RetinaFrame:
                 gaussians, leaf_ids = self._send_to_owners(gaussians, leaf_ids)
         if model.crop_box is not None:
             keep = model.crop_box.within(gaussians.means).squeeze(-1)
-            gaussians, leaf_ids = Gaussians(*(t[keep] for t in gaussians)), leaf_ids[keep]
+            gaussians, leaf_ids = gaussians.take(keep), leaf_ids[keep]
         return gaussians, leaf_ids
 
     def _send_to_owners(self, gaussians: Gaussians, leaf_ids: Tensor) -> Tuple[Gaussians, Tensor]:
         part_rank = torch.as_tensor(self.parts.rank, device=leaf_ids.device)
         dest = part_rank[self.leaf_part_on(leaf_ids.device)[leaf_ids]]
-        rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
+        rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians.fields()] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
         received, _ = all_to_all_rows(self.comm, rows, dest)
-        columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians])
-        return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, gaussians))), received[:, -1].round().long()
+        columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians.fields()])
+        return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, gaussians.fields()))), received[:, -1].round().long()
 
     # ---- cameras --------------------------------------------------------------------------
     def view(self, camera: Cameras) -> View:
@@ -267,7 +267,8 @@ class RetinaFrame:
             self.model.stage_for_render(cameras)
         views = [self.view(cameras if len(cameras) == 1 else cameras[b : b + 1]) for b in range(len(cameras))]
         anchor = self.model.means.new_zeros((), requires_grad=True)
-        local, rects, anchor = self._render_local(views, visible, owners, with_depth, anchor)
+        images = [image_index(cameras, b) for b in range(len(cameras))]
+        local, rects, anchor = self._render_local(views, images, visible, owners, with_depth, anchor)
         summed = all_reduce_ints(self.comm, rects, "partial rectangles")  # [B, S, 4]
         channels = (4 if with_depth else 3) + 1
         tasks = []
@@ -285,12 +286,12 @@ class RetinaFrame:
             if int(owners[b]) == self.comm.rank:
                 crops = {tasks[i].part: (received[i], tasks[i].rect) for i in received if tasks[i].camera == b}
                 outputs[b] = self._composite(views[b], crops, with_depth)
-                outputs[b]["rgb"] = apply_appearance(self.model, outputs[b]["rgb"], image_index(cameras, b))
+                outputs[b]["rgb"] = apply_appearance(self.model, outputs[b]["rgb"], images[b])
         return outputs, anchor
 
-    def _render_local(self, views: List[View], visible: Tensor, owners: Tensor, with_depth: bool, anchor: Tensor):
-        """Every visible own part of every camera, cropped when it travels; rectangles in a
-        [B, S, 4] table."""
+    def _render_local(self, views: List[View], images: List[Optional[int]], visible: Tensor, owners: Tensor, with_depth: bool, anchor: Tensor):
+        """Every visible own part of every camera (``images``: their training images, for
+        per-Gaussian appearance), cropped when it travels; rectangles in a [B, S, 4] table."""
         model = self.model
         model._note_backend(self.backend)
         clip, backend, ordinary = self.clips, self.backend, self.one_part and self.clip
@@ -314,7 +315,9 @@ class RetinaFrame:
         rects = torch.zeros(len(views), len(self.parts), 4, dtype=torch.int64)
         local: Dict[Tuple[int, int], Tensor] = {}
         absgrad = model.strategy.absgrad
+        plain_colors = self.sh_degree() is None
         for b, v in enumerate(views):
+            seen = with_appearance(model, drawn, images[b], plain_colors) if streamed is None else drawn
             for s, index in self.local_part_index(leaf_ids).items():
                 if streamed is not None:
                     partial = streamed.get((b, s))
@@ -325,14 +328,14 @@ class RetinaFrame:
                 elif clip:
                     mask = None if len(self.parts) == 1 else self.leaf_part_on(g.means.device) == s
                     partial = render_partial_clipped(
-                        drawn, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height,
+                        seen, ClipLeaves(model.clip_boxes, v.positions), v.viewmat, v.K, v.width, v.height,
                         self.sh_degree(), self.settings, with_depth=with_depth, backend=backend, absgrad=absgrad,
                         allow_fallback=True, leaf_mask=mask,
                     )
                     rows = torch.arange(n, device=g.means.device)
                 else:
                     whole = index.numel() == n  # one part per rank: no gather needed
-                    part = g if whole else Gaussians(*(t[index] for t in g))
+                    part = seen if whole else seen.take(index)
                     positions = torch.zeros_like(index) if ordinary else v.positions[leaf_ids[index]]
                     partial = render_partial(
                         part, positions, v.viewmat, v.K, v.width, v.height, self.sh_degree(), self.settings,

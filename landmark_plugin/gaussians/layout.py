@@ -30,8 +30,10 @@ class RetinaEditLayout:
 
     @property
     def num_images(self) -> int:
-        """Training images with an appearance (a bilateral grid each, ``use_bilateral_grid``)."""
+        """Training images with an appearance (a bilateral grid or an embedding each)."""
         grids = getattr(self.model, "bil_grids", None)
+        if getattr(self.model, "gaussian_appearance", None) is not None:
+            return int(self.model.num_train_data)
         return 0 if grids is None else int(grids.grids.shape[0])
 
     def boxes(self) -> Float[Tensor, "L 2 3"]:

@@ -32,7 +32,7 @@ from landmark_plugin.core.edits import BoxEdit
 from landmark_plugin.core.partition import KDTree, assign_leaves, build_kdtree, leaf_counts
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.distributed.groups import Comm
-from landmark_plugin.gaussians.appearance import make_grids
+from landmark_plugin.gaussians.appearance import GaussianAppearance, make_grids
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.frame_stats import ensure_statistics
 from landmark_plugin.gaussians.layout import RetinaEditLayout
@@ -71,10 +71,17 @@ class RetinaGSModelConfig(SplatfactoModelConfig):
     """Per-image appearance as one affine colour transform per training image (a 3x4 matrix on
     the composite: exposure, white balance), the bilateral grid's machinery with a single cell;
     optimised in the bilateral_grid group.  A lighter alternative to use_bilateral_grid."""
+    appearance_features: int = 0
+    """> 0: per-Gaussian appearance (gaussians/appearance.py): a feature of this size per Gaussian and
+    an embedding per training image, mapped by a small MLP to a colour gain and offset per Gaussian
+    and image; models light that differs per surface.  Optimised in the appearance_features and
+    appearance groups.  0: off."""
+    appearance_embedding: int = 32
+    """With appearance_features: the size of each training image's appearance embedding."""
     eval_appearance: Literal["none", "mean"] = "none"
-    """With use_bilateral_grid or affine_appearance: the appearance of renders outside training (eval, ns-render, the
+    """With an appearance option: the appearance of renders outside training (eval, ns-render, the
     viewer) when no layout edit picks an image's: none (the scene's own colours, splatfacto's
-    choice) or mean (the mean of all training images' grids)."""
+    choice) or mean (the mean of all training images' grids or embeddings)."""
     visible_adam: bool = False
     """Step only the Gaussians the batch saw (gsplat's SelectiveAdam rule, with Adam's bias
     correction kept): a Gaussian no camera of the batch drew keeps its parameters and Adam
@@ -123,6 +130,8 @@ class RetinaGSModel(SplatfactoModel):
                 "opacities": torch.nn.Parameter(torch.logit(0.1 * torch.ones(num_points, 1))),
             }
         )
+        if self.config.appearance_features > 0:
+            self.gauss_params["appearance_features"] = torch.nn.Parameter(0.1 * torch.randn(num_points, self.config.appearance_features))
         self._populate_helpers()
         tree = build_kdtree(means, self.config.tree_depth, axis_rule=self.config.split_axes)
         self._set_tree(tree)
@@ -164,6 +173,8 @@ class RetinaGSModel(SplatfactoModel):
         else:
             self.background_color = get_color(self.config.background_color)
         self.bil_grids = make_grids(self.config, self.num_train_data)  # None unless use_bilateral_grid
+        if self.config.appearance_features > 0:
+            self.gaussian_appearance = GaussianAppearance(self.num_train_data, self.config.appearance_features, self.config.appearance_embedding)
         self.eval_appearance_mix: Optional[Tuple[int, Optional[int], float]] = None
         """A layout edit's appearance for renders outside training (``gaussians/appearance.py``)."""
         self.strategy = self.config.strategy.make_gsplat_strategy(self.config, self.num_train_data)
@@ -287,6 +298,7 @@ class RetinaGSModel(SplatfactoModel):
             scales=torch.exp(self.scales),
             opacities=torch.sigmoid(self.opacities).squeeze(-1),
             sh=sh,
+            features=self.gauss_params["appearance_features"] if "appearance_features" in self.gauss_params else None,
         )
 
     def render_mode(self, backend: str) -> Literal["plain", "clip"]:
@@ -318,6 +330,9 @@ class RetinaGSModel(SplatfactoModel):
         groups = super().get_param_groups()
         if self.config.affine_appearance:  # splatfacto adds the group for its own option only
             groups["bilateral_grid"] = list(self.bil_grids.parameters())
+        if self.config.appearance_features > 0:
+            groups["appearance_features"] = [self.gauss_params["appearance_features"]]
+            groups["appearance"] = list(self.gaussian_appearance.parameters())
         return groups
 
     def step_cb(self, optimizers, step) -> None:

@@ -108,10 +108,10 @@ def share_rows(frame, gaussians: Gaussians, views, anchor: Tensor) -> Shared:
         send[copies.gaussian, leaf_rank[copies.leaf]] = True
         radii.append(r.to(torch.int32))
     dests = [torch.nonzero(send[:, r]).flatten() for r in range(comm.world_size)]
-    rows = torch.cat([t.reshape(n, -1) for t in gaussians], dim=1)
+    rows = torch.cat([t.reshape(n, -1) for t in gaussians.fields()], dim=1)
     stats = CopyStats(len(views), n, gaussians.means)
     received, _, anchor = exchange_rows(comm, rows, dests, anchor, stats)
-    columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians])
+    columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians.fields()])
     return Shared(Gaussians(*columns), radii, stats, anchor)
 
 
@@ -119,4 +119,4 @@ def join(own: Gaussians, other: Optional[Gaussians]) -> Gaussians:
     """Own Gaussians first, then the received ones (renders index the received from ``len(own)``)."""
     if other is None or other.means.shape[0] == 0:
         return own
-    return Gaussians(*(torch.cat([a, b.to(a.dtype)]) for a, b in zip(own, other)))
+    return Gaussians(*(torch.cat([a, b.to(a.dtype)]) for a, b in zip(own.fields(), other.fields())))

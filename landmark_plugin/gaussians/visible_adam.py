@@ -18,7 +18,7 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from landmark_plugin.core.visible_adam import VisibleAdam
 from landmark_plugin.errors import ConfigError
 
-GAUSSIAN_GROUPS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+GAUSSIAN_GROUPS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities", "appearance_features")
 
 
 @dataclass
