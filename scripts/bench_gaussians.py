@@ -15,12 +15,15 @@ Methods: ``splatfacto``, ``retina-gs`` and the variants in ``VARIANTS`` (a base 
 config change): ``*-bilateral`` (per-image bilateral grids), ``retina-gs-mcmc`` (our MCMC
 strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``--cap`` Gaussian
 budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
-``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-visible``
+``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-appearance``
+(per-Gaussian appearance: features, image embeddings, an MLP), ``retina-gs-visible``
 (visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order),
 ``retina-gs-stream`` (visible Adam, ``offload stream``: subtrees streamed through each frame),
 ``retina-gs-torch`` (the torch reference rasteriser, in the bench's mode, densifying on gsplat's absgrad
 statistic and threshold: its count and PSNR should agree with retina-gs's).  On ``city-appearance`` every method also reports the
-colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own).
+colour-corrected ``cc_psnr`` / ``cc_ssim`` (held-out views have no bilateral grid of their own) and
+``ho_psnr``, NeRF-W's protocol (``appearance.held_out_half_psnr``: each held-out view's appearance
+fitted on its left half, scored on its right half).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     if scene == "city-1080":
         city = CityConfig(num_images=40, width=1920, height=1080)
         return SyntheticCityDataParserConfig(data=work / "city-1080", city=city), "synthetic city, 40 images 1920x1080"
+    if scene == "tiny-city-appearance":  # CPU checks of the appearance protocol
+        city = CityConfig(num_images=10, width=96, height=72, vary_appearance=True)
+        return SyntheticCityDataParserConfig(data=work / "city-tiny-appearance", city=city), "tiny synthetic city, per-image appearance"
     if scene == "tiny-city":
         city = CityConfig(num_images=10, width=96, height=72)
         return SyntheticCityDataParserConfig(data=work / "city-tiny", city=city), "tiny synthetic city"
@@ -87,6 +93,7 @@ VARIANTS = {
     "retina-gs-capped": ("retina-gs", "capped"),
     "splatfacto-mcmc": ("splatfacto", "mcmc"),
     "retina-gs-affine": ("retina-gs", "affine"),
+    "retina-gs-appearance": ("retina-gs", "appearance"),
     "retina-gs-visible": ("retina-gs", "visible"),
     "retina-gs-offload": ("retina-gs", "offload"),
     "retina-gs-stream": ("retina-gs", "stream"),
@@ -148,6 +155,8 @@ def apply_variant(config, change: str, cap: int) -> None:
         model.strategy.cap_max = cap
     elif change == "affine":
         model.affine_appearance = True
+    elif change == "appearance":  # per-Gaussian appearance, the mean embedding outside training
+        model.appearance_features, model.appearance_embedding, model.eval_appearance = 16, 32, "mean"
     elif change == "visible":
         model.visible_adam = True
     elif change == "offload":  # streamed from host memory by leaf, locality order, 1 GB of held leaves
@@ -265,13 +274,19 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
     if host_profile:
         table = (table or "") + "\n" + host_profile_steps(trainer, steps + profile + sync_audit, host_profile, device)
     pipeline.eval()
-    if scene == "city-appearance":
+    if scene.endswith("city-appearance"):
         # Held-out views have no bilateral grid of their own (README): score every method also
         # with its colours fitted to the ground truth (splatfacto's cc_psnr / cc_ssim). Only for
         # the evaluation: splatfacto's training metrics would run the fit (15 least-squares
         # solves) on every step, and the step time would measure it instead of the method.
         pipeline.model.config.color_corrected_metrics = True
     metrics = pipeline.get_average_eval_image_metrics(step=steps)
+    if scene.endswith("city-appearance"):  # and NeRF-W's protocol: fitted on each view's left half, scored on its right
+        from landmark_plugin.gaussians.appearance import held_out_half_psnr
+
+        model = pipeline.model
+        views = [(camera, model.get_gt_img(data["image"])[..., :3]) for camera, data in pipeline.datamanager.fixed_indices_eval_dataloader]
+        metrics["ho_psnr"] = held_out_half_psnr(model, views)
     return {
         "method": method,
         "steps": steps,
@@ -423,14 +438,15 @@ def exit_now() -> None:
 def print_table(results: List[Dict]) -> None:
     cc = any("cc_psnr" in r for r in results)
     print(f"\n{'scene':16} {'method':20} {'steps':>6} {'ms/step':>8} {'mem GB':>7} {'#gauss':>9} {'PSNR':>7}"
-          + (f" {'ccPSNR':>7}" if cc else "") + f" {'SSIM':>6}" + (f" {'ccSSIM':>6}" if cc else ""))
+          + (f" {'ccPSNR':>7} {'hoPSNR':>7}" if cc else "") + f" {'SSIM':>6}" + (f" {'ccSSIM':>6}" if cc else ""))
     for r in results:
         if "error" in r:
             print(f"{r['scene']:16} {r['method']:20} FAILED: {r['error']}")
             continue
         print(
             f"{r['scene']:16} {r['method']:20} {r['steps']:6d} {r['step_ms_median']:8.2f} {r['peak_mem_gb']:7.2f} "
-            f"{r['num_gaussians']:9d} {r.get('psnr', math.nan):7.2f}" + (f" {r.get('cc_psnr', math.nan):7.2f}" if cc else "")
+            f"{r['num_gaussians']:9d} {r.get('psnr', math.nan):7.2f}"
+            + (f" {r.get('cc_psnr', math.nan):7.2f} {r.get('ho_psnr', math.nan):7.2f}" if cc else "")
             + f" {r.get('ssim', math.nan):6.3f}" + (f" {r.get('cc_ssim', math.nan):6.3f}" if cc else "")
         )
     by_scene: Dict[str, Dict[str, Dict]] = {}
@@ -446,8 +462,9 @@ def print_table(results: List[Dict]) -> None:
                 if ref_name in rows:
                     print(f"{scene}: {name}/{ref_name} " + compare(ours, rows[ref_name], ratios=True))
         for base in ("splatfacto", "retina-gs"):
-            if base in rows and f"{base}-bilateral" in rows:
-                print(f"{scene}: {base}-bilateral minus {base} " + compare(rows[f"{base}-bilateral"], rows[base], ratios=False))
+            for option in ("bilateral", "affine", "appearance"):
+                if base in rows and f"{base}-{option}" in rows:
+                    print(f"{scene}: {base}-{option} minus {base} " + compare(rows[f"{base}-{option}"], rows[base], ratios=False))
 
 
 def compare(ours: Dict, ref: Dict, ratios: bool) -> str:
@@ -459,8 +476,9 @@ def compare(ours: Dict, ref: Dict, ratios: bool) -> str:
             parts.append(f"peak mem {ours['peak_mem_gb'] / ref['peak_mem_gb']:.2f}x")
         parts.append(f"Gaussians {ours['num_gaussians'] / max(ref['num_gaussians'], 1):.2f}x")
     parts.append(f"PSNR {ours.get('psnr', math.nan) - ref.get('psnr', math.nan):+.2f} dB")
-    if "cc_psnr" in ours or "cc_psnr" in ref:
-        parts.append(f"cc_psnr {ours.get('cc_psnr', math.nan) - ref.get('cc_psnr', math.nan):+.2f} dB")
+    for key in ("cc_psnr", "ho_psnr"):
+        if key in ours or key in ref:
+            parts.append(f"{key} {ours.get(key, math.nan) - ref.get(key, math.nan):+.2f} dB")
     return ", ".join(parts)
 
 

@@ -36,12 +36,13 @@ embeddings); ``fit_embedding`` fits a held-out image's embedding (the NeRF-W eva
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.model_components.lib_bilagrid import BilateralGrid, slice, total_variation_loss
+from nerfstudio.model_components.lib_bilagrid import BilateralGrid, total_variation_loss
+from nerfstudio.model_components.lib_bilagrid import slice as slice_grid
 from torch import Tensor
 
 from landmark_plugin.core.render import Gaussians
@@ -177,7 +178,7 @@ def _sliced(grids: BilateralGrid, rgb: Tensor, index: int) -> Tensor:
         indexing="ij",
     )
     xy = torch.stack([grid_x, grid_y], dim=-1)[None]
-    out = slice(bil_grids=grids, rgb=rgb[None], xy=xy, grid_idx=torch.tensor(index, device=rgb.device, dtype=torch.long))
+    out = slice_grid(bil_grids=grids, rgb=rgb[None], xy=xy, grid_idx=torch.tensor(index, device=rgb.device, dtype=torch.long))
     return out["rgb"][0]
 
 
@@ -270,3 +271,28 @@ def bake_mean_appearance(gauss: Dict[str, Tensor], state: Dict[str, Tensor], pre
             sh = recolor_sh(torch.cat([gauss["features_dc"][:, None], gauss["features_rest"]], dim=1), gain, offset)
             dc, rest = sh[:, 0], sh[:, 1:]
     return {**gauss, "features_dc": dc, "features_rest": rest}
+
+
+def held_out_half_psnr(model, views: Iterable[Tuple[Cameras, Tensor]]) -> float:
+    """Mean PSNR over held-out ``views`` ((camera, truth [H, W, 3] in [0, 1]) pairs) under
+    NeRF-W's appearance protocol, for any Gaussian model (splatfacto's too): each view's
+    appearance is fitted on its left half and scored on its right half.  The fit: a per-Gaussian
+    appearance model's embedding (``fit_embedding``), then for every model a 3x4 colour map (render
+    -> truth, least squares), which stands in for the exposure and white balance no model can know
+    for an unseen image."""
+    scores = []
+    for camera, truth in views:
+        width = truth.shape[1]
+        left, right = slice(0, width // 2), slice(width // 2, width)
+        if getattr(model, "gaussian_appearance", None) is not None:
+            fit_embedding(model, camera, truth, left)
+        with torch.no_grad():
+            rgb = model.get_outputs_for_camera(camera)["rgb"].to(truth)
+        if hasattr(model, "eval_appearance_embedding"):
+            model.eval_appearance_embedding = None
+        homogeneous = torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
+        fit = torch.linalg.lstsq(homogeneous[:, left].reshape(-1, 4).double(), truth[:, left].reshape(-1, 3).double()).solution
+        predicted = (homogeneous[:, right].reshape(-1, 4).double() @ fit).clamp(0.0, 1.0)
+        mse = torch.mean((predicted - truth[:, right].reshape(-1, 3).double()) ** 2)
+        scores.append(float(-10.0 * torch.log10(mse.clamp_min(1e-12))))
+    return sum(scores) / max(len(scores), 1)
