@@ -20,14 +20,13 @@ training batches and evaluation all render through it.  Per batch of cameras:
    into full frames, composites them in the camera's part order with ``composite``, adds the
    background and computes splatfacto's loss.
 
-The composite of the parts' partials in part order equals the whole model's render sorted by
-(leaf order, depth) in plain mode, and the unpartitioned render in clip mode, so images, loss
-and gradients do not depend on the world size.
+The composite equals the whole model's render sorted by (leaf order, depth) in plain mode and
+the unpartitioned render in clip mode: images, loss and gradients do not depend on the world
+size.  Per-Gaussian appearance recolours each camera's Gaussians, received copies included.
 
-Edits and the crop box (eval mode) are applied by every rank to its own Gaussians: an edit
-decides each Gaussian's fate from its own position, so the union of the ranks' edited sets is
-the one-process edited set.  A copy lands in the leaf holding its new mean, which may belong to
-another rank: ``render_set`` sends it there (one ``all_to_all_rows``).
+Edits and the crop box (eval mode) are applied by every rank to its own Gaussians (an edit
+decides each Gaussian's fate from its own position); a copy that lands in another rank's leaf is
+sent there by ``render_set`` (one ``all_to_all_rows``).
 """
 
 from __future__ import annotations
@@ -289,7 +288,8 @@ class RetinaFrame:
                 outputs[b]["rgb"] = apply_appearance(self.model, outputs[b]["rgb"], images[b])
         return outputs, anchor
 
-    def _render_local(self, views: List[View], images: List[Optional[int]], visible: Tensor, owners: Tensor, with_depth: bool, anchor: Tensor):
+    def _render_local(self, views: List[View], images: List[Optional[int]], visible: Tensor, owners: Tensor,
+                      with_depth: bool, anchor: Tensor):
         """Every visible own part of every camera (``images``: their training images, for
         per-Gaussian appearance), cropped when it travels; rectangles in a [B, S, 4] table."""
         model = self.model
@@ -423,18 +423,11 @@ class RetinaFrame:
     # ---- loss -----------------------------------------------------------------------------
     def batch_loss(self, cameras: Cameras, visible: Tensor, owners: Tensor, batch_of: Callable[[int], Dict[str, Tensor]]
                    ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[int, Dict[str, Tensor]]]:
-        """Loss of a batch: mean over its B cameras of splatfacto's per-camera loss.
-
-        Each owner sums its cameras' losses; the returned ``main_loss`` carries the global
-        value (summed over ranks) for logging and the local graph for backward.
-
-        Args:
-            batch_of: camera -> nerfstudio batch dict ({"image": [H, W, 3|4], ...}); called
-                only for cameras this rank owns (only they need their image).
-
-        Returns:
-            loss dict, metrics dict (reduced over ranks) and the owned cameras' outputs.
-        """
+        """Loss of a batch: mean over its B cameras of splatfacto's per-camera loss.  Each owner
+        sums its cameras' losses; ``main_loss`` carries the global value (summed over ranks) for
+        logging and the local graph for backward.  ``batch_of``: camera -> nerfstudio batch dict
+        ({"image": [H, W, 3|4], ...}), called only for the cameras this rank owns.  Returns the
+        loss dict, the metrics dict (reduced over ranks) and the owned cameras' outputs."""
         model = self.model
         with_depth = model.config.output_depth_during_training or not model.training
         outputs, anchor = self.forward(cameras, visible, owners, with_depth)
