@@ -59,7 +59,8 @@ class RetinaEditLayout:
 
     def install(self, edits: LayoutEdits, source: str = "edits") -> None:
         missing = ("per-image appearance, which this retina-gs model does not have "
-                   "(train with --pipeline.model.use-bilateral-grid True)")
+                   "(train with --pipeline.model.use-bilateral-grid True, --pipeline.model.affine-appearance True "
+                   "or --pipeline.model.appearance-features 16)")
         mix = appearance_mix(edits, self.num_images, source, missing)
         self.model.layout_edits = tuple(edits.resolve(self.boxes(), self.kind, source))
         self.model.eval_appearance_mix = mix
