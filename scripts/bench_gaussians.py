@@ -76,6 +76,10 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     if scene == "city-1080":
         city = CityConfig(num_images=40, width=1920, height=1080)
         return SyntheticCityDataParserConfig(data=work / "city-1080", city=city), "synthetic city, 40 images 1920x1080"
+    if scene == "small-city-appearance":  # the appearance city at half resolution, for CPU runs
+        city = CityConfig(num_images=120, width=160, height=120, vary_appearance=True)
+        return (SyntheticCityDataParserConfig(data=work / "city-appearance-160", city=city),
+                "synthetic city with per-image appearance, 120 images 160x120")
     if scene == "tiny-city-appearance":  # CPU checks of the appearance protocol
         city = CityConfig(num_images=10, width=96, height=72, vary_appearance=True)
         return SyntheticCityDataParserConfig(data=work / "city-tiny-appearance", city=city), "tiny synthetic city, per-image appearance"
