@@ -298,3 +298,26 @@ def test_held_out_embedding_fitted_on_the_left_half_predicts_the_right_half():
         assert model.training is False and torch.equal(model.eval_appearance_embedding, fitted)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_held_out_protocol_renders_in_eval_mode_with_the_fitted_embedding():
+    """``held_out_half_psnr`` called on a model left in training mode (as a pipeline leaves it
+    after its eval loop) still scores the fitted embedding: a training-mode render would take the
+    held-out camera's index for a training image's embedding.  The mode is restored."""
+    from landmark_plugin.gaussians.appearance import held_out_half_psnr
+
+    try:
+        model, cameras = _model("gaussian"), stress_cameras()
+        with torch.no_grad():
+            model.gaussian_appearance.embeddings[3] += 1.5
+            target = _render(model, cameras, 2, image=3).detach()
+        view = cameras[2:3]
+        view.metadata = {"cam_idx": 0}  # a held-out image's own index, which names another image's embedding
+        model.train()
+        in_training = held_out_half_psnr(model, [(view, target)], steps=40)
+        assert model.training, "the caller's mode is restored"
+        model.eval()
+        in_eval = held_out_half_psnr(model, [(view, target)], steps=40)
+        assert abs(in_training - in_eval) < 1e-6, (in_training, in_eval)
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -273,26 +273,32 @@ def bake_mean_appearance(gauss: Dict[str, Tensor], state: Dict[str, Tensor], pre
     return {**gauss, "features_dc": dc, "features_rest": rest}
 
 
-def held_out_half_psnr(model, views: Iterable[Tuple[Cameras, Tensor]]) -> float:
+def held_out_half_psnr(model, views: Iterable[Tuple[Cameras, Tensor]], steps: int = 200) -> float:
     """Mean PSNR over held-out ``views`` ((camera, truth [H, W, 3] in [0, 1]) pairs) under
-    NeRF-W's appearance protocol, for any Gaussian model (splatfacto's too): each view's
-    appearance is fitted on its left half and scored on its right half.  The fit: a per-Gaussian
-    appearance model's embedding (``fit_embedding``), then for every model a 3x4 colour map (render
-    -> truth, least squares), which stands in for the exposure and white balance no model can know
+    NeRF-W's appearance protocol, for any Gaussian model (splatfacto's too), rendered in eval mode
+    whatever mode the model is in (restored after): each view's appearance is fitted on its left
+    half and scored on its right half.  The fit: a per-Gaussian appearance model's embedding
+    (``fit_embedding``, ``steps`` Adam steps), then for every model a 3x4 colour map (render ->
+    truth, least squares), which stands in for the exposure and white balance no model can know
     for an unseen image."""
     scores = []
-    for camera, truth in views:
-        width = truth.shape[1]
-        left, right = slice(0, width // 2), slice(width // 2, width)
-        if getattr(model, "gaussian_appearance", None) is not None:
-            fit_embedding(model, camera, truth, left)
-        with torch.no_grad():
-            rgb = model.get_outputs_for_camera(camera)["rgb"].to(truth)
-        if hasattr(model, "eval_appearance_embedding"):
-            model.eval_appearance_embedding = None
-        homogeneous = torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
-        fit = torch.linalg.lstsq(homogeneous[:, left].reshape(-1, 4).double(), truth[:, left].reshape(-1, 3).double()).solution
-        predicted = (homogeneous[:, right].reshape(-1, 4).double() @ fit).clamp(0.0, 1.0)
-        mse = torch.mean((predicted - truth[:, right].reshape(-1, 3).double()) ** 2)
-        scores.append(float(-10.0 * torch.log10(mse.clamp_min(1e-12))))
+    was_training = model.training
+    model.eval()  # a training-mode render would take the held-out camera's index for a training image's
+    try:
+        for camera, truth in views:
+            width = truth.shape[1]
+            left, right = slice(0, width // 2), slice(width // 2, width)
+            if getattr(model, "gaussian_appearance", None) is not None:
+                fit_embedding(model, camera, truth, left, steps=steps)
+            with torch.no_grad():
+                rgb = model.get_outputs_for_camera(camera)["rgb"].to(truth)
+            if hasattr(model, "eval_appearance_embedding"):
+                model.eval_appearance_embedding = None
+            homogeneous = torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1).double()
+            fit = torch.linalg.lstsq(homogeneous[:, left].reshape(-1, 4), truth[:, left].reshape(-1, 3).double()).solution
+            predicted = (homogeneous[:, right].reshape(-1, 4) @ fit).clamp(0.0, 1.0)
+            mse = torch.mean((predicted - truth[:, right].reshape(-1, 3).double()) ** 2)
+            scores.append(float(-10.0 * torch.log10(mse.clamp_min(1e-12))))
+    finally:
+        model.train(was_training)
     return sum(scores) / max(len(scores), 1)
