@@ -3,7 +3,6 @@ the real captures under ``--data-root`` (bench_grid's definitions)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -14,8 +13,7 @@ def scene_dataparser(scene: str, data_root: Path, work: Path):
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
 
     if scene == "cup":  # bench_grid's definition of the real captures (folder, images_<N>, held-out split)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_grid import real_scene_parser
+        from bench_grid import real_scene_parser  # scripts/ is on the path (bench_gaussians puts it there)
 
         try:
             return real_scene_parser("cup", data_root)
