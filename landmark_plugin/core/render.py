@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -50,6 +50,27 @@ class Gaussians(NamedTuple):
     def take(self, index: Tensor) -> "Gaussians":
         """The Gaussians ``index`` (a [N] bool mask or row indices) selects."""
         return Gaussians(*(t[index] for t in self.fields()))
+
+    def rows(self) -> Float[Tensor, "N D"]:
+        """The set as one [N, D] matrix, its fields flattened side by side: what a send between
+        ranks carries (``from_rows`` is the inverse)."""
+        return torch.cat([t.reshape(t.shape[0], -1) for t in self.fields()], dim=1)
+
+    def from_rows(self, rows: Float[Tensor, "M D"]) -> "Gaussians":
+        """Gaussians laid out as ``rows()`` lays out this set (received rows), in this set's dtypes."""
+        columns = split_columns(rows, [tuple(t.shape[1:]) for t in self.fields()])
+        return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, self.fields())))
+
+
+def split_columns(rows: Tensor, tails: Sequence[Tuple[int, ...]]) -> List[Tensor]:
+    """[N, D] rows cut into one [N, *tail] tensor per trailing shape, in order: the inverse of
+    concatenating per-row tensors flattened along dim 1."""
+    out, col = [], 0
+    for tail in tails:
+        width = math.prod(tail)
+        out.append(rows[:, col : col + width].reshape((rows.shape[0], *tail)))
+        col += width
+    return out
 
 
 @dataclass

@@ -10,7 +10,6 @@ with status 1 after printing the error; ``run_ranks`` reports every failed rank.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence

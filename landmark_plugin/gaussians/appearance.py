@@ -49,6 +49,7 @@ from landmark_plugin.core.render import Gaussians
 from landmark_plugin.core.sh import recolor_sh
 from landmark_plugin.distributed.collectives import all_reduce_sum
 from landmark_plugin.errors import ConfigError
+from landmark_plugin.modes import eval_mode
 
 TV_WEIGHT = 10.0
 """splatfacto's weight of the grids' total variation."""
@@ -227,14 +228,12 @@ def fit_embedding(model, camera: Cameras, image: Tensor, columns: slice, steps: 
     embedding = module.embeddings.detach().mean(dim=0).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
     target = image[:, columns].to(embedding)
     try:
         for p in frozen:
             p.requires_grad_(False)
         model.eval_appearance_embedding = embedding
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for _ in range(steps):
                 rgb = model.get_outputs(camera)["rgb"]
                 loss = torch.nn.functional.mse_loss(rgb[:, columns], target)
@@ -244,7 +243,6 @@ def fit_embedding(model, camera: Cameras, image: Tensor, columns: slice, steps: 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        model.train(was_training)
     model.eval_appearance_embedding = embedding.detach()
     return model.eval_appearance_embedding
 
@@ -282,9 +280,7 @@ def held_out_half_psnr(model, views: Iterable[Tuple[Cameras, Tensor]], steps: in
     truth, least squares), which stands in for the exposure and white balance no model can know
     for an unseen image."""
     scores = []
-    was_training = model.training
-    model.eval()  # a training-mode render would take the held-out camera's index for a training image's
-    try:
+    with eval_mode(model):  # a training-mode render would take the held-out camera's index for a training image's
         for camera, truth in views:
             width = truth.shape[1]
             left, right = slice(0, width // 2), slice(width // 2, width)
@@ -299,6 +295,4 @@ def held_out_half_psnr(model, views: Iterable[Tuple[Cameras, Tensor]], steps: in
             predicted = (homogeneous[:, right].reshape(-1, 4) @ fit).clamp(0.0, 1.0)
             mse = torch.mean((predicted - truth[:, right].reshape(-1, 3).double()) ** 2)
             scores.append(float(-10.0 * torch.log10(mse.clamp_min(1e-12))))
-    finally:
-        model.train(was_training)
     return sum(scores) / max(len(scores), 1)

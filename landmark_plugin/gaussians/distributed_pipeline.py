@@ -66,6 +66,7 @@ from landmark_plugin.gaussians.appearance import sync_grid_gradients_
 from landmark_plugin.gaussians.evaluation import average_eval_metrics, average_loader_metrics
 from landmark_plugin.gaussians.frame import RetinaFrame
 from landmark_plugin.gaussians.layout import RetinaEditLayout
+from landmark_plugin.modes import eval_mode
 
 
 @dataclass
@@ -161,16 +162,14 @@ class DistributedRetinaPipeline(VanillaPipeline):
             returns it) on rank 0, and with ``to_every_rank`` on every rank; else None.
         """
         model = self.model
-        was_training, saved_background = model.training, model.background_color
-        model.eval()
+        saved_background = model.background_color
         if background is not None:
             model.background_color = background.to(saved_background)
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 out = self.frame.render_camera(camera, to_every_rank=to_every_rank)
         finally:
             model.background_color = saved_background
-            model.train(was_training)
         if out is not None:
             height, width = out["rgb"].shape[:2]
             out["background"] = out["background"].expand(height, width, 3)

@@ -31,8 +31,8 @@ def write_gaussians_ply(path: Path, pipeline_state: Dict[str, torch.Tensor]) -> 
     from landmark_plugin.gaussians.appearance import bake_mean_appearance
 
     g = {k[len(GAUSS_PREFIX) :]: v.detach().cpu().float() for k, v in pipeline_state.items() if k.startswith(GAUSS_PREFIX)}
-    state = {k: v.detach().cpu().float() for k, v in pipeline_state.items()}
-    g = bake_mean_appearance(g, state, APPEARANCE_PREFIX)  # per-Gaussian appearance is no 3DGS field
+    appearance = {k: v.detach().cpu().float() for k, v in pipeline_state.items() if k.startswith(APPEARANCE_PREFIX)}
+    g = bake_mean_appearance(g, appearance, APPEARANCE_PREFIX)  # per-Gaussian appearance is no 3DGS field
     n = g["means"].shape[0]
     columns = {"x": g["means"][:, 0], "y": g["means"][:, 1], "z": g["means"][:, 2]}
     for axis in ("nx", "ny", "nz"):

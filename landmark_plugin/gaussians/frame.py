@@ -60,7 +60,6 @@ from landmark_plugin.distributed.groups import Comm
 from landmark_plugin.gaussians.appearance import apply_appearance, image_index, tv_loss, with_appearance
 from landmark_plugin.gaussians.frame_stats import StepRecord, note_render, strategy_info, visible_rows
 from landmark_plugin.gaussians.mcmc import regularisation
-from landmark_plugin.gaussians.rows import split_columns
 from landmark_plugin.gaussians.sharing import join, parts_reached, share_rows
 
 
@@ -169,10 +168,9 @@ class RetinaFrame:
     def _send_to_owners(self, gaussians: Gaussians, leaf_ids: Tensor) -> Tuple[Gaussians, Tensor]:
         part_rank = torch.as_tensor(self.parts.rank, device=leaf_ids.device)
         dest = part_rank[self.leaf_part_on(leaf_ids.device)[leaf_ids]]
-        rows = torch.cat([t.reshape(t.shape[0], -1) for t in gaussians.fields()] + [leaf_ids[:, None].to(gaussians.means)], dim=1)
+        rows = torch.cat([gaussians.rows(), leaf_ids[:, None].to(gaussians.means)], dim=1)
         received, _ = all_to_all_rows(self.comm, rows, dest)
-        columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians.fields()])
-        return Gaussians(*(c.to(t.dtype) for c, t in zip(columns, gaussians.fields()))), received[:, -1].round().long()
+        return gaussians.from_rows(received[:, :-1]), received[:, -1].round().long()
 
     # ---- cameras --------------------------------------------------------------------------
     def view(self, camera: Cameras) -> View:

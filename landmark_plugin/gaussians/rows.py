@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from landmark_plugin.core.partition import assign_leaves, build_kdtree
+from landmark_plugin.core.render import split_columns
 from landmark_plugin.core.schedule import Parts
 from landmark_plugin.distributed.collectives import all_gather_rows, all_to_all_rows
 from landmark_plugin.distributed.groups import Comm
@@ -92,17 +93,6 @@ def layout_columns(layout: Layout) -> Dict[Tuple[str, str], slice]:
     for name, kind, tail in layout:
         width = math.prod(tail)
         out[(name, kind)] = slice(col, col + width)
-        col += width
-    return out
-
-
-def split_columns(rows: Tensor, tails: Sequence[Tuple[int, ...]]) -> List[Tensor]:
-    """[N, D] rows cut into one [N, *tail] tensor per trailing shape, in order: the inverse of
-    concatenating per-row tensors flattened along dim 1."""
-    out, col = [], 0
-    for tail in tails:
-        width = math.prod(tail)
-        out.append(rows[:, col : col + width].reshape((rows.shape[0], *tail)))
         col += width
     return out
 

@@ -27,7 +27,6 @@ from torch import Tensor
 from landmark_plugin.core.render import Gaussians
 from landmark_plugin.core.render_clip import reached_leaves
 from landmark_plugin.distributed.collectives import RowPayload, all_reduce_ints, exchange_rows
-from landmark_plugin.gaussians.rows import split_columns
 
 
 class CopyStats(RowPayload):
@@ -108,11 +107,9 @@ def share_rows(frame, gaussians: Gaussians, views, anchor: Tensor) -> Shared:
         send[copies.gaussian, leaf_rank[copies.leaf]] = True
         radii.append(r.to(torch.int32))
     dests = [torch.nonzero(send[:, r]).flatten() for r in range(comm.world_size)]
-    rows = torch.cat([t.reshape(n, -1) for t in gaussians.fields()], dim=1)
     stats = CopyStats(len(views), n, gaussians.means)
-    received, _, anchor = exchange_rows(comm, rows, dests, anchor, stats)
-    columns = split_columns(received, [tuple(t.shape[1:]) for t in gaussians.fields()])
-    return Shared(Gaussians(*columns), radii, stats, anchor)
+    received, _, anchor = exchange_rows(comm, gaussians.rows(), dests, anchor, stats)
+    return Shared(gaussians.from_rows(received), radii, stats, anchor)
 
 
 def join(own: Gaussians, other: Optional[Gaussians]) -> Gaussians:

@@ -53,6 +53,7 @@ from landmark_plugin.grid.sharded_state import (
     shard_grid_state,
     sharded_keys,
 )
+from landmark_plugin.modes import eval_mode
 
 EVAL_STREAM = 1 << 20
 """Seed stream of evaluation (data-parallel ranks use streams 0 .. D-1)."""
@@ -148,16 +149,11 @@ class DistributedGridPipeline(VanillaPipeline):
         joins the samples' outputs on every rank of a group).
         """
         model = self.model
-        was_training = model.training
-        model.eval()
         override = contextlib.nullcontext()
         if background is not None:
             override = background_color_override_context(background.to(self.device))
-        try:
-            with override, torch.no_grad():
-                return model.get_outputs_for_camera(camera.to(self.device))
-        finally:
-            model.train(was_training)
+        with eval_mode(model), override, torch.no_grad():
+            return model.get_outputs_for_camera(camera.to(self.device))
 
     def apply_edits(self, edits: LayoutEdits, source: str = "edits") -> None:
         """Install layout edits (every rank holds the field's box and block grid, so each

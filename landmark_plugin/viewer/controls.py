@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch import nn
 
 from nerfstudio.viewer.viewer_elements import (
@@ -44,7 +43,6 @@ from landmark_plugin.edits import (
     LayoutEdits,
     RemoveBlock,
     RemoveBox,
-    apply_edits,
     contiguous_ranks,
     describe,
     load_edits,
