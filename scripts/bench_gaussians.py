@@ -16,7 +16,8 @@ config change): ``*-bilateral`` (per-image bilateral grids), ``retina-gs-mcmc`` 
 strategy capped at ``--cap``), ``retina-gs-capped`` (default strategy with a ``--cap`` Gaussian
 budget), ``splatfacto-mcmc`` (splatfacto with gsplat's MCMCStrategy through a bench-only adapter,
 ``splatfacto_mcmc_model_config``), ``retina-gs-affine`` (per-image affine colour), ``retina-gs-appearance``
-(per-Gaussian appearance: features, image embeddings, an MLP), ``retina-gs-visible``
+(per-Gaussian appearance: features, image embeddings, an MLP; ``-lr5``: its two optimiser groups at 5x
+their learning rates), ``retina-gs-visible``
 (visible Adam), ``retina-gs-offload`` (visible Adam, leaves streamed from host memory, locality order),
 ``retina-gs-stream`` (visible Adam, ``offload stream``: subtrees streamed through each frame),
 ``retina-gs-torch`` (the torch reference rasteriser, in the bench's mode, densifying on gsplat's absgrad
@@ -56,6 +57,7 @@ VARIANTS = {
     "splatfacto-mcmc": ("splatfacto", "mcmc"),
     "retina-gs-affine": ("retina-gs", "affine"),
     "retina-gs-appearance": ("retina-gs", "appearance"),
+    "retina-gs-appearance-lr5": ("retina-gs", "appearance-lr5"),
     "retina-gs-visible": ("retina-gs", "visible"),
     "retina-gs-offload": ("retina-gs", "offload"),
     "retina-gs-stream": ("retina-gs", "stream"),
@@ -119,6 +121,13 @@ def apply_variant(config, change: str, cap: int) -> None:
         model.affine_appearance = True
     elif change == "appearance":  # per-Gaussian appearance, the mean embedding outside training
         model.appearance_features, model.appearance_embedding, model.eval_appearance = 16, 32, "mean"
+    elif change == "appearance-lr5":  # the same, embeddings / MLP and features at 5x their default lr
+        apply_variant(config, "appearance", cap)
+        for group in ("appearance", "appearance_features"):
+            config.optimizers[group]["optimizer"].lr *= 5
+            scheduler = config.optimizers[group]["scheduler"]
+            if scheduler is not None:
+                scheduler.lr_final *= 5
     elif change == "visible":
         model.visible_adam = True
     elif change == "offload":  # streamed from host memory by leaf, locality order, 1 GB of held leaves
