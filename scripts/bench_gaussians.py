@@ -212,7 +212,8 @@ def splatfacto_mcmc_model_config(splatfacto_config, cap: int):
 
 
 def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_mode: str = "clip",
-            profile: int = 0, sync_audit: int = 0, host_profile: int = 0, scene: str = "", cap: int = 100_000) -> Dict:
+            profile: int = 0, sync_audit: int = 0, host_profile: int = 0, scene: str = "", cap: int = 100_000,
+            ho_steps: int = 200) -> Dict:
     from nerfstudio.utils import writer
 
     config = method_config(method, dataparser, steps, out, retina_mode, scene, cap)
@@ -257,7 +258,7 @@ def run_one(method: str, dataparser, steps: int, out: Path, device: str, retina_
 
         model = pipeline.model
         views = [(camera, model.get_gt_img(data["image"])[..., :3]) for camera, data in pipeline.datamanager.fixed_indices_eval_dataloader]
-        metrics["ho_psnr"] = held_out_half_psnr(model, views)
+        metrics["ho_psnr"] = held_out_half_psnr(model, views, steps=ho_steps)
     return {
         "method": method,
         "steps": steps,
@@ -356,6 +357,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/landmark-bench"))
     parser.add_argument("--json", type=Path, default=None, help="results as JSON (rewritten after every run)")
     parser.add_argument("--cap", type=int, default=100_000, help="Gaussian cap of the *-mcmc (cap_max) and retina-gs-capped (max_gaussians) variants")
+    parser.add_argument("--ho-steps", type=int, default=200,
+                        help="Adam steps of each held-out embedding fit (ho_psnr); fewer make CPU runs affordable")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny city, retina-gs, 3 steps")
     parser.add_argument("--retina-mode", choices=["clip", "plain", "auto"], default="clip", help="retina-gs's render mode")
     parser.add_argument("--profile", type=int, default=0, help="profile this many more steps per run (torch.profiler)")
@@ -376,7 +379,7 @@ def main() -> None:
             torch.manual_seed(42)
             try:
                 row = run_one(method, dataparser, args.steps, args.work / "runs", device, args.retina_mode, args.profile,
-                              args.sync_audit, args.host_profile, scene, args.cap)
+                              args.sync_audit, args.host_profile, scene, args.cap, args.ho_steps)
             except Exception as err:  # one broken method must not cost the others' results
                 import traceback
 
