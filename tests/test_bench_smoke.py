@@ -51,3 +51,31 @@ def test_bench_gaussians_variants_change_one_thing(tmp_path):
     assert visible.visible_adam and not base.visible_adam and visible.mode == "clip"
     stream = bench.method_config("retina-gs-stream", parser, 10, tmp_path, retina_mode="clip").pipeline.model
     assert (stream.offload, stream.visible_adam, stream.mode) == ("stream", True, "clip")
+
+
+def test_bench_appearance_lr_and_splatfacto_mcmc_variants(tmp_path):
+    """retina-gs-appearance-lr5 is retina-gs-appearance with only its two appearance groups' learning
+    rates (and their schedules' final rates) times 5; splatfacto-mcmc swaps in the bench's MCMC
+    adapter (scripts/splatfacto_mcmc.py) with the --cap budget and splatfacto's other settings."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_gaussians as bench
+    finally:
+        sys.path.pop(0)
+    from landmark_plugin.data.city import CityConfig
+    from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
+
+    parser = SyntheticCityDataParserConfig(data=tmp_path / "city", city=CityConfig(num_images=4, width=16, height=12))
+    plain = bench.method_config("retina-gs-appearance", parser, 10, tmp_path)
+    fast = bench.method_config("retina-gs-appearance-lr5", parser, 10, tmp_path)
+    assert fast.pipeline.model.appearance_features == plain.pipeline.model.appearance_features == 16
+    for name, group in fast.optimizers.items():
+        before = plain.optimizers[name]
+        factor = 5 if name in ("appearance", "appearance_features") else 1
+        assert group["optimizer"].lr == pytest.approx(factor * before["optimizer"].lr), name
+        if group["scheduler"] is not None and hasattr(group["scheduler"], "lr_final"):
+            assert group["scheduler"].lr_final == pytest.approx(factor * before["scheduler"].lr_final), name
+    mcmc = bench.method_config("splatfacto-mcmc", parser, 10, tmp_path, cap=1234).pipeline.model
+    splatfacto = bench.method_config("splatfacto", parser, 10, tmp_path).pipeline.model
+    assert mcmc.mcmc_cap_max == 1234 and mcmc.sh_degree == splatfacto.sh_degree
+    assert type(mcmc).__name__ == "SplatfactoMCMCModelConfig"
