@@ -35,19 +35,19 @@ cat > .devcarry/stage.sh <<'EOF'
 # source after enter.sh: this checkout into /tmp/site, csrc/'s build cache restored
 pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . 2>&1 | grep -vi warn | tail -3
 find /tmp/site/landmark_plugin/csrc -type f -exec touch -d 2000-01-01 {} +  # older than the cached objects
-# The cache is used only if it was built from these very sources (SOURCES, written by run.sh):
-# the sources are dated back, so ninja alone would not see a changed kernel.  Its log records
-# each object's build time, and ninja rebuilds when any header of the image is newer than that
-# (a rebuilt image): the restored log is dated now, which the content check above makes safe.
-_csrc_key=$(cd csrc && LC_ALL=C cat $(LC_ALL=C ls) | sha256sum | cut -c1-16)
+# The cache is used only if it was built from these very sources (CSRC_KEY, which run.sh stores
+# in it as SOURCES): the sources are dated back, so ninja alone would not see a changed kernel.
+# Its log records each object's build time, and ninja rebuilds when any header of the image is
+# newer than that (a rebuilt image): the restored log is dated now, which the key makes safe.
+export CSRC_KEY=$(cd csrc && LC_ALL=C cat $(LC_ALL=C ls) | sha256sum | cut -c1-16)
 _cache="$TORCH_EXTENSIONS_DIR"/landmark_plugin_csrc
 if [ -f .devcarry/lpcsrc.tgz ]; then
     tar xzf .devcarry/lpcsrc.tgz -C /tmp
-    if [ "$(cat "$_cache"/SOURCES 2>/dev/null)" = "$_csrc_key" ]; then
+    if [ "$(cat "$_cache"/SOURCES 2>/dev/null)" = "$CSRC_KEY" ]; then
         awk -v now="$(date +%s%N)" 'BEGIN { FS = OFS = "\t" } NR > 1 { $3 = now } { print }' "$_cache"/.ninja_log > "$_cache"/.ninja_log.new \
             && mv "$_cache"/.ninja_log.new "$_cache"/.ninja_log
         find "$_cache" -type f -exec touch {} +
-        echo "csrc cache restored ($_csrc_key)"
+        echo "csrc cache restored ($CSRC_KEY)"
     else
         echo "csrc cache is of other sources: full build"; rm -rf "$_cache"
     fi
@@ -61,7 +61,7 @@ set -u
 t0=$(date +%s)
 python -P -c "import landmark_plugin.cuda as c; c.load(); print('csrc built')" 2>&1 | tail -3
 echo "build $(( $(date +%s) - t0 )) s"
-(cd csrc && LC_ALL=C cat $(LC_ALL=C ls) | sha256sum | cut -c1-16) > "$TORCH_EXTENSIONS_DIR"/landmark_plugin_csrc/SOURCES
+echo "${CSRC_KEY:-}" > "$TORCH_EXTENSIONS_DIR"/landmark_plugin_csrc/SOURCES  # stage.sh's key of these sources
 tar czf "$OUT"/lpcsrc.tgz -C "$(dirname "$TORCH_EXTENSIONS_DIR")" "$(basename "$TORCH_EXTENSIONS_DIR")"/landmark_plugin_csrc
 if [ -n "${TESTS:-}" ]; then
     timeout "${T1:-200}" python -P -m pytest -q -rs -p no:cacheprovider -m gpu $TESTS > "$OUT"/gpu_tests.log 2>&1

@@ -1,5 +1,4 @@
-"""BENCH ONLY: splatfacto with gsplat's MCMCStrategy, the reference for retina-gs-mcmc in
-scripts/bench_gaussians.py (its ``splatfacto-mcmc`` variant).  Not a product feature."""
+"""The ``splatfacto-mcmc`` variant of scripts/bench_gaussians.py (see ``splatfacto_mcmc_model_config``)."""
 
 from __future__ import annotations
 

@@ -30,15 +30,21 @@ def test_bench_gaussians_smoke(tmp_path):
     assert "ms/step" in result.stdout  # the table is printed last
 
 
+def _bench_module():
+    """scripts/bench_gaussians.py as a module (scripts/ is not a package)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_gaussians
+    finally:
+        sys.path.pop(0)
+    return bench_gaussians
+
+
 def test_bench_gaussians_variants_change_one_thing(tmp_path):
     """Each variant is its base method's config with its one change, applied after the render
     mode so that a variant may set its own (retina-gs-torch keeps the bench's mode: on one process clip
     is the ordinary render on either backend)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_gaussians as bench
-    finally:
-        sys.path.pop(0)
+    bench = _bench_module()
     from landmark_plugin.data.city import CityConfig
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
 
@@ -57,11 +63,7 @@ def test_bench_appearance_lr_and_splatfacto_mcmc_variants(tmp_path):
     """retina-gs-appearance-lr5 is retina-gs-appearance with only its two appearance groups' learning
     rates (and their schedules' final rates) times 5; splatfacto-mcmc swaps in the bench's MCMC
     adapter (scripts/splatfacto_mcmc.py) with the --cap budget and splatfacto's other settings."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_gaussians as bench
-    finally:
-        sys.path.pop(0)
+    bench = _bench_module()
     from landmark_plugin.data.city import CityConfig
     from landmark_plugin.data.synthetic_city import SyntheticCityDataParserConfig
 
